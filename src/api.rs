@@ -1,0 +1,426 @@
+//! HTTP routes (see PRODUCT.md): the router, its handlers, and the one error type that turns
+//! every failure into a status and a stable JSON body. Details are logged, never echoed
+//! beyond a secret-free description.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::json;
+use tower_http::trace::TraceLayer;
+use url::Url;
+
+use crate::auth::{AuthError, CallerAuth, Role, API_KEY_HEADER};
+use crate::broker::{Broker, BrokerError, TokenRequest};
+use crate::html;
+use crate::provider::UpstreamError;
+use crate::state::{StateError, StateSigner, BINDING_COOKIE, STATE_TTL};
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub broker: Broker,
+    pub auth: CallerAuth,
+    pub signer: StateSigner,
+    /// Base URL the broker is reached at, without a trailing slash.
+    pub public_url: Url,
+}
+
+impl AppState {
+    fn authorize_url(&self, connection: &str) -> String {
+        format!(
+            "{}/api/authorize/{connection}",
+            self.public_url.as_str().trim_end_matches('/')
+        )
+    }
+}
+
+/// The broker's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(root))
+        .route("/api/health", get(health))
+        .route("/api/authorize/{connection}", get(authorize))
+        .route("/api/callback", get(callback))
+        .route("/api/refresh/{connection}", get(refresh).post(refresh))
+        .fallback(not_found)
+        .layer(
+            // Our own span: method and path only. The default span records the full URI,
+            // whose query can hold an authorization code or an admin key.
+            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                let invocation = request
+                    .headers()
+                    .get("x-azure-functions-invocationid")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                    invocation_id = invocation,
+                )
+            }),
+        )
+        .with_state(state)
+}
+
+/// The Functions host's readiness probe (it GETs `/` until anything answers).
+async fn root() -> &'static str {
+    "Token Broker\n"
+}
+
+async fn health() -> Response {
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({"status": "ok"})),
+    )
+        .into_response()
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {method} {}", uri.path()),
+    )
+}
+
+/// An error answered as `{"error": …, "error_description": …}` (plus `authorize_url` for
+/// `consent_required`).
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: &'static str,
+    description: String,
+    authorize_url: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &'static str, description: impl Into<String>) -> Self {
+        Self {
+            status,
+            error,
+            description: description.into(),
+            authorize_url: None,
+        }
+    }
+
+    fn from_broker(err: BrokerError, state: &AppState) -> Self {
+        match err {
+            BrokerError::UnknownConnection(_) => {
+                Self::new(StatusCode::NOT_FOUND, "unknown_connection", err.to_string())
+            }
+            BrokerError::ConsentRequired { ref connection, .. } => Self {
+                authorize_url: Some(state.authorize_url(connection)),
+                ..Self::new(StatusCode::CONFLICT, "consent_required", err.to_string())
+            },
+            BrokerError::Upstream(ref upstream) => {
+                let error = match upstream {
+                    UpstreamError::Unavailable { .. } | UpstreamError::Transport(_) => {
+                        "provider_unavailable"
+                    }
+                    _ => "provider_error",
+                };
+                Self::new(StatusCode::BAD_GATEWAY, error, err.to_string())
+            }
+            BrokerError::Store(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the token store is unavailable; try again shortly",
+            ),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::NotAdmin => Self::new(StatusCode::FORBIDDEN, "forbidden", err.to_string()),
+            AuthError::Missing | AuthError::Invalid => {
+                Self::new(StatusCode::UNAUTHORIZED, "unauthorized", err.to_string())
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = self.status.as_u16(), error = self.error, description = %self.description, "request failed");
+        } else {
+            tracing::info!(
+                status = self.status.as_u16(),
+                error = self.error,
+                "request refused"
+            );
+        }
+        let mut body = json!({"error": self.error, "error_description": self.description});
+        if let Some(url) = self.authorize_url {
+            body["authorize_url"] = url.into();
+        }
+        let mut response = (self.status, Json(body)).into_response();
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+}
+
+fn api_key(headers: &HeaderMap) -> Option<&str> {
+    headers.get(API_KEY_HEADER).and_then(|v| v.to_str().ok())
+}
+
+/// Parameters of `/api/refresh`, from the query or a JSON body. Unknown parameters are
+/// ignored: the Functions host passes its own (`code=`, the function key) through.
+#[derive(Debug, Default, Deserialize)]
+struct RefreshParams {
+    min_validity: Option<u64>,
+    force: Option<bool>,
+    /// An API key in the query is refused below, but named here so the error says why.
+    key: Option<String>,
+}
+
+async fn refresh(
+    State(state): State<Arc<AppState>>,
+    Path(connection): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    state.auth.check(api_key(&headers), Role::Caller)?;
+    let mut params: RefreshParams = Query::try_from_uri(&uri).map(|Query(p)| p).map_err(|err| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", err.body_text())
+    })?;
+    if method == Method::POST && !body.iter().all(u8::is_ascii_whitespace) {
+        let from_body: RefreshParams = serde_json::from_slice(&body).map_err(|err| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("the body must be a JSON object like {{\"min_validity\": 600, \"force\": false}} ({})", err.classify_name()),
+            )
+        })?;
+        params.min_validity = from_body.min_validity.or(params.min_validity);
+        params.force = from_body.force.or(params.force);
+    }
+    if params.key.is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "send the API key in the X-API-Key header, not in the URL",
+        ));
+    }
+    let request = TokenRequest {
+        min_validity: params.min_validity.map(Duration::from_secs),
+        force: params.force.unwrap_or(false),
+    };
+    let record = state
+        .broker
+        .token(&connection, request)
+        .await
+        .map_err(|err| ApiError::from_broker(err, &state))?;
+    let body = record.to_response(Utc::now()).ok_or_else(|| {
+        ApiError::from_broker(
+            BrokerError::ConsentRequired {
+                reason: format!("connection `{connection}` has no access token"),
+                connection: connection.clone(),
+            },
+            &state,
+        )
+    })?;
+    Ok((
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::PRAGMA, "no-cache"),
+        ],
+        Json(body),
+    )
+        .into_response())
+}
+
+trait ClassifyName {
+    fn classify_name(&self) -> &'static str;
+}
+
+impl ClassifyName for serde_json::Error {
+    /// serde_json messages can quote the input; name only the kind of problem.
+    fn classify_name(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Data => "unexpected field or value",
+            _ => "not valid JSON",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct AuthorizeParams {
+    key: Option<String>,
+}
+
+async fn authorize(
+    State(state): State<Arc<AppState>>,
+    Path(connection): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    // A browser cannot set headers on a link, so admins may put the key in `?key=`.
+    let from_query = query
+        .as_deref()
+        .and_then(|q| serde_urlencoded::from_str::<AuthorizeParams>(q).ok())
+        .and_then(|p| p.key);
+    let key = api_key(&headers).or(from_query.as_deref());
+    state.auth.check(key, Role::Admin)?;
+    let provider = state
+        .broker
+        .provider(&connection)
+        .map_err(|err| ApiError::from_broker(err, &state))?;
+
+    let binding = cookie(&headers, BINDING_COOKIE)
+        .filter(|b| StateSigner::is_valid_binding(b))
+        .map(str::to_owned)
+        .unwrap_or_else(StateSigner::new_binding);
+    let issued = state.signer.issue(&connection, &binding, Utc::now());
+    let location = provider.authorize_url(issued.state, &issued.verifier);
+
+    let secure = if state.public_url.scheme() == "https" {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie = format!(
+        "{BINDING_COOKIE}={binding}; Path=/api; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+        STATE_TTL.as_secs()
+    );
+    tracing::info!(connection = %connection, "redirecting admin to the provider's consent page");
+    Ok((
+        StatusCode::FOUND,
+        [
+            (header::LOCATION, location.to_string()),
+            (header::SET_COOKIE, cookie),
+            (header::CACHE_CONTROL, "no-store".to_owned()),
+        ],
+    )
+        .into_response())
+}
+
+/// The value of cookie `name` in the request, if any.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+#[derive(Deserialize, Default)]
+struct CallbackParams {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// A browser-facing failure: an HTML page with a status.
+fn page(status: StatusCode, title: &str, message: &str) -> Response {
+    (
+        status,
+        [(header::CACHE_CONTROL, "no-store")],
+        Html(html::page(title, message)),
+    )
+        .into_response()
+}
+
+async fn callback(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let params: CallbackParams = match query.as_deref().map(serde_urlencoded::from_str) {
+        None => CallbackParams::default(),
+        Some(Ok(params)) => params,
+        Some(Err(_)) => {
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Sign-in failed",
+                "The provider's response could not be read.",
+            )
+        }
+    };
+    let redeemed = match state.signer.redeem(
+        params.state.as_deref(),
+        cookie(&headers, BINDING_COOKIE),
+        Utc::now(),
+    ) {
+        Ok(redeemed) => redeemed,
+        Err(err) => {
+            tracing::warn!(reason = %err, "callback refused: bad state");
+            let hint = match err {
+                StateError::Expired | StateError::Replayed => {
+                    " Open the authorize link again to start over."
+                }
+                _ => "",
+            };
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Sign-in failed",
+                &format!("{}.{hint}", capitalize(&err.to_string())),
+            );
+        }
+    };
+    let connection = redeemed.connection;
+    if let Some(error) = params.error {
+        tracing::warn!(connection = %connection, provider_error = %error, "provider refused consent");
+        let detail = params
+            .error_description
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default();
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Not connected",
+            &format!("The provider did not grant access to `{connection}`: {error}{detail}. Nothing was stored."),
+        );
+    }
+    let Some(code) = params.code.filter(|c| !c.is_empty()) else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "The provider's response carries no authorization code.",
+        );
+    };
+    match state
+        .broker
+        .complete_consent(&connection, code, redeemed.verifier)
+        .await
+    {
+        Ok(()) => page(
+            StatusCode::OK,
+            "Connected",
+            &format!("`{connection}` is connected. Pipelines can now get tokens from /api/refresh/{connection}. You can close this window."),
+        ),
+        Err(err) => {
+            let status = ApiError::from_broker(err, &state);
+            page(
+                status.status,
+                "Not connected",
+                &format!("Connecting `{connection}` failed: {}", status.description),
+            )
+        }
+    }
+}
+
+fn capitalize(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}

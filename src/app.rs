@@ -1,0 +1,94 @@
+//! Building and running the service: the caller binds the listener (port 0 in tests), the
+//! application wires config, store, providers and routes, and serves until told to stop.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use url::Url;
+
+use crate::api::{self, AppState};
+use crate::auth::CallerAuth;
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::provider::{Provider, UpstreamHttp};
+use crate::state::StateSigner;
+use crate::store;
+
+/// A configured service bound to its listener.
+pub struct Application {
+    listener: TcpListener,
+    state: Arc<AppState>,
+}
+
+impl Application {
+    /// Wires everything from `config`. The public URL defaults to `http://localhost:{port}`.
+    pub async fn build(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
+        let port = listener.local_addr()?.port();
+        let public_url = match config.public_url {
+            Some(url) => url,
+            None => Url::parse(&format!("http://localhost:{port}"))?,
+        };
+        let redirect_uri = Url::parse(&format!(
+            "{}/api/callback",
+            public_url.as_str().trim_end_matches('/')
+        ))?;
+
+        let store = store::from_config(&config.store)?;
+        let http = UpstreamHttp::new(config.refresh.upstream_timeout)
+            .context("building the HTTP client")?;
+        let providers: BTreeMap<String, Provider> = config
+            .connections
+            .iter()
+            .map(|(name, connection)| {
+                let provider =
+                    Provider::new(connection, &redirect_uri, config.refresh.default_lifetime);
+                (name.clone(), provider)
+            })
+            .collect();
+
+        let auth = CallerAuth::new(&config.auth);
+        if auth.is_anonymous() {
+            tracing::warn!("!!! auth.allow_anonymous = true: ANYONE who can reach this service can get tokens and start consents. Never use this in production. !!!");
+        } else if !auth.has_admin_keys() {
+            tracing::warn!("no auth.admin_keys configured: /api/authorize will refuse everyone");
+        }
+        if config.state_secret.is_none() {
+            tracing::info!("no state_secret configured: a random key signs `state`, so consents in progress do not survive a restart and need a single instance");
+        }
+        tracing::info!(
+            store = %store.describe(),
+            public_url = %public_url,
+            redirect_uri = %redirect_uri,
+            connections = ?providers.keys().collect::<Vec<_>>(),
+            "token broker configured"
+        );
+
+        let broker = Broker::new(providers, store, http, config.refresh.min_validity);
+        let state = Arc::new(AppState {
+            broker,
+            auth,
+            signer: StateSigner::new(config.state_secret.as_ref()),
+            public_url,
+        });
+        Ok(Self { listener, state })
+    }
+
+    /// The port actually bound.
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves until `shutdown` completes, then finishes in-flight requests.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        tracing::info!(port = self.port(), "listening");
+        axum::serve(self.listener, api::router(self.state))
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}

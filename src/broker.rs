@@ -1,0 +1,408 @@
+//! Refresh coordination: serve from cache, refresh once per connection at a time, never lose
+//! a rotated refresh token.
+//!
+//! Per connection there is an in-memory copy of the stored record and a tokio mutex (the
+//! "flight"). A caller whose cached token is good enough never takes the mutex. Everyone else
+//! queues on it; the holder re-reads the store (another instance may have refreshed) and
+//! refreshes only if the token still is not good enough. Each completed refresh bumps a
+//! generation counter, and a caller that sees the generation change while it waited takes
+//! that token: it was obtained after the caller arrived, so it satisfies any `min_validity`
+//! and `force` — a thousand concurrent callers cause one token request, and no caller ever
+//! refreshes twice.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use oauth2::{PkceCodeVerifier, TokenResponse};
+use tracing::{info, warn, Instrument};
+
+use crate::provider::{Provider, ProviderTokenResponse, UpstreamError, UpstreamHttp};
+use crate::store::{StoreError, TokenStore};
+use crate::token::{GrantStatus, TokenRecord};
+
+/// How often a token request is tried when the provider answers 429/5xx.
+const UPSTREAM_ATTEMPTS: u32 = 3;
+/// Pause before the first retry; doubled for each further one.
+const UPSTREAM_BACKOFF: Duration = Duration::from_millis(500);
+
+/// What a caller asks of `/api/refresh`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenRequest {
+    /// Life the token must have left; the broker default when `None`.
+    pub min_validity: Option<Duration>,
+    /// Refresh even if the cached token is good enough.
+    pub force: bool,
+}
+
+/// Why no token could be handed out, by what the caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("unknown connection `{0}`")]
+    UnknownConnection(String),
+    /// No token yet, or the grant is dead: an admin must consent (again).
+    #[error("{reason}")]
+    ConsentRequired { connection: String, reason: String },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct Connection {
+    provider: Provider,
+    /// The last record read or written; a std Mutex because nothing awaits while it is held.
+    cache: Mutex<Cached>,
+    /// One upstream token request per connection at a time.
+    flight: tokio::sync::Mutex<()>,
+    /// Bumped after every new token is stored.
+    generation: AtomicU64,
+}
+
+#[derive(Default, Clone)]
+struct Cached {
+    record: Option<Arc<TokenRecord>>,
+    /// The record holds a refresh token the store has not accepted yet. It must be saved
+    /// before anything else happens, and the store's older copy must never be used.
+    unsaved: bool,
+}
+
+/// Hands out access tokens for the configured connections.
+pub struct Broker {
+    connections: BTreeMap<String, Connection>,
+    store: Arc<dyn TokenStore>,
+    http: UpstreamHttp,
+    min_validity: Duration,
+}
+
+impl Broker {
+    /// A broker over `providers`, keeping tokens in `store`.
+    pub fn new(
+        providers: BTreeMap<String, Provider>,
+        store: Arc<dyn TokenStore>,
+        http: UpstreamHttp,
+        min_validity: Duration,
+    ) -> Self {
+        let connections = providers
+            .into_iter()
+            .map(|(name, provider)| {
+                let connection = Connection {
+                    provider,
+                    cache: Mutex::new(Cached::default()),
+                    flight: tokio::sync::Mutex::new(()),
+                    generation: AtomicU64::new(0),
+                };
+                (name, connection)
+            })
+            .collect();
+        Self {
+            connections,
+            store,
+            http,
+            min_validity,
+        }
+    }
+
+    /// True when `name` is a configured connection.
+    pub fn has_connection(&self, name: &str) -> bool {
+        self.connections.contains_key(name)
+    }
+
+    /// The provider of a configured connection.
+    pub fn provider(&self, name: &str) -> Result<&Provider, BrokerError> {
+        Ok(&self.connection(name)?.provider)
+    }
+
+    fn connection(&self, name: &str) -> Result<&Connection, BrokerError> {
+        self.connections
+            .get(name)
+            .ok_or_else(|| BrokerError::UnknownConnection(name.to_owned()))
+    }
+
+    /// A record whose access token satisfies `request`, refreshing if needed.
+    pub async fn token(
+        &self,
+        name: &str,
+        request: TokenRequest,
+    ) -> Result<Arc<TokenRecord>, BrokerError> {
+        let conn = self.connection(name)?;
+        let min_validity = request.min_validity.unwrap_or(self.min_validity);
+        let arrived = conn.generation.load(Ordering::Acquire);
+
+        if !request.force {
+            if let Some(record) = conn.cached_if(|r| r.is_valid_for(min_validity, Utc::now())) {
+                tracing::debug!(connection = name, "served from cache");
+                return Ok(record);
+            }
+        }
+
+        let _flight = conn.flight.lock().await;
+        let now = Utc::now();
+        if conn.generation.load(Ordering::Acquire) != arrived {
+            // Someone refreshed while we waited: that token is newer than this request.
+            if let Some(record) = conn.cached_if(|r| r.is_valid_for(Duration::ZERO, now)) {
+                return Ok(record);
+            }
+        }
+        if !request.force {
+            if let Some(record) = conn.cached_if(|r| r.is_valid_for(min_validity, now)) {
+                return Ok(record);
+            }
+        }
+
+        let record = self.load_locked(name, conn).await?;
+        if !request.force && record.is_valid_for(min_validity, now) {
+            return Ok(record);
+        }
+        self.refresh_locked(name, conn, record)
+            .instrument(tracing::info_span!("refresh", connection = name))
+            .await
+    }
+
+    /// Stores the tokens from a completed consent, replacing whatever was there.
+    pub async fn complete_consent(
+        &self,
+        name: &str,
+        code: String,
+        verifier: PkceCodeVerifier,
+    ) -> Result<(), BrokerError> {
+        let conn = self.connection(name)?;
+        let span = tracing::info_span!("consent", connection = name);
+        async {
+            // A code is single use: no retries here.
+            let response = conn
+                .provider
+                .exchange_code(&self.http, code, verifier)
+                .await
+                .inspect_err(|err| warn!(error = %err, "code exchange failed"))?;
+            if response.refresh_token().is_none() {
+                warn!("the provider issued no refresh token; the connection will need consent again when the access token expires (check the scopes, e.g. offline_access)");
+            }
+            let now = Utc::now();
+            let record = new_record(None, &response, conn.provider.default_lifetime, now, now);
+            let _flight = conn.flight.lock().await;
+            self.persist_locked(name, conn, record).await?;
+            info!(outcome = "connected", "consent completed");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The authoritative record, with the flight held: an unsaved one is saved first;
+    /// otherwise the store is re-read, since another instance may have refreshed.
+    async fn load_locked(
+        &self,
+        name: &str,
+        conn: &Connection,
+    ) -> Result<Arc<TokenRecord>, BrokerError> {
+        let cached = conn.cached();
+        if let (true, Some(record)) = (cached.unsaved, cached.record) {
+            self.store.save(name, &record).await.inspect_err(|err| {
+                warn!(connection = name, error = %err, "saving the pending refresh token failed again");
+            })?;
+            conn.set_cache(Some(record.clone()), false);
+            info!(connection = name, "pending refresh token saved");
+            return Ok(record);
+        }
+        let stored = self.store.load(name).await?.map(Arc::new);
+        conn.set_cache(stored.clone(), false);
+        stored.ok_or_else(|| BrokerError::ConsentRequired {
+            connection: name.to_owned(),
+            reason: format!("connection `{name}` has no token yet: an admin must consent first"),
+        })
+    }
+
+    async fn refresh_locked(
+        &self,
+        name: &str,
+        conn: &Connection,
+        mut record: Arc<TokenRecord>,
+    ) -> Result<Arc<TokenRecord>, BrokerError> {
+        // At most two rounds: the second only after losing a race to another instance.
+        for round in 0..2 {
+            let Some(refresh_token) = record
+                .refresh_token
+                .clone()
+                .filter(|_| record.status == GrantStatus::Connected)
+            else {
+                return Err(consent_required(name, &record));
+            };
+            match self.refresh_with_retries(conn, &refresh_token).await {
+                Ok(response) => {
+                    let now = Utc::now();
+                    let next = new_record(
+                        Some(&record),
+                        &response,
+                        conn.provider.default_lifetime,
+                        now,
+                        record.consented_at,
+                    );
+                    let record = self.persist_locked(name, conn, next).await?;
+                    info!(outcome = "refreshed", rotated = response.refresh_token().is_some(), expires_at = ?record.expires_at, "token refreshed");
+                    return Ok(record);
+                }
+                Err(UpstreamError::InvalidGrant { description }) => {
+                    // Lost race or dead grant? If the store holds another refresh token than
+                    // the one just refused, someone else rotated it: use theirs.
+                    let latest = self.store.load(name).await?;
+                    let rotated_elsewhere = latest.as_ref().is_some_and(|l| {
+                        l.status == GrantStatus::Connected
+                            && l.refresh_token.as_ref().map(|t| t.secret())
+                                != Some(refresh_token.secret())
+                    });
+                    if let (true, Some(latest)) = (rotated_elsewhere && round == 0, latest) {
+                        info!(
+                            outcome = "lost_race",
+                            "refresh token was rotated elsewhere; using the newer one"
+                        );
+                        let latest = Arc::new(latest);
+                        conn.set_cache(Some(latest.clone()), false);
+                        if latest.is_valid_for(Duration::ZERO, Utc::now()) {
+                            return Ok(latest);
+                        }
+                        record = latest;
+                        continue;
+                    }
+                    warn!(outcome = "grant_dead", "the provider refused the refresh token (invalid_grant); consent is required");
+                    let mut dead = (*record).clone();
+                    dead.status = GrantStatus::ConsentRequired;
+                    dead.access_token = None;
+                    dead.refresh_token = None;
+                    dead.last_error = Some(UpstreamError::InvalidGrant { description }.to_string());
+                    let dead = self.persist_locked(name, conn, dead).await?;
+                    return Err(consent_required(name, &dead));
+                }
+                Err(err) => {
+                    warn!(outcome = "failed", error = %err, "refresh failed");
+                    conn.note_error(&err.to_string());
+                    return Err(err.into());
+                }
+            }
+        }
+        Err(consent_required(name, &record))
+    }
+
+    async fn refresh_with_retries(
+        &self,
+        conn: &Connection,
+        refresh_token: &oauth2::RefreshToken,
+    ) -> Result<ProviderTokenResponse, UpstreamError> {
+        let mut backoff = UPSTREAM_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            match conn.provider.refresh(&self.http, refresh_token).await {
+                Err(err) if err.is_retryable() && attempt < UPSTREAM_ATTEMPTS => {
+                    warn!(attempt, error = %err, "token endpoint unavailable; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Puts `record` in the cache (marked unsaved, so the refresh token it carries is kept
+    /// even if the store fails), then saves it.
+    async fn persist_locked(
+        &self,
+        name: &str,
+        conn: &Connection,
+        record: TokenRecord,
+    ) -> Result<Arc<TokenRecord>, BrokerError> {
+        let record = Arc::new(record);
+        conn.set_cache(Some(record.clone()), true);
+        if let Err(err) = self.store.save(name, &record).await {
+            warn!(connection = name, error = %err, "saving tokens failed; keeping them in memory until the store accepts them");
+            return Err(err.into());
+        }
+        conn.set_cache(Some(record.clone()), false);
+        conn.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(record)
+    }
+}
+
+impl Connection {
+    fn cached(&self) -> Cached {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The cached record if it is saved and `accept` likes it.
+    fn cached_if(&self, accept: impl Fn(&TokenRecord) -> bool) -> Option<Arc<TokenRecord>> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        match &cache.record {
+            Some(record) if !cache.unsaved && accept(record) => Some(record.clone()),
+            _ => None,
+        }
+    }
+
+    fn set_cache(&self, record: Option<Arc<TokenRecord>>, unsaved: bool) {
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Cached { record, unsaved };
+    }
+
+    /// Remembers a failure for status pages without writing to the store.
+    fn note_error(&self, message: &str) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(record) = &cache.record {
+            let mut updated = (**record).clone();
+            updated.last_error = Some(message.to_owned());
+            cache.record = Some(Arc::new(updated));
+        }
+    }
+}
+
+fn consent_required(name: &str, record: &TokenRecord) -> BrokerError {
+    let reason = match (&record.status, &record.last_error) {
+        (GrantStatus::ConsentRequired, Some(err)) => {
+            format!(
+                "the grant for `{name}` is no longer valid ({err}): an admin must consent again"
+            )
+        }
+        _ => format!("connection `{name}` has no refresh token: an admin must consent again"),
+    };
+    BrokerError::ConsentRequired {
+        connection: name.to_owned(),
+        reason,
+    }
+}
+
+/// The record after a token response. A provider that sends no new refresh token keeps the
+/// old one; one that sends no `expires_in` gets `default_lifetime`; extras accumulate (a
+/// refresh may omit fields the consent returned).
+fn new_record(
+    previous: Option<&TokenRecord>,
+    response: &ProviderTokenResponse,
+    default_lifetime: Duration,
+    now: DateTime<Utc>,
+    consented_at: DateTime<Utc>,
+) -> TokenRecord {
+    // Clamped so that a nonsensical `expires_in` cannot overflow the date arithmetic.
+    let lifetime = response
+        .expires_in()
+        .unwrap_or(default_lifetime)
+        .min(Duration::from_secs(10 * 365 * 86_400));
+    let mut extra = previous.map(|p| p.extra.clone()).unwrap_or_default();
+    extra.extend(response.extra());
+    TokenRecord {
+        status: GrantStatus::Connected,
+        access_token: Some(response.access_token().clone()),
+        token_type: response.token_type_name(),
+        expires_at: chrono::Duration::from_std(lifetime)
+            .ok()
+            .and_then(|lifetime| now.checked_add_signed(lifetime)),
+        refresh_token: response
+            .refresh_token()
+            .cloned()
+            .or_else(|| previous.and_then(|p| p.refresh_token.clone())),
+        scope: response
+            .scope()
+            .or_else(|| previous.and_then(|p| p.scope.clone())),
+        extra,
+        obtained_at: now,
+        consented_at,
+        last_error: None,
+    }
+}

@@ -1,0 +1,627 @@
+//! Configuration: one TOML file, `${NAME}` expanded from the environment, validated at boot.
+//!
+//! Loading happens in three steps so that every error can name the key it is about:
+//! parse the TOML into a tree, expand `${NAME}` in every string (tracking the key path),
+//! then deserialize the typed configuration with `serde_path_to_error`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use url::Url;
+
+/// Everything the broker needs, validated.
+#[derive(Debug)]
+pub struct Config {
+    /// Public base URL of the broker; the redirect URI is `{public_url}/api/callback`.
+    /// `None` means "derive from the listening port" (`http://localhost:{port}`).
+    pub public_url: Option<Url>,
+    /// Key for signing `state` and deriving PKCE verifiers. Random per process when absent.
+    pub state_secret: Option<SecretString>,
+    pub auth: AuthConfig,
+    pub store: StoreConfig,
+    pub refresh: RefreshConfig,
+    /// Connections by name, sorted.
+    pub connections: BTreeMap<String, ConnectionConfig>,
+}
+
+/// How callers prove who they are (checked in the app itself, not by the host).
+#[derive(Debug, Default)]
+pub struct AuthConfig {
+    /// Keys accepted in `X-API-Key` for `/api/refresh`.
+    pub api_keys: Vec<SecretString>,
+    /// Keys accepted for admin routes (`/api/authorize`), and for everything else too.
+    pub admin_keys: Vec<SecretString>,
+    /// Serve without any caller authentication. Only when explicitly set.
+    pub allow_anonymous: bool,
+}
+
+/// Where tokens are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// One JSON file per connection under this directory.
+    File { dir: PathBuf },
+}
+
+/// Refresh policy defaults.
+#[derive(Debug, Clone)]
+pub struct RefreshConfig {
+    /// Life an access token must have left when the caller does not pass `min_validity`.
+    pub min_validity: Duration,
+    /// Lifetime assumed when the provider sends no `expires_in`.
+    pub default_lifetime: Duration,
+    /// Timeout of one request to a provider's token endpoint.
+    pub upstream_timeout: Duration,
+}
+
+/// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// HTTP Basic with the form-encoded client id and secret.
+    Basic,
+    /// `client_id` and `client_secret` in the form body.
+    Post,
+}
+
+/// One named connection to one provider account.
+#[derive(Debug)]
+pub struct ConnectionConfig {
+    pub provider: ProviderKind,
+    pub authorize_url: Url,
+    pub token_url: Url,
+    pub client_id: String,
+    pub client_secret: Option<SecretString>,
+    pub client_auth: ClientAuth,
+    pub scopes: Vec<String>,
+    /// Extra query parameters for the authorization request (`prompt`, `access_type`, ...).
+    pub authorize_params: BTreeMap<String, String>,
+    /// Overrides `refresh.default_lifetime` for this connection.
+    pub default_lifetime: Option<Duration>,
+}
+
+/// Provider kinds. Presets (Xero, Google, ...) join this list as they are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProviderKind {
+    /// Any OAuth 2.0 authorization server described by its endpoints.
+    Oauth2,
+}
+
+/// A configuration error that names the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+impl ConfigError {
+    fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Key {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, expands and validates the file at `path`, taking `${NAME}` from `env`.
+    pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, env).map_err(|err| match err {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses configuration text (see [`Config::load`]).
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut tree: toml::Value = toml::from_str(text).map_err(|err| ConfigError::Syntax {
+            path: PathBuf::new(),
+            message: err.message().to_owned(),
+        })?;
+        expand_env(&mut tree, &mut String::new(), env)?;
+        let raw: RawConfig = serde_path_to_error::deserialize(tree).map_err(|err| {
+            let key = err.path().to_string();
+            ConfigError::key(key, err.into_inner().to_string())
+        })?;
+        raw.validate(env)
+    }
+}
+
+/// Expands `${NAME}` in every string of the tree. `path` is the dotted key of `value`.
+fn expand_env(
+    value: &mut toml::Value,
+    path: &mut String,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    match value {
+        toml::Value::String(s) => *s = expand_str(s, path, env)?,
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                expand_env(item, path, env)?;
+                path.truncate(len);
+            }
+        }
+        toml::Value::Table(table) => {
+            for (key, item) in table.iter_mut() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+                expand_env(item, path, env)?;
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand_str(
+    s: &str,
+    key: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| ConfigError::key(key, "unterminated `${` (expected `${NAME}`)"))?;
+        let name = &after[..end];
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        {
+            return Err(ConfigError::key(
+                key,
+                format!("`${{{name}}}` is not a valid environment variable reference"),
+            ));
+        }
+        let value = env(name).ok_or_else(|| {
+            ConfigError::key(key, format!("environment variable {name} is not set"))
+        })?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    public_url: Option<String>,
+    state_secret: Option<String>,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    refresh: RawRefresh,
+    #[serde(default)]
+    connections: BTreeMap<String, RawConnection>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    api_keys: Vec<String>,
+    #[serde(default)]
+    admin_keys: Vec<String>,
+    #[serde(default)]
+    allow_anonymous: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    kind: Option<String>,
+    path: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRefresh {
+    min_validity: Option<u64>,
+    default_lifetime: Option<u64>,
+    upstream_timeout: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnection {
+    provider: ProviderKind,
+    authorize_url: Option<String>,
+    token_url: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    client_auth: Option<ClientAuth>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    authorize_params: BTreeMap<String, String>,
+    default_lifetime: Option<u64>,
+}
+
+/// Authorization parameters the broker sets itself; configuring them would break the flow.
+const RESERVED_AUTHORIZE_PARAMS: &[&str] = &[
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "scope",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+];
+
+impl RawConfig {
+    fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        // The environment wins over the file for the public URL: the same config file serves
+        // local runs and every deployment slot.
+        let public_url = match env("BROKER_PUBLIC_URL").filter(|v| !v.is_empty()) {
+            Some(url) => Some(parse_base_url("BROKER_PUBLIC_URL", &url)?),
+            None => self
+                .public_url
+                .as_deref()
+                .map(|url| parse_base_url("public_url", url))
+                .transpose()?,
+        };
+        let state_secret = match self.state_secret {
+            Some(secret) if secret.len() < 32 => {
+                return Err(ConfigError::key(
+                    "state_secret",
+                    "must be at least 32 characters (it signs OAuth `state`)",
+                ))
+            }
+            other => other.map(SecretString::from),
+        };
+
+        let auth = AuthConfig {
+            api_keys: secrets("auth.api_keys", self.auth.api_keys)?,
+            admin_keys: secrets("auth.admin_keys", self.auth.admin_keys)?,
+            allow_anonymous: self.auth.allow_anonymous,
+        };
+        if auth.api_keys.is_empty() && auth.admin_keys.is_empty() && !auth.allow_anonymous {
+            return Err(ConfigError::key(
+                "auth",
+                "no caller authentication configured: set auth.api_keys / auth.admin_keys, \
+                 or auth.allow_anonymous = true to serve without it (never in production)",
+            ));
+        }
+
+        let store = match self.store.kind.as_deref().unwrap_or("file") {
+            "file" => StoreConfig::File {
+                dir: self.store.path.unwrap_or_else(|| PathBuf::from(".tokens")),
+            },
+            other => {
+                return Err(ConfigError::key(
+                    "store.kind",
+                    format!("unknown store kind `{other}` (expected `file`)"),
+                ))
+            }
+        };
+
+        let refresh = RefreshConfig {
+            min_validity: Duration::from_secs(self.refresh.min_validity.unwrap_or(300)),
+            default_lifetime: positive_secs(
+                "refresh.default_lifetime",
+                self.refresh.default_lifetime.unwrap_or(3600),
+            )?,
+            upstream_timeout: positive_secs(
+                "refresh.upstream_timeout",
+                self.refresh.upstream_timeout.unwrap_or(30),
+            )?,
+        };
+
+        let mut connections = BTreeMap::new();
+        for (name, raw) in self.connections {
+            let key = format!("connections.{name}");
+            validate_connection_name(&key, &name)?;
+            connections.insert(name, raw.validate(&key)?);
+        }
+
+        Ok(Config {
+            public_url,
+            state_secret,
+            auth,
+            store,
+            refresh,
+            connections,
+        })
+    }
+}
+
+impl RawConnection {
+    fn validate(self, key: &str) -> Result<ConnectionConfig, ConfigError> {
+        let required = |field: &str, value: Option<String>| {
+            value
+                .filter(|v| !v.trim().is_empty())
+                .ok_or_else(|| ConfigError::key(format!("{key}.{field}"), "is required"))
+        };
+        let authorize_url = required("authorize_url", self.authorize_url)?;
+        let token_url = required("token_url", self.token_url)?;
+        let client_id = required("client_id", self.client_id)?;
+        for param in self.authorize_params.keys() {
+            if RESERVED_AUTHORIZE_PARAMS.contains(&param.as_str()) {
+                return Err(ConfigError::key(
+                    format!("{key}.authorize_params.{param}"),
+                    "is set by the broker itself and cannot be configured",
+                ));
+            }
+        }
+        for (i, scope) in self.scopes.iter().enumerate() {
+            if scope.is_empty() || scope.contains(char::is_whitespace) {
+                return Err(ConfigError::key(
+                    format!("{key}.scopes[{i}]"),
+                    "a scope must be one non-empty word without spaces",
+                ));
+            }
+        }
+        Ok(ConnectionConfig {
+            provider: self.provider,
+            authorize_url: parse_endpoint(&format!("{key}.authorize_url"), &authorize_url)?,
+            token_url: parse_endpoint(&format!("{key}.token_url"), &token_url)?,
+            client_id,
+            client_secret: self
+                .client_secret
+                .filter(|s| !s.is_empty())
+                .map(SecretString::from),
+            client_auth: self.client_auth.unwrap_or(ClientAuth::Basic),
+            scopes: self.scopes,
+            authorize_params: self.authorize_params,
+            default_lifetime: self
+                .default_lifetime
+                .map(|s| positive_secs(&format!("{key}.default_lifetime"), s))
+                .transpose()?,
+        })
+    }
+}
+
+fn validate_connection_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let valid = (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(ConfigError::key(
+            key,
+            "connection names are 1-64 characters of a-z, A-Z, 0-9, `-` and `_`, \
+             starting with a letter or digit",
+        ))
+    }
+}
+
+fn secrets(key: &str, values: Vec<String>) -> Result<Vec<SecretString>, ConfigError> {
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            if v.len() < 16 {
+                Err(ConfigError::key(
+                    format!("{key}[{i}]"),
+                    "keys must be at least 16 characters",
+                ))
+            } else {
+                Ok(SecretString::from(v))
+            }
+        })
+        .collect()
+}
+
+fn positive_secs(key: &str, secs: u64) -> Result<Duration, ConfigError> {
+    if secs == 0 {
+        Err(ConfigError::key(
+            key,
+            "must be a positive number of seconds",
+        ))
+    } else {
+        Ok(Duration::from_secs(secs))
+    }
+}
+
+fn parse_http_url(key: &str, value: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(value)
+        .map_err(|err| ConfigError::key(key, format!("`{value}` is not a valid URL: {err}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(ConfigError::key(
+            key,
+            format!("`{value}` must be an http(s) URL with a host"),
+        ));
+    }
+    Ok(url)
+}
+
+fn parse_endpoint(key: &str, value: &str) -> Result<Url, ConfigError> {
+    let url = parse_http_url(key, value)?;
+    if url.fragment().is_some() {
+        return Err(ConfigError::key(
+            key,
+            "an endpoint URL cannot have a fragment",
+        ));
+    }
+    Ok(url)
+}
+
+/// A base URL: no query or fragment, no trailing slash (so `{base}/api/...` is exact).
+fn parse_base_url(key: &str, value: &str) -> Result<Url, ConfigError> {
+    let url = parse_http_url(key, value.trim_end_matches('/'))?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ConfigError::key(
+            key,
+            "a base URL cannot have a query or fragment",
+        ));
+    }
+    Ok(url)
+}
+
+impl fmt::Display for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreConfig::File { dir } => write!(f, "file store in {}", dir.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    const MINIMAL: &str = r#"
+        [auth]
+        api_keys = ["${API_KEY}"]
+
+        [connections.acme]
+        provider = "oauth2"
+        authorize_url = "https://id.acme.example/auth"
+        token_url = "https://id.acme.example/token"
+        client_id = "${ACME_CLIENT_ID}"
+        client_secret = "${ACME_CLIENT_SECRET}"
+        client_auth = "post"
+        scopes = ["openid", "offline_access"]
+        authorize_params = { prompt = "consent" }
+    "#;
+
+    const ENV: &[(&str, &str)] = &[
+        ("API_KEY", "0123456789abcdef-key"),
+        ("ACME_CLIENT_ID", "client-1"),
+        ("ACME_CLIENT_SECRET", "sec"),
+    ];
+
+    fn parse_err(text: &str, vars: &'static [(&'static str, &'static str)]) -> String {
+        Config::parse(text, &env_of(vars))
+            .expect_err("config should be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn expands_environment_and_applies_defaults() {
+        let config = Config::parse(MINIMAL, &env_of(ENV)).expect("valid config");
+        let acme = &config.connections["acme"];
+        assert_eq!(acme.client_id, "client-1");
+        assert_eq!(acme.client_auth, ClientAuth::Post);
+        assert_eq!(acme.authorize_params["prompt"], "consent");
+        assert_eq!(config.refresh.min_validity, Duration::from_secs(300));
+        assert_eq!(
+            config.store,
+            StoreConfig::File {
+                dir: PathBuf::from(".tokens")
+            }
+        );
+        assert!(config.public_url.is_none());
+    }
+
+    #[test]
+    fn unset_variable_names_key_and_variable() {
+        let err = parse_err(MINIMAL, &[("API_KEY", "0123456789abcdef-key")]);
+        assert!(err.contains("connections.acme.client_id"), "{err}");
+        assert!(err.contains("ACME_CLIENT_ID"), "{err}");
+    }
+
+    #[test]
+    fn unknown_provider_names_key() {
+        let err = parse_err(&MINIMAL.replace("\"oauth2\"", "\"oauth3\""), ENV);
+        assert!(err.contains("connections.acme.provider"), "{err}");
+    }
+
+    #[test]
+    fn misspelt_field_names_key() {
+        let err = parse_err(&MINIMAL.replace("client_auth", "client_ath"), ENV);
+        assert!(err.contains("client_ath"), "{err}");
+    }
+
+    #[test]
+    fn malformed_url_names_key() {
+        let err = parse_err(
+            &MINIMAL.replace("https://id.acme.example/token", "not a url"),
+            ENV,
+        );
+        assert!(err.contains("connections.acme.token_url"), "{err}");
+    }
+
+    #[test]
+    fn missing_client_id_names_key() {
+        let text = MINIMAL.replace("client_id = \"${ACME_CLIENT_ID}\"", "");
+        let err = parse_err(&text, ENV);
+        assert!(err.contains("connections.acme.client_id"), "{err}");
+    }
+
+    #[test]
+    fn refuses_to_run_without_auth_unless_anonymous_is_explicit() {
+        let text = MINIMAL.replace("api_keys = [\"${API_KEY}\"]", "");
+        let err = parse_err(&text, ENV);
+        assert!(err.contains("`auth`"), "{err}");
+        let text = MINIMAL.replace("api_keys = [\"${API_KEY}\"]", "allow_anonymous = true");
+        assert!(Config::parse(&text, &env_of(ENV)).is_ok());
+    }
+
+    #[test]
+    fn reserved_authorize_params_are_rejected() {
+        let text = MINIMAL.replace("prompt = \"consent\"", "state = \"x\"");
+        let err = parse_err(&text, ENV);
+        assert!(err.contains("authorize_params.state"), "{err}");
+    }
+
+    #[test]
+    fn public_url_from_environment_wins() {
+        let text = format!("public_url = \"https://file.example/\"\n{MINIMAL}");
+        let mut vars = ENV.to_vec();
+        vars.push(("BROKER_PUBLIC_URL", "https://env.example/"));
+        let vars: &'static [(&str, &str)] = Box::leak(vars.into_boxed_slice());
+        let config = Config::parse(&text, &env_of(vars)).expect("valid");
+        assert_eq!(
+            config.public_url.map(|u| u.to_string()),
+            Some("https://env.example/".into())
+        );
+    }
+
+    #[test]
+    fn bad_connection_name_is_rejected() {
+        let err = parse_err(
+            &MINIMAL.replace("connections.acme", "connections.\"a b\""),
+            ENV,
+        );
+        assert!(err.contains("connections.a b"), "{err}");
+    }
+
+    #[test]
+    fn unterminated_reference_is_rejected() {
+        let err = parse_err(&MINIMAL.replace("${ACME_CLIENT_ID}", "${ACME"), ENV);
+        assert!(err.contains("unterminated"), "{err}");
+    }
+}

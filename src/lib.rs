@@ -1,0 +1,30 @@
+//! Token Broker: consent once in a browser, then fresh OAuth 2.0 access tokens from one URL.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration, `${NAME}` expansion, validation at boot.
+//! - [`provider`]: a configured provider and its token requests (through the `oauth2` crate).
+//! - [`state`]: signed, browser-bound, single-use `state` and derived PKCE verifiers.
+//! - [`broker`]: refresh coordination: cache, single flight, rotation, dead-grant detection.
+//! - [`token`]: the stored record per connection and the `/api/refresh` answer.
+//! - [`store`]: the token store trait and the local file store.
+//! - [`auth`]: caller authentication (API keys).
+//! - [`api`]: routes, handlers and the error-to-response mapping.
+//! - [`html`]: the small pages a browser sees.
+//! - [`http_client`]: outgoing HTTPS trust (system roots plus `SSL_CERT_FILE`).
+//! - [`app`]: wiring and serving; [`telemetry`]: tracing setup.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod html;
+pub mod http_client;
+pub mod provider;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod token;
+
+pub use app::Application;
+pub use config::Config;

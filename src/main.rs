@@ -1,0 +1,138 @@
+//! The `token-broker` binary: `serve` (default) and `check`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use token_broker::{store, telemetry, Application, Config};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Consent once, then fresh OAuth 2.0 access tokens from one URL"
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(
+        long,
+        global = true,
+        env = "BROKER_CONFIG",
+        default_value = "broker.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API (the default).
+    Serve {
+        /// Address to listen on. The port comes from FUNCTIONS_CUSTOMHANDLER_PORT, else
+        /// PORT, else 7071.
+        #[arg(long, env = "BROKER_BIND", default_value = "0.0.0.0")]
+        bind: IpAddr,
+    },
+    /// Validate the configuration and show each connection's stored status.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init();
+    let config = match Config::load(&cli.config, &|name| std::env::var(name).ok()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command.unwrap_or(Command::Serve {
+            bind: IpAddr::from([0, 0, 0, 0]),
+        }) {
+            Command::Serve { bind } => serve(config, bind).await,
+            Command::Check => check(config).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The port the Functions host assigns, else `PORT`, else 7071 (what `func start` uses).
+fn port() -> anyhow::Result<u16> {
+    for name in ["FUNCTIONS_CUSTOMHANDLER_PORT", "PORT"] {
+        if let Some(value) = std::env::var(name).ok().filter(|v| !v.is_empty()) {
+            return value
+                .parse()
+                .with_context(|| format!("{name}={value} is not a port number"));
+        }
+    }
+    Ok(7071)
+}
+
+async fn serve(config: Config, bind: IpAddr) -> anyhow::Result<()> {
+    let addr = SocketAddr::new(bind, port()?);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let app = Application::build(config, listener).await?;
+    app.run_until_stopped(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn check(config: Config) -> anyhow::Result<()> {
+    let store = store::from_config(&config.store)?;
+    println!("config ok; {}", store.describe());
+    for name in config.connections.keys() {
+        let status = match store.load(name).await? {
+            None => "no token yet (consent required)".to_owned(),
+            Some(record) => format!(
+                "{:?}, access token expires {}",
+                record.status,
+                record
+                    .expires_at
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "-".into())
+            ),
+        };
+        println!("{name}: {status}");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

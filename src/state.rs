@@ -1,0 +1,288 @@
+//! OAuth `state` (RFC 6749 §10.12) and PKCE verifiers (RFC 7636), bound to the admin's browser.
+//!
+//! `/api/authorize` gives the browser a random binding cookie and sends the provider a
+//! `state` of the form `v1.{payload}.{mac}`: the payload names the connection, a nonce and an
+//! expiry; the MAC (HMAC-SHA256) covers the payload *and* the cookie, so the state only
+//! verifies in the browser that started the flow. Each state is accepted once.
+//!
+//! The PKCE verifier is not stored anywhere: it is derived as HMAC(key, nonce, cookie). The
+//! callback re-derives it from the same inputs. So nothing needs to survive between the two
+//! requests except the signing key — a restart loses no pending consent when `state_secret`
+//! is configured, and several instances with the same key can serve either half.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use oauth2::PkceCodeVerifier;
+use rand::RngCore;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+/// Name of the browser-binding cookie.
+pub const BINDING_COOKIE: &str = "tb_binding";
+
+/// How long a consent may take, from `/api/authorize` to the callback.
+pub const STATE_TTL: Duration = Duration::from_secs(600);
+
+/// Why a `state` was refused. Every variant is a 400 for the browser.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateError {
+    #[error("the sign-in request is missing its `state`")]
+    Missing,
+    #[error("the browser did not send the sign-in cookie (was the flow started in another browser, or are cookies blocked?)")]
+    NoCookie,
+    #[error("the `state` is malformed")]
+    Malformed,
+    #[error("the `state` was not issued to this browser by this broker")]
+    BadSignature,
+    #[error("the sign-in request expired; start again")]
+    Expired,
+    #[error("this sign-in response was already used")]
+    Replayed,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Payload {
+    /// Connection name.
+    c: String,
+    /// Random nonce (base64url, 128 bits).
+    n: String,
+    /// Expiry, Unix seconds.
+    e: i64,
+}
+
+/// A freshly issued authorization: the `state` to send and the PKCE verifier it implies.
+pub struct Issued {
+    pub state: String,
+    pub verifier: PkceCodeVerifier,
+}
+
+/// A `state` that verified: the connection it was issued for and its PKCE verifier.
+pub struct Redeemed {
+    pub connection: String,
+    pub verifier: PkceCodeVerifier,
+}
+
+/// Issues and redeems `state` values.
+pub struct StateSigner {
+    key: Vec<u8>,
+    /// Nonces already redeemed, with their expiry; a std Mutex because nothing awaits
+    /// while it is held.
+    used: Mutex<HashMap<String, i64>>,
+}
+
+impl StateSigner {
+    /// With the configured key, or a random one (then pending consents die with the process).
+    pub fn new(secret: Option<&SecretString>) -> Self {
+        let key = match secret {
+            Some(secret) => secret.expose_secret().as_bytes().to_vec(),
+            None => random_bytes(32),
+        };
+        Self {
+            key,
+            used: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A new random value for the binding cookie.
+    pub fn new_binding() -> String {
+        URL_SAFE_NO_PAD.encode(random_bytes(32))
+    }
+
+    /// True when `value` looks like a binding this broker would issue.
+    pub fn is_valid_binding(value: &str) -> bool {
+        value.len() == 43 && URL_SAFE_NO_PAD.decode(value).is_ok_and(|b| b.len() == 32)
+    }
+
+    /// Issues a `state` for `connection`, bound to the browser holding `binding`.
+    pub fn issue(&self, connection: &str, binding: &str, now: DateTime<Utc>) -> Issued {
+        let payload = Payload {
+            c: connection.to_owned(),
+            n: URL_SAFE_NO_PAD.encode(random_bytes(16)),
+            e: now.timestamp() + STATE_TTL.as_secs() as i64,
+        };
+        // Serializing a struct of strings and an integer cannot fail.
+        let json = serde_json::to_vec(&payload).unwrap_or_default();
+        let payload_b64 = URL_SAFE_NO_PAD.encode(json);
+        let mac = URL_SAFE_NO_PAD.encode(self.mac(&[
+            b"state",
+            payload_b64.as_bytes(),
+            binding.as_bytes(),
+        ]));
+        Issued {
+            state: format!("v1.{payload_b64}.{mac}"),
+            verifier: self.verifier(&payload.n, binding),
+        }
+    }
+
+    /// Verifies `state` against the browser's binding cookie and marks it used.
+    pub fn redeem(
+        &self,
+        state: Option<&str>,
+        binding: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Redeemed, StateError> {
+        let state = state.filter(|s| !s.is_empty()).ok_or(StateError::Missing)?;
+        let binding = binding
+            .filter(|b| Self::is_valid_binding(b))
+            .ok_or(StateError::NoCookie)?;
+        let mut parts = state.split('.');
+        let (Some("v1"), Some(payload_b64), Some(mac_b64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(StateError::Malformed);
+        };
+        let mac = URL_SAFE_NO_PAD
+            .decode(mac_b64)
+            .map_err(|_| StateError::Malformed)?;
+        // `verify_slice` compares in constant time.
+        self.keyed(&[b"state", payload_b64.as_bytes(), binding.as_bytes()])
+            .verify_slice(&mac)
+            .map_err(|_| StateError::BadSignature)?;
+        let payload: Payload = URL_SAFE_NO_PAD
+            .decode(payload_b64)
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .ok_or(StateError::Malformed)?;
+        if now.timestamp() >= payload.e {
+            return Err(StateError::Expired);
+        }
+        {
+            let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+            let now_ts = now.timestamp();
+            used.retain(|_, expiry| *expiry > now_ts);
+            if used.insert(payload.n.clone(), payload.e).is_some() {
+                return Err(StateError::Replayed);
+            }
+        }
+        Ok(Redeemed {
+            verifier: self.verifier(&payload.n, binding),
+            connection: payload.c,
+        })
+    }
+
+    fn verifier(&self, nonce: &str, binding: &str) -> PkceCodeVerifier {
+        // 32 bytes of MAC → 43 base64url characters, the RFC 7636 §4.1 minimum length.
+        PkceCodeVerifier::new(URL_SAFE_NO_PAD.encode(self.mac(&[
+            b"pkce",
+            nonce.as_bytes(),
+            binding.as_bytes(),
+        ])))
+    }
+
+    /// HMAC over length-prefixed parts, so no two different part lists collide.
+    fn keyed(&self, parts: &[&[u8]]) -> Hmac<Sha256> {
+        // HMAC accepts keys of any length, so this cannot fail.
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
+        for part in parts {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac
+    }
+
+    fn mac(&self, parts: &[&[u8]]) -> Vec<u8> {
+        self.keyed(parts).finalize().into_bytes().to_vec()
+    }
+}
+
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; n];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer() -> StateSigner {
+        StateSigner::new(Some(&SecretString::from("k".repeat(32))))
+    }
+
+    #[test]
+    fn round_trip_yields_the_same_verifier() {
+        let s = signer();
+        let binding = StateSigner::new_binding();
+        let now = Utc::now();
+        let issued = s.issue("acme", &binding, now);
+        let redeemed = s
+            .redeem(Some(&issued.state), Some(&binding), now)
+            .map_err(|e| e.to_string())
+            .expect("redeems");
+        assert_eq!(redeemed.connection, "acme");
+        assert_eq!(redeemed.verifier.secret(), issued.verifier.secret());
+        assert_eq!(issued.verifier.secret().len(), 43);
+    }
+
+    #[test]
+    fn single_use() {
+        let s = signer();
+        let b = StateSigner::new_binding();
+        let now = Utc::now();
+        let issued = s.issue("acme", &b, now);
+        assert!(s.redeem(Some(&issued.state), Some(&b), now).is_ok());
+        assert_eq!(
+            s.redeem(Some(&issued.state), Some(&b), now).err(),
+            Some(StateError::Replayed)
+        );
+    }
+
+    #[test]
+    fn other_browser_or_no_cookie_is_refused() {
+        let s = signer();
+        let now = Utc::now();
+        let issued = s.issue("acme", &StateSigner::new_binding(), now);
+        let other = StateSigner::new_binding();
+        assert_eq!(
+            s.redeem(Some(&issued.state), Some(&other), now).err(),
+            Some(StateError::BadSignature)
+        );
+        assert_eq!(
+            s.redeem(Some(&issued.state), None, now).err(),
+            Some(StateError::NoCookie)
+        );
+    }
+
+    #[test]
+    fn expired_state_is_refused() {
+        let s = signer();
+        let b = StateSigner::new_binding();
+        let then = Utc::now() - chrono::Duration::seconds(601);
+        let issued = s.issue("acme", &b, then);
+        assert_eq!(
+            s.redeem(Some(&issued.state), Some(&b), Utc::now()).err(),
+            Some(StateError::Expired)
+        );
+    }
+
+    #[test]
+    fn tampered_payload_and_other_key_are_refused() {
+        let s = signer();
+        let b = StateSigner::new_binding();
+        let now = Utc::now();
+        let issued = s.issue("acme", &b, now);
+        let forged_payload = URL_SAFE_NO_PAD.encode(r#"{"c":"other","n":"x","e":9999999999}"#);
+        let mac = issued.state.rsplit('.').next().expect("mac");
+        let forged = format!("v1.{forged_payload}.{mac}");
+        assert_eq!(
+            s.redeem(Some(&forged), Some(&b), now).err(),
+            Some(StateError::BadSignature)
+        );
+        let other_key = StateSigner::new(None);
+        assert_eq!(
+            other_key.redeem(Some(&issued.state), Some(&b), now).err(),
+            Some(StateError::BadSignature)
+        );
+        assert_eq!(
+            s.redeem(Some("garbage"), Some(&b), now).err(),
+            Some(StateError::Malformed)
+        );
+    }
+}

@@ -1,0 +1,17 @@
+//! Tracing setup: structured logs to stderr, filtered by `RUST_LOG` (default `info`),
+//! JSON lines when `BROKER_LOG_FORMAT=json`.
+
+use tracing_subscriber::{fmt, EnvFilter};
+
+/// Installs the global subscriber. Call once, at startup.
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("BROKER_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second init (tests) is harmless, hence `try_init`.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
