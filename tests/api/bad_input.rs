@@ -1,0 +1,249 @@
+//! Refusals: bad state, provider errors, unknown connections, bad keys, malformed responses.
+
+use crate::helpers::{TestApp, ADMIN_KEY, CALLER_KEY, STATE_SECRET};
+use serde_json::Value;
+use token_broker::state::{StateSigner, BINDING_COOKIE};
+
+async fn callback_with(app: &TestApp, query: &str, cookie: Option<&str>) -> (u16, String) {
+    let mut request = app.http.get(format!("{}/api/callback?{query}", app.base));
+    if let Some(binding) = cookie {
+        request = request.header("Cookie", format!("{BINDING_COOKIE}={binding}"));
+    }
+    let response = request.send().await.expect("callback");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("page"))
+}
+
+fn nothing_stored(app: &TestApp) {
+    assert!(app.stored("acme").is_none(), "a record was stored");
+}
+
+#[tokio::test]
+async fn forged_state_is_refused_and_nothing_is_stored() {
+    let app = TestApp::spawn().await;
+    let binding = StateSigner::new_binding();
+    // Signed with another key.
+    let forged = StateSigner::new(None).issue("acme", &binding, chrono::Utc::now());
+    let (status, page) = callback_with(
+        &app,
+        &format!("code=abc&state={}", forged.state),
+        Some(&binding),
+    )
+    .await;
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("not issued to this browser"), "{page}");
+    let (status, _) = callback_with(&app, "code=abc&state=v1.garbage.x", Some(&binding)).await;
+    assert_eq!(status, 400);
+    let (status, _) = callback_with(&app, "code=abc", Some(&binding)).await;
+    assert_eq!(status, 400);
+    assert_eq!(app.upstream.token_requests("authorization_code").await, 0);
+    nothing_stored(&app);
+}
+
+#[tokio::test]
+async fn expired_state_is_refused() {
+    let app = TestApp::spawn().await;
+    let signer = StateSigner::new(Some(&STATE_SECRET.to_owned().into()));
+    let binding = StateSigner::new_binding();
+    let eleven_minutes_ago = chrono::Utc::now() - chrono::Duration::minutes(11);
+    let issued = signer.issue("acme", &binding, eleven_minutes_ago);
+    let (status, page) = callback_with(
+        &app,
+        &format!("code=abc&state={}", issued.state),
+        Some(&binding),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(page.contains("expired"), "{page}");
+    assert_eq!(app.upstream.token_requests("authorization_code").await, 0);
+    nothing_stored(&app);
+}
+
+#[tokio::test]
+async fn callback_without_the_browser_cookie_is_refused() {
+    let app = TestApp::spawn().await;
+    let browser = app.consent_until_callback("acme").await;
+    // Same URL (valid state and code), but from a client without the binding cookie.
+    let response = app
+        .http
+        .get(&browser.callback_url)
+        .send()
+        .await
+        .expect("callback");
+    assert_eq!(response.status(), 400);
+    let page = response.text().await.expect("page");
+    assert!(page.contains("cookie"), "{page}");
+    assert_eq!(app.upstream.token_requests("authorization_code").await, 0);
+    nothing_stored(&app);
+}
+
+#[tokio::test]
+async fn replayed_callback_is_refused() {
+    let app = TestApp::spawn().await;
+    let browser = app.consent_until_callback("acme").await;
+    let (status, _) = browser.finish().await;
+    assert_eq!(status, 200);
+    let stored = app.stored_refresh_token("acme");
+    let (status, page) = browser.finish().await;
+    assert_eq!(status, 400);
+    assert!(page.contains("already used"), "{page}");
+    assert_eq!(app.upstream.token_requests("authorization_code").await, 1);
+    assert_eq!(app.stored_refresh_token("acme"), stored);
+}
+
+#[tokio::test]
+async fn provider_error_on_the_callback_shows_a_page_and_stores_nothing() {
+    let app = TestApp::spawn().await;
+    let browser = app.consent_until_callback("deny").await;
+    assert!(browser.callback_url.contains("error=access_denied"));
+    let (status, page) = browser.finish().await;
+    assert_eq!(status, 400);
+    assert!(page.contains("access_denied"), "{page}");
+    assert!(page.contains("Nothing was stored"), "{page}");
+    assert!(app.stored("deny").is_none());
+    assert_eq!(app.upstream.token_requests("authorization_code").await, 0);
+}
+
+#[tokio::test]
+async fn unknown_connection_is_404() {
+    let app = TestApp::spawn().await;
+    let response = app.refresh("nope", "").await;
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "unknown_connection");
+    let response = app
+        .http
+        .get(format!("{}/api/authorize/nope?key={ADMIN_KEY}", app.base))
+        .send()
+        .await
+        .expect("authorize");
+    assert_eq!(response.status(), 404);
+}
+
+#[tokio::test]
+async fn missing_or_wrong_keys_are_refused() {
+    let app = TestApp::spawn().await;
+    let url = format!("{}/api/refresh/acme", app.base);
+    let response = app.http.get(&url).send().await.expect("request");
+    assert_eq!(response.status(), 401);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "unauthorized");
+    let response = app
+        .http
+        .get(&url)
+        .header("X-API-Key", "wrong-key-0123456789")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 401);
+    // Unknown connections are not revealed to unauthenticated callers.
+    let response = app
+        .http
+        .get(format!("{}/api/refresh/nope", app.base))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 401);
+
+    // Admin routes: no key 401, a caller key 403, the admin key a redirect.
+    let authorize = format!("{}/api/authorize/acme", app.base);
+    let response = app.http.get(&authorize).send().await.expect("request");
+    assert_eq!(response.status(), 401);
+    let response = app
+        .http
+        .get(&authorize)
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 403);
+    let response = app
+        .http
+        .get(&authorize)
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 302);
+    let location = response.headers()["location"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    for part in [
+        "code_challenge_method=S256",
+        "code_challenge=",
+        "state=v1.",
+        "response_type=code",
+    ] {
+        assert!(location.contains(part), "{part} missing from {location}");
+    }
+    let cookie = response.headers()["set-cookie"].to_str().expect("ascii");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+        "{cookie}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_token_responses_are_502_and_keep_the_refresh_token() {
+    let app = TestApp::spawn().await;
+    app.consent("acme").await;
+    let stored = app.stored_refresh_token("acme");
+    let cases = [
+        (
+            200,
+            r#"{"token_type":"Bearer","expires_in":3600}"#,
+            "application/json",
+        ),
+        (200, "<html>oops</html>", "text/html"),
+        (
+            200,
+            r#"{"access_token":"x","expires_in":"soon"}"#,
+            "application/json",
+        ),
+        (400, "not json either", "text/plain"),
+    ];
+    for (status, body, content_type) in cases {
+        app.upstream.fail_next(1, status, body, content_type).await;
+        let response = app.refresh("acme", "?force=true").await;
+        assert_eq!(response.status(), 502, "for {body}");
+        let error: Value = response.json().await.expect("json");
+        assert_eq!(error["error"], "provider_error");
+        let description = error["error_description"].as_str().expect("description");
+        assert!(description.contains("malformed"), "{description}");
+        assert!(
+            !description.contains("oops") && !description.contains("soon"),
+            "{description}"
+        );
+        assert_eq!(app.stored_refresh_token("acme"), stored);
+    }
+    // The grant is intact: the next refresh works.
+    let body = app.token("acme", "?force=true").await;
+    assert!(
+        app.upstream
+            .is_active(body["access_token"].as_str().expect("token"))
+            .await
+    );
+}
+
+#[tokio::test]
+async fn a_provider_outage_is_retried_then_reported_as_502() {
+    let app = TestApp::spawn().await;
+    app.consent("acme").await;
+    // One 503 is retried transparently.
+    app.upstream.fail_next(1, 503, "busy", "text/plain").await;
+    let body = app.token("acme", "?force=true").await;
+    assert!(
+        app.upstream
+            .is_active(body["access_token"].as_str().expect("token"))
+            .await
+    );
+    assert_eq!(app.upstream.token_requests("refresh_token").await, 2);
+    // A lasting outage ends in 502 provider_unavailable, and the grant survives it.
+    app.upstream.fail_next(3, 503, "busy", "text/plain").await;
+    let response = app.refresh("acme", "?force=true").await;
+    assert_eq!(response.status(), 502);
+    let error: Value = response.json().await.expect("json");
+    assert_eq!(error["error"], "provider_unavailable");
+    app.token("acme", "?force=true").await;
+}

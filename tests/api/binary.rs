@@ -1,0 +1,236 @@
+//! The real binary: startup validation, the port the Functions host assigns, and a full flow
+//! at TRACE level whose logs must not contain a single secret.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::helpers::{free_port, random, Upstream, ADMIN_KEY};
+use reqwest::redirect::Policy;
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
+
+fn broker(config: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("BROKER_CONFIG", config)
+        .kill_on_drop(true);
+    command
+}
+
+/// Waits until `GET /` answers, as the Functions host does.
+async fn wait_ready(port: u16, child: &mut Child) {
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        if let Ok(response) = client.get(format!("http://127.0.0.1:{port}/")).send().await {
+            assert_eq!(response.status(), 200);
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the broker exited early: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the broker did not answer GET / within 10 s");
+}
+
+#[tokio::test]
+async fn bad_config_stops_startup_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("broker.toml");
+    let cases = [
+        (
+            "[auth]\napi_keys = [\"${NOT_SET_ANYWHERE}\"]\n",
+            "auth.api_keys[0]",
+        ),
+        (
+            "[auth]\nallow_anonymous = true\n[connections.a]\nprovider = \"oauth9\"\n",
+            "connections.a.provider",
+        ),
+        (
+            "[auth]\nallow_anonymous = true\n[connections.a]\nprovider = \"oauth2\"\nauthorize_url = \"https://x.example/a\"\ntoken_url = \"nope\"\nclient_id = \"c\"\n",
+            "connections.a.token_url",
+        ),
+        ("[connections]\n", "`auth`"),
+    ];
+    for (text, key) in cases {
+        std::fs::write(&config, text).expect("write");
+        let output = broker(&config)
+            .env("PORT", free_port().to_string())
+            .output()
+            .await
+            .expect("run");
+        assert_eq!(output.status.code(), Some(2), "for {text}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(key), "expected {key} in: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn listens_on_the_functions_port_before_port() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\napi_keys = [\"{}\"]\n[store]\npath = \"{}\"\n",
+            random("key"),
+            dir.path().join("tokens").display()
+        ),
+    )
+    .expect("write");
+    let functions_port = free_port();
+    let mut child = broker(&config)
+        .env("FUNCTIONS_CUSTOMHANDLER_PORT", functions_port.to_string())
+        .env("PORT", free_port().to_string())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start");
+    wait_ready(functions_port, &mut child).await;
+    let health: serde_json::Value =
+        reqwest::get(format!("http://127.0.0.1:{functions_port}/api/health"))
+            .await
+            .expect("health")
+            .json()
+            .await
+            .expect("json");
+    assert_eq!(health["status"], "ok");
+    child.kill().await.expect("kill");
+}
+
+#[tokio::test]
+async fn no_secret_reaches_the_logs_at_trace_level() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let upstream =
+        Upstream::start(&format!("{base}/api/callback"), "client_secret_basic", 3600).await;
+    let caller_key = random("caller-key");
+    let state_secret = random("state-secret");
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+state_secret = "{state_secret}"
+[auth]
+api_keys = ["${{CALLER_KEY}}"]
+admin_keys = ["{ADMIN_KEY}"]
+[store]
+path = "{store}"
+[connections.acme]
+provider = "oauth2"
+authorize_url = "{up}/auth"
+token_url = "{up}/token"
+client_id = "{client_id}"
+client_secret = "${{ACME_SECRET}}"
+scopes = ["openid", "offline_access", "api:read"]
+"#,
+            store = dir.path().join("tokens").display(),
+            up = upstream.url,
+            client_id = upstream.client_id,
+        ),
+    )
+    .expect("write config");
+    let log_path = dir.path().join("broker.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = broker(&config)
+        .env("PORT", port.to_string())
+        .env("BROKER_PUBLIC_URL", &base)
+        .env("RUST_LOG", "trace")
+        .env("CALLER_KEY", &caller_key)
+        .env("ACME_SECRET", &upstream.client_secret)
+        .stdout(Stdio::from(log.try_clone().expect("clone")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start broker");
+    wait_ready(port, &mut child).await;
+
+    // Consent like a browser.
+    let browser = reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(Policy::limited(20))
+        .build()
+        .expect("browser");
+    let page = browser
+        .get(format!("{base}/api/authorize/acme?key={ADMIN_KEY}"))
+        .send()
+        .await
+        .expect("consent")
+        .text()
+        .await
+        .expect("page");
+    assert!(page.contains("Connected"), "{page}");
+
+    // Refresh: cached, forced, failing (malformed response), and unauthenticated.
+    let http = reqwest::Client::new();
+    let mut tokens = Vec::new();
+    for query in ["", "?force=true", "?force=true"] {
+        let body: serde_json::Value = http
+            .get(format!("{base}/api/refresh/acme{query}"))
+            .header("X-API-Key", &caller_key)
+            .send()
+            .await
+            .expect("refresh")
+            .json()
+            .await
+            .expect("json");
+        tokens.push(body["access_token"].as_str().expect("token").to_owned());
+    }
+    upstream
+        .fail_next(
+            1,
+            200,
+            r#"{"access_token":918273645546372819}"#,
+            "application/json",
+        )
+        .await;
+    let failed = http
+        .get(format!("{base}/api/refresh/acme?force=true"))
+        .header("X-API-Key", &caller_key)
+        .send()
+        .await
+        .expect("refresh");
+    assert_eq!(failed.status(), 502);
+    let refused = http
+        .get(format!("{base}/api/refresh/acme?key={caller_key}"))
+        .send()
+        .await
+        .expect("refresh");
+    assert_eq!(refused.status(), 401);
+
+    child.kill().await.expect("kill");
+    let logs = std::fs::read_to_string(&log_path).expect("read logs");
+    // The log is real: it traced the requests and the refreshes.
+    assert!(
+        logs.contains("token refreshed"),
+        "no refresh logged:\n{logs}"
+    );
+    assert!(logs.contains("consent completed"), "no consent logged");
+    assert!(logs.contains("TRACE"), "not at trace level");
+
+    let mut secrets = upstream.secrets_seen().await;
+    secrets.extend(tokens);
+    secrets.extend([
+        caller_key,
+        ADMIN_KEY.to_owned(),
+        state_secret,
+        "918273645546372819".to_owned(),
+    ]);
+    let seen = upstream.stats().await;
+    for kind in ["codes", "code_verifiers", "refresh_tokens", "access_tokens"] {
+        assert!(
+            !seen["seen"][kind].as_array().expect("list").is_empty(),
+            "the upstream saw no {kind}: the test would prove nothing"
+        );
+    }
+    for secret in &secrets {
+        assert!(
+            !logs.contains(secret.as_str()),
+            "a secret leaked into the logs: {secret}"
+        );
+    }
+}

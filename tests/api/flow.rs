@@ -1,0 +1,164 @@
+//! The happy path: consent once, then tokens; cache, force, restart, dead grants.
+
+use crate::helpers::{TestApp, CALLER_KEY};
+use serde_json::Value;
+
+fn access_token(body: &Value) -> String {
+    body["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn consent_then_cached_forced_and_restarted_refreshes() {
+    let mut app = TestApp::spawn().await;
+    app.consent("acme").await;
+    assert_eq!(app.upstream.token_requests("authorization_code").await, 1);
+    let first_refresh_token = app.stored_refresh_token("acme");
+
+    // The token from the consent is served, and it is live at the provider.
+    let response = app.refresh("acme", "").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["cache-control"].to_str().expect("ascii"),
+        "no-store"
+    );
+    let body: Value = response.json().await.expect("json");
+    let token = access_token(&body);
+    assert!(app.upstream.is_active(&token).await);
+    assert_eq!(body["token_type"], "Bearer");
+    let expires_in = body["expires_in"].as_u64().expect("expires_in");
+    assert!((3500..=3600).contains(&expires_in), "{expires_in}");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(body["expires_at"].as_str().expect("expires_at"))
+            .is_ok()
+    );
+    assert!(body["scope"].as_str().expect("scope").contains("api:read"));
+    assert!(body.get("refresh_token").is_none(), "{body}");
+
+    // A second call is served from the cache: no token request.
+    let again = app.token("acme", "").await;
+    assert_eq!(access_token(&again), token);
+    assert_eq!(app.upstream.token_requests("refresh_token").await, 0);
+
+    // force=true refreshes; the provider rotates the refresh token and we store the new one.
+    let forced = app.token("acme", "?force=true").await;
+    let forced_token = access_token(&forced);
+    assert_ne!(forced_token, token);
+    assert!(app.upstream.is_active(&forced_token).await);
+    assert_eq!(app.upstream.token_requests("refresh_token").await, 1);
+    let rotated = app.stored_refresh_token("acme");
+    assert_ne!(rotated, first_refresh_token);
+
+    // After a restart the stored refresh token still works, without consent.
+    app.restart().await;
+    let after_restart = app.token("acme", "?force=true").await;
+    assert!(app.upstream.is_active(&access_token(&after_restart)).await);
+    assert_eq!(app.upstream.token_requests("refresh_token").await, 2);
+    assert_ne!(app.stored_refresh_token("acme"), rotated);
+    assert_eq!(app.upstream.grants_revoked().await, 0);
+}
+
+#[tokio::test]
+async fn min_validity_beyond_the_lifetime_refreshes_once_and_answers() {
+    let app = TestApp::spawn().await;
+    app.consent("acme").await;
+    // The provider issues one-hour tokens; asking for two hours cannot be satisfied, so the
+    // broker refreshes once and hands out the new token rather than looping.
+    let body = app.token("acme", "?min_validity=7200").await;
+    assert!(app.upstream.is_active(&access_token(&body)).await);
+    assert_eq!(app.upstream.token_requests("refresh_token").await, 1);
+    // A modest min_validity is served from cache.
+    app.token("acme", "?min_validity=600").await;
+    assert_eq!(app.upstream.token_requests("refresh_token").await, 1);
+}
+
+#[tokio::test]
+async fn post_with_a_json_body_forces_a_refresh() {
+    let app = TestApp::spawn().await;
+    app.consent("acme").await;
+    let response = app
+        .http
+        .post(format!("{}/api/refresh/acme", app.base))
+        .header("X-API-Key", CALLER_KEY)
+        .json(&serde_json::json!({"force": true}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 200);
+    assert_eq!(app.upstream.token_requests("refresh_token").await, 1);
+    // An empty POST body (what ADF sends with no body) is fine too, and cached.
+    let response = app
+        .http
+        .post(format!("{}/api/refresh/acme", app.base))
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 200);
+    assert_eq!(app.upstream.token_requests("refresh_token").await, 1);
+}
+
+#[tokio::test]
+async fn client_secret_post_is_supported() {
+    let app = TestApp::spawn_with(crate::helpers::Options {
+        auth_method: "client_secret_post",
+        ..Default::default()
+    })
+    .await;
+    app.consent("acme").await;
+    let body = app.token("acme", "?force=true").await;
+    assert!(app.upstream.is_active(&access_token(&body)).await);
+}
+
+#[tokio::test]
+async fn no_token_yet_is_409_consent_required_with_the_authorize_url() {
+    let app = TestApp::spawn().await;
+    let response = app.refresh("acme", "").await;
+    assert_eq!(response.status(), 409);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "consent_required");
+    assert_eq!(
+        body["authorize_url"],
+        format!("{}/api/authorize/acme", app.base)
+    );
+    assert!(body["error_description"]
+        .as_str()
+        .expect("description")
+        .contains("acme"));
+}
+
+#[tokio::test]
+async fn a_dead_grant_answers_409_and_stops_calling_the_provider() {
+    let app = TestApp::spawn().await;
+    app.consent("acme").await;
+    let consented = app.stored_refresh_token("acme");
+    app.token("acme", "?force=true").await;
+    // Someone replays the rotated refresh token: the provider revokes the whole grant.
+    assert_eq!(app.upstream.use_refresh_token(&consented).await, 400);
+    assert_eq!(app.upstream.grants_revoked().await, 1);
+
+    let response = app.refresh("acme", "?force=true").await;
+    assert_eq!(response.status(), 409);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "consent_required");
+    assert!(body["authorize_url"]
+        .as_str()
+        .expect("url")
+        .ends_with("/api/authorize/acme"));
+    let requests = app.upstream.token_requests("refresh_token").await;
+
+    // The dead grant is remembered: no further token requests until consent.
+    let response = app.refresh("acme", "").await;
+    assert_eq!(response.status(), 409);
+    assert_eq!(app.upstream.token_requests("refresh_token").await, requests);
+    let stored = app.stored("acme").expect("record");
+    assert_eq!(stored["status"], "consent_required");
+    assert!(stored["refresh_token"].is_null());
+
+    // Consent again and everything works.
+    app.consent("acme").await;
+    let body = app.token("acme", "").await;
+    assert!(app.upstream.is_active(&access_token(&body)).await);
+}

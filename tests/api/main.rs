@@ -1,0 +1,10 @@
+#![allow(unreachable_pub)] // test-harness items are `pub` for the test modules only
+
+//! Integration tests: the real broker against a real OAuth server (`oidc-provider`, strict:
+//! PKCE required, refresh tokens rotate on every use, reuse revokes the grant).
+
+mod bad_input;
+mod binary;
+mod concurrency;
+mod flow;
+mod helpers;
