@@ -194,7 +194,7 @@ async fn refresh(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    state.auth.check(api_key(&headers), Role::Caller)?;
+    // Parameters before the key, so that a key sent in the URL gets a helpful 400.
     let mut params: RefreshParams = Query::try_from_uri(&uri).map(|Query(p)| p).map_err(|err| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", err.body_text())
     })?;
@@ -216,6 +216,7 @@ async fn refresh(
             "send the API key in the X-API-Key header, not in the URL",
         ));
     }
+    state.auth.check(api_key(&headers), Role::Caller)?;
     let request = TokenRequest {
         min_validity: params.min_validity.map(Duration::from_secs),
         force: params.force.unwrap_or(false),

@@ -200,7 +200,7 @@ scopes = ["openid", "offline_access", "api:read"]
         .send()
         .await
         .expect("refresh");
-    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.status(), 400, "a key in the URL is refused");
 
     child.kill().await.expect("kill");
     let logs = std::fs::read_to_string(&log_path).expect("read logs");
