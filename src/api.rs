@@ -49,6 +49,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/authorize/{connection}", get(authorize))
         .route("/api/callback", get(callback))
         .route("/api/refresh/{connection}", get(refresh).post(refresh))
+        .route("/api/connections", get(connections))
         .fallback(not_found)
         .layer(
             // Our own span: method and path only. The default span records the full URI,
@@ -122,9 +123,9 @@ impl ApiError {
             },
             BrokerError::Upstream(ref upstream) => {
                 let error = match upstream {
-                    UpstreamError::Unavailable { .. } | UpstreamError::Transport(_) => {
-                        "provider_unavailable"
-                    }
+                    UpstreamError::Unavailable { .. }
+                    | UpstreamError::Unreachable(_)
+                    | UpstreamError::Transport(_) => "provider_unavailable",
                     _ => "provider_error",
                 };
                 Self::new(StatusCode::BAD_GATEWAY, error, err.to_string())
@@ -260,8 +261,57 @@ impl ClassifyName for serde_json::Error {
 }
 
 #[derive(Deserialize)]
-struct AuthorizeParams {
+struct KeyParam {
     key: Option<String>,
+}
+
+/// The admin key from `X-API-Key` or, for a browser that cannot set headers, `?key=`.
+fn admin_key<'a>(headers: &'a HeaderMap, query: &'a Option<String>) -> Option<String> {
+    api_key(headers).map(str::to_owned).or_else(|| {
+        query
+            .as_deref()
+            .and_then(|q| serde_urlencoded::from_str::<KeyParam>(q).ok())
+            .and_then(|p| p.key)
+    })
+}
+
+/// Status of every connection: JSON for `Accept: application/json`, else an HTML page.
+async fn connections(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state
+        .auth
+        .check(admin_key(&headers, &query).as_deref(), Role::Admin)?;
+    let rows: Vec<_> = state
+        .broker
+        .statuses()
+        .await
+        .into_iter()
+        .map(|status| {
+            let url = state.authorize_url(&status.name);
+            (status, url)
+        })
+        .collect();
+    let wants_json = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/json"));
+    let no_store = [(header::CACHE_CONTROL, "no-store")];
+    if wants_json {
+        let list: Vec<_> = rows
+            .into_iter()
+            .map(|(status, url)| {
+                let mut value = serde_json::to_value(status).unwrap_or_default();
+                value["authorize_url"] = url.into();
+                value
+            })
+            .collect();
+        Ok((no_store, Json(json!({ "connections": list }))).into_response())
+    } else {
+        Ok((no_store, Html(html::connections(&rows))).into_response())
+    }
 }
 
 async fn authorize(
@@ -270,13 +320,9 @@ async fn authorize(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    // A browser cannot set headers on a link, so admins may put the key in `?key=`.
-    let from_query = query
-        .as_deref()
-        .and_then(|q| serde_urlencoded::from_str::<AuthorizeParams>(q).ok())
-        .and_then(|p| p.key);
-    let key = api_key(&headers).or(from_query.as_deref());
-    state.auth.check(key, Role::Admin)?;
+    state
+        .auth
+        .check(admin_key(&headers, &query).as_deref(), Role::Admin)?;
     let provider = state
         .broker
         .provider(&connection)
@@ -305,6 +351,8 @@ async fn authorize(
             (header::LOCATION, location.to_string()),
             (header::SET_COOKIE, cookie),
             (header::CACHE_CONTROL, "no-store".to_owned()),
+            // The authorize URL may carry the admin key in `?key=`.
+            (header::REFERRER_POLICY, "no-referrer".to_owned()),
         ],
     )
         .into_response())
@@ -330,11 +378,15 @@ struct CallbackParams {
     error_description: Option<String>,
 }
 
-/// A browser-facing failure: an HTML page with a status.
+/// A browser-facing result: an HTML page with a status. `no-referrer`: the callback URL
+/// holds an authorization code, and no link on the page should pass it on.
 fn page(status: StatusCode, title: &str, message: &str) -> Response {
     (
         status,
-        [(header::CACHE_CONTROL, "no-store")],
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
         Html(html::page(title, message)),
     )
         .into_response()

@@ -59,6 +59,15 @@ struct Connection {
     flight: tokio::sync::Mutex<()>,
     /// Bumped after every new token is stored.
     generation: AtomicU64,
+    /// The last failed refresh since the last success, for the status page. Kept in memory
+    /// only: writing failures to the store would cost a vault write per failing call.
+    failure: Mutex<Option<Failure>>,
+}
+
+#[derive(Clone)]
+struct Failure {
+    at: DateTime<Utc>,
+    message: String,
 }
 
 #[derive(Default, Clone)]
@@ -67,6 +76,30 @@ struct Cached {
     /// The record holds a refresh token the store has not accepted yet. It must be saved
     /// before anything else happens, and the store's older copy must never be used.
     unsaved: bool,
+}
+
+/// How a connection is doing, for the status page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionState {
+    Connected,
+    ConsentRequired,
+    /// The last refresh failed (provider or store trouble); the grant may still be fine.
+    Failing,
+}
+
+/// One row of the status page. No secrets.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnectionStatus {
+    pub name: String,
+    pub state: ConnectionState,
+    /// When the current access token expires.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When the current access token was obtained.
+    pub last_refresh: Option<DateTime<Utc>>,
+    pub consented_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
 }
 
 /// Hands out access tokens for the configured connections.
@@ -93,6 +126,7 @@ impl Broker {
                     cache: Mutex::new(Cached::default()),
                     flight: tokio::sync::Mutex::new(()),
                     generation: AtomicU64::new(0),
+                    failure: Mutex::new(None),
                 };
                 (name, connection)
             })
@@ -113,6 +147,53 @@ impl Broker {
     /// The provider of a configured connection.
     pub fn provider(&self, name: &str) -> Result<&Provider, BrokerError> {
         Ok(&self.connection(name)?.provider)
+    }
+
+    /// The state of every connection, read from the store (another instance may have
+    /// changed it) unless this process holds a newer, unsaved record.
+    pub async fn statuses(&self) -> Vec<ConnectionStatus> {
+        let mut statuses = Vec::with_capacity(self.connections.len());
+        for (name, conn) in &self.connections {
+            let cached = conn.cached();
+            let record = match (cached.unsaved, cached.record) {
+                (true, Some(record)) => Ok(Some(record)),
+                _ => self.store.load(name).await.map(|r| r.map(Arc::new)),
+            };
+            let failure = conn.failure();
+            let status = match record {
+                Err(err) => ConnectionStatus {
+                    name: name.clone(),
+                    state: ConnectionState::Failing,
+                    expires_at: None,
+                    last_refresh: None,
+                    consented_at: None,
+                    last_error: Some(err.to_string()),
+                    last_error_at: None,
+                },
+                Ok(record) => {
+                    let state = match (&record, &failure) {
+                        (None, _) => ConnectionState::ConsentRequired,
+                        (Some(r), _) if r.status == GrantStatus::ConsentRequired => {
+                            ConnectionState::ConsentRequired
+                        }
+                        (Some(_), Some(_)) => ConnectionState::Failing,
+                        (Some(_), None) => ConnectionState::Connected,
+                    };
+                    let dead_reason = record.as_ref().and_then(|r| r.last_error.clone());
+                    ConnectionStatus {
+                        name: name.clone(),
+                        state,
+                        expires_at: record.as_ref().and_then(|r| r.expires_at),
+                        last_refresh: record.as_ref().map(|r| r.obtained_at),
+                        consented_at: record.as_ref().map(|r| r.consented_at),
+                        last_error_at: failure.as_ref().map(|f| f.at),
+                        last_error: failure.map(|f| f.message).or(dead_reason),
+                    }
+                }
+            };
+            statuses.push(status);
+        }
+        statuses
     }
 
     fn connection(&self, name: &str) -> Result<&Connection, BrokerError> {
@@ -277,7 +358,10 @@ impl Broker {
                 }
                 Err(err) => {
                     warn!(outcome = "failed", error = %err, "refresh failed");
-                    conn.note_error(&err.to_string());
+                    conn.set_failure(Some(Failure {
+                        at: Utc::now(),
+                        message: err.to_string(),
+                    }));
                     return Err(err.into());
                 }
             }
@@ -317,9 +401,14 @@ impl Broker {
         conn.set_cache(Some(record.clone()), true);
         if let Err(err) = self.store.save(name, &record).await {
             warn!(connection = name, error = %err, "saving tokens failed; keeping them in memory until the store accepts them");
+            conn.set_failure(Some(Failure {
+                at: Utc::now(),
+                message: err.to_string(),
+            }));
             return Err(err.into());
         }
         conn.set_cache(Some(record.clone()), false);
+        conn.set_failure(None);
         conn.generation.fetch_add(1, Ordering::AcqRel);
         Ok(record)
     }
@@ -343,14 +432,15 @@ impl Connection {
         *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Cached { record, unsaved };
     }
 
-    /// Remembers a failure for status pages without writing to the store.
-    fn note_error(&self, message: &str) {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(record) = &cache.record {
-            let mut updated = (**record).clone();
-            updated.last_error = Some(message.to_owned());
-            cache.record = Some(Arc::new(updated));
-        }
+    fn set_failure(&self, failure: Option<Failure>) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = failure;
+    }
+
+    fn failure(&self) -> Option<Failure> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

@@ -1,15 +1,56 @@
 //! The few small HTML pages a browser sees (the callback's result). Never a token.
 
+use crate::broker::{ConnectionState, ConnectionStatus};
+
 /// A complete page with a title and one paragraph; both are escaped here.
 pub fn page(title: &str, message: &str) -> String {
+    let message = format!("<p>{}</p>", html_escape::encode_text(message));
+    document(title, &message)
+}
+
+/// The status page: one row per connection with a (re)connect link.
+pub fn connections(rows: &[(ConnectionStatus, String)]) -> String {
+    let mut body = String::from(
+        "<table><thead><tr><th>connection</th><th>state</th><th>token expires</th>\
+         <th>last refresh</th><th>last error</th><th></th></tr></thead><tbody>",
+    );
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+            .unwrap_or_else(|| "–".into())
+    };
+    for (status, authorize_url) in rows {
+        let (state, link) = match status.state {
+            ConnectionState::Connected => ("connected", "reconnect"),
+            ConnectionState::ConsentRequired => ("consent required", "connect"),
+            ConnectionState::Failing => ("failing", "reconnect"),
+        };
+        body.push_str(&format!(
+            "<tr><td>{}</td><td class=\"{}\">{state}</td><td>{}</td><td>{}</td><td>{}</td>\
+             <td><a href=\"{}\">{link}</a></td></tr>",
+            html_escape::encode_text(&status.name),
+            state.replace(' ', "-"),
+            time(status.expires_at),
+            time(status.last_refresh),
+            html_escape::encode_text(status.last_error.as_deref().unwrap_or("")),
+            html_escape::encode_double_quoted_attribute(authorize_url),
+        ));
+    }
+    body.push_str(
+        "</tbody></table><p>Connect links need the admin key: add <code>?key=…</code> \
+         or send <code>X-API-Key</code>.</p>",
+    );
+    document("Connections", &body)
+}
+
+fn document(title: &str, body: &str) -> String {
     let title = html_escape::encode_text(title);
-    let message = html_escape::encode_text(message);
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>{title} · Token Broker</title>\
-         <style>body{{font-family:system-ui,sans-serif;max-width:40rem;margin:4rem auto;padding:0 1rem;line-height:1.5}}</style>\
-         </head><body><h1>{title}</h1><p>{message}</p></body></html>\n"
+         <style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:4rem auto;padding:0 1rem;line-height:1.5}}\
+         td,th{{text-align:left;padding:.2rem .8rem .2rem 0}}.connected{{color:#176f2c}}.failing,.consent-required{{color:#a4262c}}</style>\
+         </head><body><h1>{title}</h1>{body}</body></html>\n"
     )
 }
 

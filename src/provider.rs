@@ -181,8 +181,12 @@ pub enum UpstreamError {
     /// The provider answered 429 or 5xx; worth trying again.
     #[error("the provider's token endpoint answered HTTP {status}")]
     Unavailable { status: u16 },
-    /// The request did not complete (connect, TLS, timeout).
+    /// No connection could be made (DNS, TCP, TLS): nothing was sent, so it is retryable.
     #[error("the provider's token endpoint could not be reached: {0}")]
+    Unreachable(String),
+    /// The request was sent but no complete answer came (timeout, reset). Not retried: the
+    /// provider may have rotated the refresh token before the answer was lost.
+    #[error("no complete answer from the provider's token endpoint: {0}")]
     Transport(String),
     /// A response that is not a valid token response.
     #[error("the provider sent a malformed token response ({0})")]
@@ -200,7 +204,10 @@ impl UpstreamError {
     /// True when the request may not have reached the provider's grant logic at all, so
     /// trying again cannot have consumed a refresh token.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, UpstreamError::Unavailable { .. })
+        matches!(
+            self,
+            UpstreamError::Unavailable { .. } | UpstreamError::Unreachable(_)
+        )
     }
 }
 
@@ -306,6 +313,9 @@ fn classify(err: RequestTokenError<TransportError, BasicErrorResponse>) -> Upstr
         RequestTokenError::Request(TransportError::Status(status)) => {
             UpstreamError::Unavailable { status }
         }
+        RequestTokenError::Request(TransportError::Connect(message)) => {
+            UpstreamError::Unreachable(message)
+        }
         RequestTokenError::Request(TransportError::Send(message)) => {
             UpstreamError::Transport(message)
         }
@@ -346,6 +356,8 @@ fn truncate(s: &str, max: usize) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("{0}")]
+    Connect(String),
+    #[error("{0}")]
     Send(String),
     /// 429 or 5xx: the provider did not process the grant.
     #[error("HTTP {0}")]
@@ -382,11 +394,13 @@ impl<'c> AsyncHttpClient<'c> for UpstreamHttp {
         Box::pin(async move {
             let request = reqwest::Request::try_from(request)
                 .map_err(|err| TransportError::Send(err.to_string()))?;
-            let response = self
-                .client
-                .execute(request)
-                .await
-                .map_err(|err| TransportError::Send(err.without_url().to_string()))?;
+            let response = self.client.execute(request).await.map_err(|err| {
+                if err.is_connect() {
+                    TransportError::Connect(error_chain(&err))
+                } else {
+                    TransportError::Send(error_chain(&err))
+                }
+            })?;
             let status = response.status();
             if status.as_u16() == 429 || status.is_server_error() {
                 return Err(TransportError::Status(status.as_u16()));
@@ -398,12 +412,25 @@ impl<'c> AsyncHttpClient<'c> for UpstreamHttp {
             let body = response
                 .bytes()
                 .await
-                .map_err(|err| TransportError::Send(err.without_url().to_string()))?;
+                .map_err(|err| TransportError::Send(error_chain(&err)))?;
             builder
                 .body(body.to_vec())
                 .map_err(|err| TransportError::Send(err.to_string()))
         })
     }
+}
+
+/// An error and its sources, `: `-separated ("error sending request: tcp connect error:
+/// Connection refused"). reqwest errors name only the URL, which holds no secret.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

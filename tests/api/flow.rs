@@ -162,3 +162,81 @@ async fn a_dead_grant_answers_409_and_stops_calling_the_provider() {
     let body = app.token("acme", "").await;
     assert!(app.upstream.is_active(&access_token(&body)).await);
 }
+
+#[tokio::test]
+async fn connections_page_shows_each_state_without_secrets() {
+    use crate::helpers::ADMIN_KEY;
+    let app = TestApp::spawn().await;
+    let url = format!("{}/api/connections", app.base);
+    let statuses = || async {
+        let response = app
+            .http
+            .get(&url)
+            .header("X-API-Key", ADMIN_KEY)
+            .header("Accept", "application/json")
+            .send()
+            .await
+            .expect("connections");
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.expect("json");
+        body["connections"].as_array().expect("list").clone()
+    };
+    let state_of = |list: &[Value], name: &str| {
+        list.iter()
+            .find(|c| c["name"] == name)
+            .map(|c| c["state"].as_str().expect("state").to_owned())
+            .expect("listed")
+    };
+
+    let list = statuses().await;
+    assert_eq!(state_of(&list, "acme"), "consent_required");
+    assert_eq!(
+        list[0]["authorize_url"],
+        format!("{}/api/authorize/acme", app.base)
+    );
+
+    app.consent("acme").await;
+    let list = statuses().await;
+    assert_eq!(state_of(&list, "acme"), "connected");
+    assert_eq!(state_of(&list, "deny"), "consent_required");
+
+    // A provider outage shows as failing, with the reason; recovery clears it.
+    app.upstream.fail_next(3, 503, "down", "text/plain").await;
+    assert_eq!(app.refresh("acme", "?force=true").await.status(), 502);
+    let list = statuses().await;
+    assert_eq!(state_of(&list, "acme"), "failing");
+    let acme = list.iter().find(|c| c["name"] == "acme").expect("acme");
+    assert!(
+        acme["last_error"].as_str().expect("error").contains("503"),
+        "{acme}"
+    );
+    let token = app.token("acme", "?force=true").await;
+    assert_eq!(state_of(&statuses().await, "acme"), "connected");
+
+    // The HTML page (for a browser with ?key=) lists the connections, and no secret.
+    let html = app
+        .http
+        .get(format!("{url}?key={ADMIN_KEY}"))
+        .send()
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("html");
+    assert!(
+        html.contains("<td>acme</td>") && html.contains("connected"),
+        "{html}"
+    );
+    assert!(!html.contains(token["access_token"].as_str().expect("token")));
+    assert!(!html.contains(&app.stored_refresh_token("acme")));
+
+    // Admin only.
+    let response = app
+        .http
+        .get(&url)
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("connections");
+    assert_eq!(response.status(), 403);
+}
