@@ -1,8 +1,8 @@
 //! Outgoing HTTPS: the system roots plus the certificates in `SSL_CERT_FILE`.
 //!
-//! `rustls-native-certs` reads `SSL_CERT_FILE` *instead of* the system store when it is set;
-//! the product promises "system roots plus `SSL_CERT_FILE`", so the file's certificates are
-//! added explicitly on top of the native roots.
+//! The platform verifier's root loading may read `SSL_CERT_FILE` *instead of* the system
+//! store; the product promises "system roots plus `SSL_CERT_FILE`", so the file's
+//! certificates are merged explicitly on top of the platform roots.
 
 use anyhow::Context;
 
@@ -16,9 +16,7 @@ pub fn builder() -> anyhow::Result<reqwest::ClientBuilder> {
             .with_context(|| format!("reading SSL_CERT_FILE {}", path.to_string_lossy()))?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem)
             .with_context(|| format!("parsing SSL_CERT_FILE {}", path.to_string_lossy()))?;
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
+        builder = builder.tls_certs_merge(certs);
     }
     Ok(builder)
 }
