@@ -27,7 +27,7 @@ impl Application {
     /// Wires everything from `config`. The public URL defaults to `http://localhost:{port}`.
     pub async fn build(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
         let port = listener.local_addr()?.port();
-        let public_url = match config.public_url {
+        let public_url = match config.public_url.clone() {
             Some(url) => url,
             None => Url::parse(&format!("http://localhost:{port}"))?,
         };
@@ -36,18 +36,32 @@ impl Application {
             public_url.as_str().trim_end_matches('/')
         ))?;
 
-        let store = store::from_config(&config.store)?;
+        let opened = store::open(&config)?;
+        let store = opened.store;
         let http = UpstreamHttp::new(config.refresh.upstream_timeout)
             .context("building the HTTP client")?;
-        let providers: BTreeMap<String, Provider> = config
-            .connections
-            .iter()
-            .map(|(name, connection)| {
-                let provider =
-                    Provider::new(connection, &redirect_uri, config.refresh.default_lifetime);
-                (name.clone(), provider)
-            })
-            .collect();
+        let mut providers = BTreeMap::new();
+        for (name, connection) in &config.connections {
+            let client_secret = match (&connection.client_secret_name, &opened.vault) {
+                (Some(secret_name), Some(vault)) => Some(
+                    vault
+                        .read_secret(secret_name)
+                        .await
+                        .with_context(|| format!("reading connections.{name}.client_secret_name"))?
+                        .with_context(|| {
+                            format!("connections.{name}.client_secret_name: Key Vault secret `{secret_name}` does not exist")
+                        })?,
+                ),
+                _ => connection.client_secret.clone(),
+            };
+            let provider = Provider::new(
+                connection,
+                client_secret.as_ref(),
+                &redirect_uri,
+                config.refresh.default_lifetime,
+            );
+            providers.insert(name.clone(), provider);
+        }
 
         let auth = CallerAuth::new(&config.auth);
         if auth.is_anonymous() {

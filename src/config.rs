@@ -44,6 +44,35 @@ pub struct AuthConfig {
 pub enum StoreConfig {
     /// One JSON file per connection under this directory.
     File { dir: PathBuf },
+    /// One secret per connection in an Azure Key Vault.
+    KeyVault(KeyVaultConfig),
+}
+
+/// The Key Vault store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyVaultConfig {
+    /// `https://{name}.vault.azure.net` (or a sovereign-cloud equivalent).
+    pub vault_url: Url,
+    /// Prepended to connection names to form secret names.
+    pub secret_prefix: String,
+    pub credential: CredentialKind,
+    /// Client id of a user-assigned managed identity; system-assigned when absent.
+    pub managed_identity_client_id: Option<String>,
+    /// How long one store operation may keep retrying throttling and faults.
+    pub retry_budget: Duration,
+}
+
+/// How the broker authenticates to Azure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CredentialKind {
+    /// Managed identity when `IDENTITY_ENDPOINT` is set (App Service / Functions), workload
+    /// identity when `AZURE_FEDERATED_TOKEN_FILE` is set, developer tools otherwise.
+    Auto,
+    ManagedIdentity,
+    WorkloadIdentity,
+    /// Azure CLI / Azure Developer CLI sign-in.
+    Developer,
 }
 
 /// Refresh policy defaults.
@@ -75,6 +104,11 @@ pub struct ConnectionConfig {
     pub token_url: Url,
     pub client_id: String,
     pub client_secret: Option<SecretString>,
+    /// Name of a Key Vault secret holding the client secret (read once at startup).
+    pub client_secret_name: Option<String>,
+    /// Name of a Key Vault secret that gets a plain copy of the refresh token, for ADF
+    /// linked services that read a refresh token from Key Vault themselves.
+    pub mirror_refresh_token_secret: Option<String>,
     pub client_auth: ClientAuth,
     pub scopes: Vec<String>,
     /// Extra query parameters for the authorization request (`prompt`, `access_type`, ...).
@@ -242,6 +276,11 @@ struct RawAuth {
 struct RawStore {
     kind: Option<String>,
     path: Option<PathBuf>,
+    vault_url: Option<String>,
+    secret_prefix: Option<String>,
+    credential: Option<CredentialKind>,
+    managed_identity_client_id: Option<String>,
+    retry_budget: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -260,6 +299,8 @@ struct RawConnection {
     token_url: Option<String>,
     client_id: Option<String>,
     client_secret: Option<String>,
+    client_secret_name: Option<String>,
+    mirror_refresh_token_secret: Option<String>,
     client_auth: Option<ClientAuth>,
     #[serde(default)]
     scopes: Vec<String>,
@@ -314,17 +355,7 @@ impl RawConfig {
             ));
         }
 
-        let store = match self.store.kind.as_deref().unwrap_or("file") {
-            "file" => StoreConfig::File {
-                dir: self.store.path.unwrap_or_else(|| PathBuf::from(".tokens")),
-            },
-            other => {
-                return Err(ConfigError::key(
-                    "store.kind",
-                    format!("unknown store kind `{other}` (expected `file`)"),
-                ))
-            }
-        };
+        let store = self.store.validate(env)?;
 
         let refresh = RefreshConfig {
             min_validity: Duration::from_secs(self.refresh.min_validity.unwrap_or(300)),
@@ -339,10 +370,49 @@ impl RawConfig {
         };
 
         let mut connections = BTreeMap::new();
+        let mut secret_names: BTreeMap<String, String> = BTreeMap::new();
         for (name, raw) in self.connections {
             let key = format!("connections.{name}");
             validate_connection_name(&key, &name)?;
-            connections.insert(name, raw.validate(&key)?);
+            let connection = raw.validate(&key)?;
+            let mut claim = |secret: String, by: String| match secret_names.get(&secret) {
+                Some(other) => Err(ConfigError::key(
+                    by.clone(),
+                    format!("Key Vault secret name `{secret}` is already used by `{other}`"),
+                )),
+                None => {
+                    secret_names.insert(secret, by);
+                    Ok(())
+                }
+            };
+            match &store {
+                StoreConfig::KeyVault(vault) => {
+                    claim(vault.secret_name(&name), key.clone())?;
+                    if let Some(mirror) = &connection.mirror_refresh_token_secret {
+                        claim(mirror.clone(), format!("{key}.mirror_refresh_token_secret"))?;
+                    }
+                }
+                StoreConfig::File { .. } => {
+                    for (field, set) in [
+                        (
+                            "client_secret_name",
+                            connection.client_secret_name.is_some(),
+                        ),
+                        (
+                            "mirror_refresh_token_secret",
+                            connection.mirror_refresh_token_secret.is_some(),
+                        ),
+                    ] {
+                        if set {
+                            return Err(ConfigError::key(
+                                format!("{key}.{field}"),
+                                "needs the Key Vault store (set KEY_VAULT_URL or store.kind = \"key-vault\")",
+                            ));
+                        }
+                    }
+                }
+            }
+            connections.insert(name, connection);
         }
 
         Ok(Config {
@@ -353,6 +423,93 @@ impl RawConfig {
             refresh,
             connections,
         })
+    }
+}
+
+impl RawStore {
+    fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<StoreConfig, ConfigError> {
+        let env_vault = env("KEY_VAULT_URL").filter(|v| !v.is_empty());
+        // An explicit kind wins; without one, KEY_VAULT_URL selects the vault.
+        let kind = match (self.kind.as_deref(), &env_vault, &self.vault_url) {
+            (Some(kind), _, _) => kind.to_owned(),
+            (None, Some(_), _) | (None, None, Some(_)) => "key-vault".to_owned(),
+            (None, None, None) => "file".to_owned(),
+        };
+        match kind.as_str() {
+            "file" => Ok(StoreConfig::File {
+                dir: self.path.unwrap_or_else(|| PathBuf::from(".tokens")),
+            }),
+            "key-vault" => {
+                let (key, url) = match (env_vault, self.vault_url) {
+                    (Some(url), _) => ("KEY_VAULT_URL", url),
+                    (None, Some(url)) => ("store.vault_url", url),
+                    (None, None) => return Err(ConfigError::key(
+                        "store.vault_url",
+                        "the Key Vault store needs a vault URL (store.vault_url or KEY_VAULT_URL)",
+                    )),
+                };
+                let vault_url = parse_base_url(key, &url)?;
+                if vault_url.scheme() != "https" {
+                    return Err(ConfigError::key(
+                        key,
+                        "Key Vault is only reachable over https",
+                    ));
+                }
+                let secret_prefix = self
+                    .secret_prefix
+                    .unwrap_or_else(|| "token-broker-".to_owned());
+                if !secret_prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    || !secret_prefix.starts_with(|c: char| c.is_ascii_alphabetic())
+                    || secret_prefix.len() > 60
+                {
+                    return Err(ConfigError::key(
+                        "store.secret_prefix",
+                        "must start with a letter and hold only 0-9, a-z, A-Z and `-` (at most 60)",
+                    ));
+                }
+                Ok(StoreConfig::KeyVault(KeyVaultConfig {
+                    vault_url,
+                    secret_prefix,
+                    credential: self.credential.unwrap_or(CredentialKind::Auto),
+                    managed_identity_client_id: self
+                        .managed_identity_client_id
+                        .filter(|id| !id.is_empty()),
+                    retry_budget: positive_secs(
+                        "store.retry_budget",
+                        self.retry_budget.unwrap_or(20),
+                    )?,
+                }))
+            }
+            other => Err(ConfigError::key(
+                "store.kind",
+                format!("unknown store kind `{other}` (expected `file` or `key-vault`)"),
+            )),
+        }
+    }
+}
+
+impl KeyVaultConfig {
+    /// The secret holding `connection`'s record. Connection names may contain `_`, which
+    /// Key Vault names may not: it becomes `-` (collisions are refused at startup).
+    pub fn secret_name(&self, connection: &str) -> String {
+        format!("{}{}", self.secret_prefix, connection.replace('_', "-"))
+    }
+}
+
+/// Key Vault secret names: 1-127 of `0-9a-zA-Z-`, starting with a letter.
+fn validate_secret_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let valid = (1..=127).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if valid {
+        Ok(())
+    } else {
+        Err(ConfigError::key(
+            key,
+            format!("`{name}` is not a valid Key Vault secret name (1-127 of 0-9, a-z, A-Z and `-`, starting with a letter)"),
+        ))
     }
 }
 
@@ -382,15 +539,32 @@ impl RawConnection {
                 ));
             }
         }
+        for (field, name) in [
+            ("client_secret_name", &self.client_secret_name),
+            (
+                "mirror_refresh_token_secret",
+                &self.mirror_refresh_token_secret,
+            ),
+        ] {
+            if let Some(name) = name {
+                validate_secret_name(&format!("{key}.{field}"), name)?;
+            }
+        }
+        let client_secret = self.client_secret.filter(|s| !s.is_empty());
+        if client_secret.is_some() && self.client_secret_name.is_some() {
+            return Err(ConfigError::key(
+                format!("{key}.client_secret_name"),
+                "set either client_secret or client_secret_name, not both",
+            ));
+        }
         Ok(ConnectionConfig {
             provider: self.provider,
             authorize_url: parse_endpoint(&format!("{key}.authorize_url"), &authorize_url)?,
             token_url: parse_endpoint(&format!("{key}.token_url"), &token_url)?,
             client_id,
-            client_secret: self
-                .client_secret
-                .filter(|s| !s.is_empty())
-                .map(SecretString::from),
+            client_secret: client_secret.map(SecretString::from),
+            client_secret_name: self.client_secret_name,
+            mirror_refresh_token_secret: self.mirror_refresh_token_secret,
             client_auth: self.client_auth.unwrap_or(ClientAuth::Basic),
             scopes: self.scopes,
             authorize_params: self.authorize_params,
@@ -486,6 +660,7 @@ impl fmt::Display for StoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StoreConfig::File { dir } => write!(f, "file store in {}", dir.display()),
+            StoreConfig::KeyVault(vault) => write!(f, "Key Vault {}", vault.vault_url),
         }
     }
 }
@@ -617,6 +792,55 @@ mod tests {
             ENV,
         );
         assert!(err.contains("connections.a b"), "{err}");
+    }
+
+    #[test]
+    fn key_vault_url_selects_the_vault_store() {
+        let mut vars = ENV.to_vec();
+        vars.push(("KEY_VAULT_URL", "https://my-vault.vault.azure.net/"));
+        let vars: &'static [(&str, &str)] = Box::leak(vars.into_boxed_slice());
+        let config = Config::parse(MINIMAL, &env_of(vars)).expect("valid");
+        let StoreConfig::KeyVault(vault) = config.store else {
+            panic!("expected the Key Vault store");
+        };
+        assert_eq!(
+            vault.vault_url.as_str(),
+            "https://my-vault.vault.azure.net/"
+        );
+        assert_eq!(vault.secret_name("my_conn"), "token-broker-my-conn");
+        assert_eq!(vault.credential, CredentialKind::Auto);
+    }
+
+    #[test]
+    fn key_vault_names_are_checked() {
+        let vault = "[store]\nkind = \"key-vault\"\nvault_url = \"https://v.vault.azure.net\"\n";
+        let text = format!("{vault}{MINIMAL}").replace(
+            "client_auth = \"post\"",
+            "client_auth = \"post\"\nmirror_refresh_token_secret = \"bad_name\"",
+        );
+        let err = parse_err(&text, ENV);
+        assert!(
+            err.contains("connections.acme.mirror_refresh_token_secret"),
+            "{err}"
+        );
+
+        let text = format!("{vault}{MINIMAL}\n[connections.a_b]\nprovider = \"oauth2\"\nauthorize_url = \"https://x.example/a\"\ntoken_url = \"https://x.example/t\"\nclient_id = \"c\"\n[connections.a-b]\nprovider = \"oauth2\"\nauthorize_url = \"https://x.example/a\"\ntoken_url = \"https://x.example/t\"\nclient_id = \"c\"\n");
+        let err = parse_err(&text, ENV);
+        assert!(err.contains("already used"), "{err}");
+
+        let err = parse_err(&format!("[store]\nkind = \"key-vault\"\n{MINIMAL}"), ENV);
+        assert!(err.contains("store.vault_url"), "{err}");
+    }
+
+    #[test]
+    fn vault_features_need_the_vault_store() {
+        let text = MINIMAL.replace(
+            "client_secret = \"${ACME_CLIENT_SECRET}\"",
+            "client_secret_name = \"acme-secret\"",
+        );
+        let err = parse_err(&text, ENV);
+        assert!(err.contains("connections.acme.client_secret_name"), "{err}");
+        assert!(err.contains("Key Vault"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - [`state`]: signed, browser-bound, single-use `state` and derived PKCE verifiers.
 //! - [`broker`]: refresh coordination: cache, single flight, rotation, dead-grant detection.
 //! - [`token`]: the stored record per connection and the `/api/refresh` answer.
-//! - [`store`]: the token store trait and the local file store.
+//! - [`store`]: the token store trait, the local file store and the Key Vault store.
+//! - [`azure`]: Azure credentials and client options for the Azure SDK clients.
 //! - [`auth`]: caller authentication (API keys).
 //! - [`api`]: routes, handlers and the error-to-response mapping.
 //! - [`html`]: the small pages a browser sees.
@@ -16,6 +17,7 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod azure;
 pub mod broker;
 pub mod config;
 pub mod html;

@@ -96,7 +96,7 @@ async fn serve(config: Config, bind: IpAddr) -> anyhow::Result<()> {
 }
 
 async fn check(config: Config) -> anyhow::Result<()> {
-    let store = store::from_config(&config.store)?;
+    let store = store::open(&config)?.store;
     println!("config ok; {}", store.describe());
     for name in config.connections.keys() {
         let status = match store.load(name).await? {

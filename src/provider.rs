@@ -21,7 +21,7 @@ use oauth2::{
     PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope,
     StandardRevocableToken, TokenResponse, TokenUrl,
 };
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use url::Url;
@@ -221,9 +221,11 @@ pub struct Provider {
 }
 
 impl Provider {
-    /// Builds the provider for `connection`, redirecting back to `redirect_uri`.
+    /// Builds the provider for `connection` (with its client secret, resolved by the caller
+    /// from the config or Key Vault), redirecting back to `redirect_uri`.
     pub fn new(
         connection: &ConnectionConfig,
+        client_secret: Option<&SecretString>,
         redirect_uri: &Url,
         default_lifetime: Duration,
     ) -> Self {
@@ -235,7 +237,7 @@ impl Provider {
                 ClientAuth::Basic => AuthType::BasicAuth,
                 ClientAuth::Post => AuthType::RequestBody,
             });
-        if let Some(secret) = &connection.client_secret {
+        if let Some(secret) = client_secret {
             client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()));
         }
         Self {

@@ -1,14 +1,16 @@
 //! Where tokens live. The broker talks to a [`TokenStore`]; this module picks one from config.
 
 mod file;
+mod key_vault;
 
 pub use file::FileStore;
+pub use key_vault::KeyVaultStore;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::config::StoreConfig;
+use crate::config::{Config, StoreConfig};
 use crate::token::TokenRecord;
 
 /// Why the store could not do what was asked. Messages never contain token values.
@@ -34,9 +36,34 @@ pub trait TokenStore: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
+/// The store the configuration asks for, and the vault when it is one (client secrets may
+/// be read from it).
+pub struct OpenedStore {
+    pub store: Arc<dyn TokenStore>,
+    pub vault: Option<Arc<KeyVaultStore>>,
+}
+
 /// Builds the store the configuration asks for.
-pub fn from_config(config: &StoreConfig) -> anyhow::Result<Arc<dyn TokenStore>> {
-    match config {
-        StoreConfig::File { dir } => Ok(Arc::new(FileStore::open(dir)?)),
+pub fn open(config: &Config) -> anyhow::Result<OpenedStore> {
+    match &config.store {
+        StoreConfig::File { dir } => Ok(OpenedStore {
+            store: Arc::new(FileStore::open(dir)?),
+            vault: None,
+        }),
+        StoreConfig::KeyVault(vault) => {
+            let mirrors = config
+                .connections
+                .iter()
+                .filter_map(|(name, c)| {
+                    let mirror = c.mirror_refresh_token_secret.clone()?;
+                    Some((name.clone(), mirror))
+                })
+                .collect();
+            let vault = Arc::new(KeyVaultStore::new(vault, mirrors)?);
+            Ok(OpenedStore {
+                store: vault.clone(),
+                vault: Some(vault),
+            })
+        }
     }
 }

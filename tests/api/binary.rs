@@ -5,7 +5,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::helpers::{free_port, random, Upstream, ADMIN_KEY};
+use crate::azure_doubles::Azure;
+use crate::helpers::{free_port, random, BrokerProcess, Upstream, ADMIN_KEY};
 use reqwest::redirect::Policy;
 use tokio::process::{Child, Command};
 
@@ -101,8 +102,20 @@ async fn listens_on_the_functions_port_before_port() {
     child.kill().await.expect("kill");
 }
 
-#[tokio::test]
-async fn no_secret_reaches_the_logs_at_trace_level() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_logs_at_trace_level_with_the_file_store() {
+    full_flow_logs_no_secret(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_logs_at_trace_level_with_key_vault() {
+    let azure = Azure::start().await;
+    full_flow_logs_no_secret(Some(&azure)).await;
+}
+
+/// Consent, cached, forced and failing refreshes with every crate at TRACE; then searches
+/// the output for every token, code, verifier and secret involved.
+async fn full_flow_logs_no_secret(azure: Option<&Azure>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
@@ -110,6 +123,21 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
         Upstream::start(&format!("{base}/api/callback"), "client_secret_basic", 3600).await;
     let caller_key = random("caller-key");
     let state_secret = random("state-secret");
+    let (store, client_secret) = match azure {
+        Some(azure) => {
+            azure
+                .shared
+                .put("acme-client-secret", &upstream.client_secret);
+            (
+                "mirror_refresh_token_secret = \"acme-refresh-token\"\nclient_secret_name = \"acme-client-secret\"".to_owned(),
+                String::new(),
+            )
+        }
+        None => (
+            String::new(),
+            "client_secret = \"${ACME_SECRET}\"".to_owned(),
+        ),
+    };
     let config = dir.path().join("broker.toml");
     std::fs::write(
         &config,
@@ -120,34 +148,32 @@ state_secret = "{state_secret}"
 api_keys = ["${{CALLER_KEY}}"]
 admin_keys = ["{ADMIN_KEY}"]
 [store]
-path = "{store}"
+path = "{tokens}"
 [connections.acme]
 provider = "oauth2"
 authorize_url = "{up}/auth"
 token_url = "{up}/token"
 client_id = "{client_id}"
-client_secret = "${{ACME_SECRET}}"
+{client_secret}
+{store}
 scopes = ["openid", "offline_access", "api:read"]
 "#,
-            store = dir.path().join("tokens").display(),
+            tokens = dir.path().join("tokens").display(),
             up = upstream.url,
             client_id = upstream.client_id,
         ),
     )
     .expect("write config");
-    let log_path = dir.path().join("broker.log");
-    let log = std::fs::File::create(&log_path).expect("log file");
-    let mut child = broker(&config)
-        .env("PORT", port.to_string())
-        .env("BROKER_PUBLIC_URL", &base)
-        .env("RUST_LOG", "trace")
-        .env("CALLER_KEY", &caller_key)
-        .env("ACME_SECRET", &upstream.client_secret)
-        .stdout(Stdio::from(log.try_clone().expect("clone")))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("start broker");
-    wait_ready(port, &mut child).await;
+    let mut env = vec![
+        ("RUST_LOG", "trace".to_owned()),
+        ("CALLER_KEY", caller_key.clone()),
+        ("ACME_SECRET", upstream.client_secret.clone()),
+    ];
+    if let Some(azure) = azure {
+        env.extend(azure.env());
+    }
+    let mut broker =
+        BrokerProcess::start_on(port, &config, &env, &dir.path().join("broker.log")).await;
 
     // Consent like a browser.
     let browser = reqwest::Client::builder()
@@ -165,7 +191,7 @@ scopes = ["openid", "offline_access", "api:read"]
         .expect("page");
     assert!(page.contains("Connected"), "{page}");
 
-    // Refresh: cached, forced, failing (malformed response), and unauthenticated.
+    // Refresh: cached, forced, failing (malformed response), and a key in the URL.
     let http = reqwest::Client::new();
     let mut tokens = Vec::new();
     for query in ["", "?force=true", "?force=true"] {
@@ -202,8 +228,8 @@ scopes = ["openid", "offline_access", "api:read"]
         .expect("refresh");
     assert_eq!(refused.status(), 400, "a key in the URL is refused");
 
-    child.kill().await.expect("kill");
-    let logs = std::fs::read_to_string(&log_path).expect("read logs");
+    broker.stop().await;
+    let logs = broker.logs();
     // The log is real: it traced the requests and the refreshes.
     assert!(
         logs.contains("token refreshed"),
@@ -211,6 +237,12 @@ scopes = ["openid", "offline_access", "api:read"]
     );
     assert!(logs.contains("consent completed"), "no consent logged");
     assert!(logs.contains("TRACE"), "not at trace level");
+    if azure.is_some() {
+        assert!(
+            logs.contains("Key Vault"),
+            "the vault store was not used:\n{logs}"
+        );
+    }
 
     let mut secrets = upstream.secrets_seen().await;
     secrets.extend(tokens);
@@ -220,6 +252,10 @@ scopes = ["openid", "offline_access", "api:read"]
         state_secret,
         "918273645546372819".to_owned(),
     ]);
+    if let Some(azure) = azure {
+        secrets.push(azure.identity_header.clone());
+        secrets.extend(azure.shared.issued_tokens());
+    }
     let seen = upstream.stats().await;
     for kind in ["codes", "code_verifiers", "refresh_tokens", "access_tokens"] {
         assert!(

@@ -387,48 +387,149 @@ authorize_params = {{ test_deny = "1" }}
 
     /// Drives the consent flow like a browser, stopping before the broker's callback.
     pub async fn consent_until_callback(&self, connection: &str) -> Browser {
-        let client = reqwest::Client::builder()
-            .cookie_store(true)
-            .redirect(Policy::none())
-            .build()
-            .expect("browser");
-        let mut url = format!("{}/api/authorize/{connection}?key={ADMIN_KEY}", self.base);
-        let callback = format!("{}/api/callback", self.base);
-        for _ in 0..20 {
-            let response = client.get(&url).send().await.expect("browser request");
-            let status = response.status();
-            if !status.is_redirection() {
-                let body = response.text().await.unwrap_or_default();
-                panic!("consent flow stopped at {url} with {status}: {body}");
-            }
-            let location = response
-                .headers()
-                .get(LOCATION)
-                .expect("redirect location")
-                .to_str()
-                .expect("ascii location");
-            url = Url::parse(&url)
-                .expect("url")
-                .join(location)
-                .expect("join")
-                .to_string();
-            if url.starts_with(&callback) {
-                return Browser {
-                    client,
-                    callback_url: url,
-                };
-            }
-        }
-        panic!("consent flow did not reach the callback in 20 redirects");
+        consent_until_callback(&self.base, connection).await
     }
 
     /// The whole consent flow; asserts the broker shows "Connected".
     pub async fn consent(&self, connection: &str) {
-        let browser = self.consent_until_callback(connection).await;
-        let (status, body) = browser.finish().await;
-        assert_eq!(status, 200, "callback failed: {body}");
-        assert!(body.contains("Connected"), "{body}");
+        consent(&self.base, connection).await;
     }
+}
+
+/// Drives the consent flow like a browser against the broker at `base`, stopping before
+/// the broker's callback.
+pub async fn consent_until_callback(base: &str, connection: &str) -> Browser {
+    let client = reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(Policy::none())
+        .build()
+        .expect("browser");
+    let mut url = format!("{base}/api/authorize/{connection}?key={ADMIN_KEY}");
+    let callback = format!("{base}/api/callback");
+    for _ in 0..20 {
+        let response = client.get(&url).send().await.expect("browser request");
+        let status = response.status();
+        if !status.is_redirection() {
+            let body = response.text().await.unwrap_or_default();
+            panic!("consent flow stopped at {url} with {status}: {body}");
+        }
+        let location = response
+            .headers()
+            .get(LOCATION)
+            .expect("redirect location")
+            .to_str()
+            .expect("ascii location");
+        url = Url::parse(&url)
+            .expect("url")
+            .join(location)
+            .expect("join")
+            .to_string();
+        if url.starts_with(&callback) {
+            return Browser {
+                client,
+                callback_url: url,
+            };
+        }
+    }
+    panic!("consent flow did not reach the callback in 20 redirects");
+}
+
+/// The whole consent flow against the broker at `base`; asserts "Connected".
+pub async fn consent(base: &str, connection: &str) {
+    let browser = consent_until_callback(base, connection).await;
+    let (status, body) = browser.finish().await;
+    assert_eq!(status, 200, "callback failed: {body}");
+    assert!(body.contains("Connected"), "{body}");
+}
+
+/// The real `token-broker` binary, started as a deployment would start it. Killed on drop.
+pub struct BrokerProcess {
+    pub port: u16,
+    pub base: String,
+    config: PathBuf,
+    env: Vec<(String, String)>,
+    log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl BrokerProcess {
+    /// Starts the binary with `config` on `port`, logging (appending) to `log_path`.
+    pub async fn start_on(
+        port: u16,
+        config: &Path,
+        env: &[(&str, String)],
+        log_path: &Path,
+    ) -> Self {
+        let mut process = Self {
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            config: config.to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            log_path: log_path.to_owned(),
+            child: None,
+        };
+        process.spawn().await;
+        process
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_token-broker"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("BROKER_CONFIG", &self.config)
+            .env("PORT", self.port.to_string())
+            .env("BROKER_BIND", "127.0.0.1")
+            .env("BROKER_PUBLIC_URL", &self.base)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::from(log.try_clone().expect("clone log")))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("start the broker binary");
+        wait_ready(self.port, &mut child, &self.log_path).await;
+        self.child = Some(child);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Stops the process and starts a new one with the same config, port and environment.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.spawn().await;
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+/// Waits until `GET /` answers, as the Functions host does.
+pub async fn wait_ready(port: u16, child: &mut Child, log_path: &Path) {
+    let client = reqwest::Client::new();
+    for _ in 0..300 {
+        if let Ok(response) = client.get(format!("http://127.0.0.1:{port}/")).send().await {
+            assert_eq!(response.status(), 200);
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let logs = std::fs::read_to_string(log_path).unwrap_or_default();
+            panic!("the broker exited early ({status}):\n{logs}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the broker did not answer GET / within 15 s");
 }
 
 impl Drop for TestApp {

@@ -3,8 +3,10 @@
 //! Integration tests: the real broker against a real OAuth server (`oidc-provider`, strict:
 //! PKCE required, refresh tokens rotate on every use, reuse revokes the grant).
 
+mod azure_doubles;
 mod bad_input;
 mod binary;
 mod concurrency;
 mod flow;
 mod helpers;
+mod key_vault;

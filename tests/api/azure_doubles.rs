@@ -1,0 +1,624 @@
+//! Faithful doubles of the two Azure endpoints that have no emulator, speaking their REST
+//! contracts:
+//!
+//! - **Key Vault secrets** (api-version 7.x / 2025-07-01), over HTTPS with a private CA: the
+//!   bearer challenge (401 + `WWW-Authenticate: Bearer authorization="…", resource="…"` to a
+//!   request without a token), `api-version` required, a new version on every PUT, 404
+//!   `SecretNotFound`, the name (1–127 of `0-9a-zA-Z-`) and size (25 KB) rules, and
+//!   injectable 429 (with `Retry-After`) and 503.
+//! - **App Service managed identity** (`IDENTITY_ENDPOINT`, api-version 2019-08-01): `GET
+//!   ?api-version&resource` with the `X-IDENTITY-HEADER` secret, answering
+//!   `{access_token, expires_on, resource, token_type}`.
+//!
+//! The vault accepts only tokens the identity endpoint issued for the vault resource.
+//! `tests/keyvault/sdk_check.py` drives both with Microsoft's Python SDK to show they behave
+//! as the real services do for an independent official client.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use axum_server::tls_rustls::RustlsConfig;
+use rand::Rng;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// The vault's host name; tests map it to 127.0.0.1 in /etc/hosts (scripts/test does).
+/// The Azure SDK requires the vault host to end with `.{challenge resource host}`.
+pub const VAULT_HOST: &str = "tb-test.vault.azure.net";
+/// A second vault name, mapped to 127.0.0.2, for a double on the standard port 443: the
+/// Python SDK compares host *and port* with the challenge resource, as real vaults are on 443.
+pub const VAULT_HOST_443: &str = "tb-sdk.vault.azure.net";
+const VAULT_IP_443: [u8; 4] = [127, 0, 0, 2];
+pub const VAULT_RESOURCE: &str = "https://vault.azure.net";
+pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+const MAX_VALUE_BYTES: usize = 25 * 1024;
+
+/// A private CA and a server certificate for the vault host, as PEM files.
+pub struct Pki {
+    pub ca_file: PathBuf,
+    cert_pem: String,
+    key_pem: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "Token Broker test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key"))
+            .expect("ca cert");
+        let mut leaf_params =
+            CertificateParams::new(vec![VAULT_HOST.to_owned(), VAULT_HOST_443.to_owned()])
+                .expect("leaf params");
+        leaf_params
+            .distinguished_name
+            .push(DnType::CommonName, VAULT_HOST);
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let leaf = leaf_params.signed_by(&leaf_key, &ca).expect("leaf cert");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).expect("write ca");
+        Self {
+            ca_file,
+            cert_pem: leaf.pem(),
+            key_pem: leaf_key.serialize_pem(),
+            _dir: dir,
+        }
+    }
+}
+
+/// Counters and fault switches shared by the doubles and the tests.
+#[derive(Default)]
+pub struct Shared {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Lower-cased secret name → versions, oldest first (names are case-insensitive).
+    secrets: HashMap<String, Vec<Version>>,
+    /// Bearer tokens issued by the identity double, with their resource.
+    tokens: HashMap<String, String>,
+    requests: u64,
+    /// Operation → count ("get", "set", "challenge", "throttled", "failed", "identity").
+    ops: HashMap<&'static str, u64>,
+    fail_writes: u32,
+    throttle_every: Option<u64>,
+}
+
+#[derive(Clone)]
+struct Version {
+    id: String,
+    value: String,
+    content_type: Option<String>,
+    tags: Value,
+    created: i64,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next `n` PUTs fail with 503.
+    pub fn fail_writes(&self, n: u32) {
+        self.lock().fail_writes = n;
+    }
+
+    /// Every `k`-th vault request (counting all) is answered 429 with `Retry-After: 1`.
+    pub fn throttle_every(&self, k: Option<u64>) {
+        self.lock().throttle_every = k;
+    }
+
+    pub fn count(&self, op: &str) -> u64 {
+        self.lock().ops.get(op).copied().unwrap_or(0)
+    }
+
+    /// Vault operations that reached the secret logic (reads and writes).
+    pub fn vault_operations(&self) -> u64 {
+        self.count("get") + self.count("set")
+    }
+
+    /// The latest value of a secret.
+    pub fn value(&self, name: &str) -> Option<String> {
+        self.lock()
+            .secrets
+            .get(&name.to_ascii_lowercase())
+            .and_then(|versions| versions.last())
+            .map(|v| v.value.clone())
+    }
+
+    pub fn versions(&self, name: &str) -> usize {
+        self.lock()
+            .secrets
+            .get(&name.to_ascii_lowercase())
+            .map_or(0, Vec::len)
+    }
+
+    pub fn content_type(&self, name: &str) -> Option<String> {
+        self.lock()
+            .secrets
+            .get(&name.to_ascii_lowercase())
+            .and_then(|versions| versions.last())
+            .and_then(|v| v.content_type.clone())
+    }
+
+    /// Every bearer token the identity double issued.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.lock().tokens.keys().cloned().collect()
+    }
+
+    /// Puts a secret directly (as an admin would in the portal).
+    pub fn put(&self, name: &str, value: &str) {
+        let version = new_version(value.to_owned(), None, json!({}));
+        self.lock()
+            .secrets
+            .entry(name.to_ascii_lowercase())
+            .or_default()
+            .push(version);
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut rng = rand::thread_rng();
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.gen::<u8>()))
+        .collect()
+}
+
+fn new_version(value: String, content_type: Option<String>, tags: Value) -> Version {
+    Version {
+        id: random_hex(16),
+        value,
+        content_type,
+        tags,
+        created: chrono::Utc::now().timestamp(),
+    }
+}
+
+/// Both doubles, running until dropped.
+pub struct Azure {
+    pub pki: Pki,
+    pub shared: Arc<Shared>,
+    /// `https://tb-test.vault.azure.net:{port}`
+    pub vault_url: String,
+    /// The App Service `IDENTITY_ENDPOINT`.
+    pub identity_endpoint: String,
+    pub identity_header: String,
+    handles: Vec<axum_server::Handle<SocketAddr>>,
+}
+
+impl Azure {
+    /// The doubles on free ports.
+    pub async fn start() -> Self {
+        Self::start_on(false).await
+    }
+
+    /// The vault double on 127.0.0.2:443 as `https://tb-sdk.vault.azure.net` (needs root).
+    pub async fn start_on_standard_port() -> Self {
+        Self::start_on(true).await
+    }
+
+    async fn start_on(standard_port: bool) -> Self {
+        let pki = Pki::new();
+        let shared = Arc::new(Shared::default());
+        let identity_header = format!("identity-header-{}", random_hex(8));
+
+        let (vault_listener, host) = if standard_port {
+            let listener =
+                std::net::TcpListener::bind((std::net::Ipv4Addr::from(VAULT_IP_443), 443))
+                    .expect("bind 127.0.0.2:443 for the vault double (root is needed)");
+            (listener, VAULT_HOST_443)
+        } else {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind vault");
+            (listener, VAULT_HOST)
+        };
+        vault_listener.set_nonblocking(true).expect("nonblocking");
+        let vault_port = vault_listener.local_addr().expect("addr").port();
+        let tls = RustlsConfig::from_pem(
+            pki.cert_pem.clone().into_bytes(),
+            pki.key_pem.clone().into_bytes(),
+        )
+        .await
+        .expect("tls config");
+        let vault_handle = axum_server::Handle::new();
+        let vault_url = if standard_port {
+            format!("https://{host}")
+        } else {
+            format!("https://{host}:{vault_port}")
+        };
+        let vault = Router::new()
+            .route("/secrets/{name}", get(get_latest).put(set_secret))
+            .route("/secrets/{name}/", get(get_latest))
+            .route("/secrets/{name}/{version}", get(get_version))
+            .fallback(|| async {
+                kv_error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    "The requested resource was not found.",
+                )
+            })
+            .with_state(VaultState {
+                shared: shared.clone(),
+                base: vault_url.clone(),
+            });
+        let server = axum_server::from_tcp_rustls(vault_listener, tls)
+            .expect("vault server")
+            .handle(vault_handle.clone());
+        tokio::spawn(server.serve(vault.into_make_service()));
+
+        let identity_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind identity");
+        identity_listener
+            .set_nonblocking(true)
+            .expect("nonblocking");
+        let identity_port = identity_listener.local_addr().expect("addr").port();
+        let identity_handle = axum_server::Handle::new();
+        let identity = Router::new()
+            .route("/msi/token", get(identity_token))
+            .with_state(IdentityState {
+                shared: shared.clone(),
+                header: identity_header.clone(),
+            });
+        let server = axum_server::from_tcp(identity_listener)
+            .expect("identity server")
+            .handle(identity_handle.clone());
+        tokio::spawn(server.serve(identity.into_make_service()));
+
+        assert_resolves(host, vault_listener_ip(standard_port)).await;
+        Self {
+            pki,
+            shared,
+            vault_url,
+            identity_endpoint: format!("http://127.0.0.1:{identity_port}/msi/token"),
+            identity_header,
+            handles: vec![vault_handle, identity_handle],
+        }
+    }
+
+    /// The environment a process needs to use these doubles as its Azure.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("KEY_VAULT_URL", self.vault_url.clone()),
+            ("IDENTITY_ENDPOINT", self.identity_endpoint.clone()),
+            ("IDENTITY_HEADER", self.identity_header.clone()),
+            ("SSL_CERT_FILE", self.pki.ca_file.display().to_string()),
+        ]
+    }
+}
+
+impl Drop for Azure {
+    fn drop(&mut self) {
+        for handle in &self.handles {
+            handle.shutdown();
+        }
+    }
+}
+
+fn vault_listener_ip(standard_port: bool) -> std::net::IpAddr {
+    if standard_port {
+        VAULT_IP_443.into()
+    } else {
+        [127, 0, 0, 1].into()
+    }
+}
+
+async fn assert_resolves(host: &str, ip: std::net::IpAddr) {
+    let resolved = tokio::net::lookup_host((host, 443))
+        .await
+        .map(|mut addrs| addrs.any(|a| a.ip() == ip))
+        .unwrap_or(false);
+    assert!(
+        resolved,
+        "{host} must resolve to {ip} for the Key Vault tests: \
+         add `{ip} {host}` to /etc/hosts (scripts/test does this when it can)"
+    );
+}
+
+#[derive(Clone)]
+struct IdentityState {
+    shared: Arc<Shared>,
+    header: String,
+}
+
+#[derive(Deserialize)]
+struct IdentityQuery {
+    #[serde(rename = "api-version")]
+    api_version: Option<String>,
+    resource: Option<String>,
+}
+
+async fn identity_token(
+    State(state): State<IdentityState>,
+    Query(query): Query<IdentityQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let presented = headers
+        .get("x-identity-header")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if presented != state.header {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"statusCode": 401, "message": "Unauthorized: X-IDENTITY-HEADER is missing or invalid"})),
+        )
+            .into_response();
+    }
+    if query.api_version.as_deref() != Some("2019-08-01") {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"statusCode": 400, "message": "api-version 2019-08-01 is required"})),
+        )
+            .into_response();
+    }
+    let Some(resource) = query.resource.filter(|r| !r.is_empty()) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"statusCode": 400, "message": "resource is required"})),
+        )
+            .into_response();
+    };
+    let token = format!("mi-token-{}", random_hex(24));
+    let expires_on = chrono::Utc::now().timestamp() + 3600;
+    {
+        let mut inner = state.shared.lock();
+        *inner.ops.entry("identity").or_default() += 1;
+        inner
+            .tokens
+            .insert(token.clone(), resource.trim_end_matches('/').to_owned());
+    }
+    Json(json!({
+        "access_token": token,
+        "expires_on": expires_on.to_string(),
+        "resource": resource,
+        "token_type": "Bearer",
+        "client_id": "00000000-0000-0000-0000-0000000000a1",
+    }))
+    .into_response()
+}
+
+#[derive(Clone)]
+struct VaultState {
+    shared: Arc<Shared>,
+    base: String,
+}
+
+#[derive(Deserialize)]
+struct ApiVersion {
+    #[serde(rename = "api-version")]
+    api_version: Option<String>,
+}
+
+fn kv_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+fn challenge(message: &str) -> Response {
+    let mut response = kv_error(StatusCode::UNAUTHORIZED, "Unauthorized", message);
+    let header = format!(
+        "Bearer authorization=\"https://login.microsoftonline.com/{TENANT}\", resource=\"{VAULT_RESOURCE}\""
+    );
+    response
+        .headers_mut()
+        .insert("www-authenticate", header.parse().expect("header"));
+    response
+}
+
+/// The checks every vault request goes through, in the service's order: faults, api-version,
+/// authentication. `Ok(())` lets the operation run; `Err` is the response to send instead.
+#[allow(clippy::result_large_err)] // a test double: the error *is* the response
+fn admit(
+    state: &VaultState,
+    query: &ApiVersion,
+    headers: &HeaderMap,
+    write: bool,
+) -> Result<(), Response> {
+    let mut inner = state.shared.lock();
+    inner.requests += 1;
+    if let Some(k) = inner.throttle_every {
+        if inner.requests % k == 0 {
+            *inner.ops.entry("throttled").or_default() += 1;
+            let mut response = kv_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Throttled",
+                "Operations per second is over the allowed limit.",
+            );
+            response
+                .headers_mut()
+                .insert("retry-after", "1".parse().expect("header"));
+            return Err(response);
+        }
+    }
+    if query.api_version.as_deref().is_none_or(str::is_empty) {
+        return Err(kv_error(
+            StatusCode::BAD_REQUEST,
+            "BadParameter",
+            "The request URI must contain the api-version query parameter.",
+        ));
+    }
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(token) = token else {
+        *inner.ops.entry("challenge").or_default() += 1;
+        return Err(challenge(
+            "AKV10000: Request is missing a Bearer or PoP token.",
+        ));
+    };
+    match inner.tokens.get(token) {
+        Some(resource) if resource == VAULT_RESOURCE => {}
+        Some(_) => return Err(challenge("AKV10022: Invalid audience.")),
+        None => return Err(challenge("AKV10032: Invalid issuer.")),
+    }
+    if write && inner.fail_writes > 0 {
+        inner.fail_writes -= 1;
+        *inner.ops.entry("failed").or_default() += 1;
+        return Err(kv_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "The service is temporarily unavailable.",
+        ));
+    }
+    Ok(())
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=127).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+fn bundle(base: &str, name: &str, version: &Version) -> Value {
+    json!({
+        "value": version.value,
+        "contentType": version.content_type,
+        "id": format!("{base}/secrets/{name}/{}", version.id),
+        "attributes": {
+            "enabled": true,
+            "created": version.created,
+            "updated": version.created,
+            "recoveryLevel": "Recoverable+Purgeable",
+            "recoverableDays": 90,
+        },
+        "tags": version.tags,
+    })
+}
+
+fn not_found(name: &str) -> Response {
+    kv_error(
+        StatusCode::NOT_FOUND,
+        "SecretNotFound",
+        &format!("A secret with (name/id) {name} was not found in this key vault. If you recently deleted this secret you may be able to recover it using the correct recovery command. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182"),
+    )
+}
+
+async fn get_latest(
+    State(state): State<VaultState>,
+    Path(name): Path<String>,
+    Query(query): Query<ApiVersion>,
+    headers: HeaderMap,
+) -> Response {
+    read(state, name, None, query, headers)
+}
+
+async fn get_version(
+    State(state): State<VaultState>,
+    Path((name, version)): Path<(String, String)>,
+    Query(query): Query<ApiVersion>,
+    headers: HeaderMap,
+) -> Response {
+    let version = Some(version).filter(|v| !v.is_empty());
+    read(state, name, version, query, headers)
+}
+
+fn read(
+    state: VaultState,
+    name: String,
+    version: Option<String>,
+    query: ApiVersion,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = admit(&state, &query, &headers, false) {
+        return response;
+    }
+    let mut inner = state.shared.lock();
+    *inner.ops.entry("get").or_default() += 1;
+    if !valid_name(&name) {
+        return kv_error(
+            StatusCode::BAD_REQUEST,
+            "BadParameter",
+            &format!("The request URI contains an invalid name: {name}"),
+        );
+    }
+    let found = inner
+        .secrets
+        .get(&name.to_ascii_lowercase())
+        .and_then(|versions| match &version {
+            None => versions.last(),
+            Some(id) => versions.iter().find(|v| &v.id == id),
+        });
+    match found {
+        Some(v) => Json(bundle(&state.base, &name, v)).into_response(),
+        None => not_found(&name),
+    }
+}
+
+#[derive(Deserialize)]
+struct SetParameters {
+    value: Option<String>,
+    #[serde(rename = "contentType")]
+    content_type: Option<String>,
+    tags: Option<HashMap<String, String>>,
+}
+
+async fn set_secret(
+    State(state): State<VaultState>,
+    Path(name): Path<String>,
+    Query(query): Query<ApiVersion>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = admit(&state, &query, &headers, true) {
+        return response;
+    }
+    if !valid_name(&name) {
+        return kv_error(
+            StatusCode::BAD_REQUEST,
+            "BadParameter",
+            &format!("The request URI contains an invalid name: {name}"),
+        );
+    }
+    let Ok(parameters) = serde_json::from_slice::<SetParameters>(&body) else {
+        return kv_error(
+            StatusCode::BAD_REQUEST,
+            "BadParameter",
+            "The request body is not valid JSON.",
+        );
+    };
+    let Some(value) = parameters.value else {
+        return kv_error(
+            StatusCode::BAD_REQUEST,
+            "BadParameter",
+            "Property 'value' is required.",
+        );
+    };
+    if value.len() > MAX_VALUE_BYTES {
+        return kv_error(
+            StatusCode::BAD_REQUEST,
+            "BadParameter",
+            "Secret value exceeds the maximum allowed size of 25 KB.",
+        );
+    }
+    let tags = parameters.tags.unwrap_or_default();
+    if tags.len() > 15 {
+        return kv_error(
+            StatusCode::BAD_REQUEST,
+            "BadParameter",
+            "A maximum of 15 tags is allowed.",
+        );
+    }
+    let version = new_version(value, parameters.content_type, json!(tags));
+    let mut inner = state.shared.lock();
+    *inner.ops.entry("set").or_default() += 1;
+    let response = bundle(&state.base, &name, &version);
+    inner
+        .secrets
+        .entry(name.to_ascii_lowercase())
+        .or_default()
+        .push(version);
+    Json(response).into_response()
+}

@@ -1,0 +1,291 @@
+//! The Key Vault store, end to end: the real binary, the official Azure SDK for Rust
+//! (challenge auth, managed identity, retries), the Key Vault and managed-identity doubles,
+//! and the strict upstream.
+
+use std::process::Stdio;
+
+use serde_json::Value;
+
+use crate::azure_doubles::Azure;
+use crate::helpers::{consent, random, BrokerProcess, Upstream, ADMIN_KEY, CALLER_KEY};
+
+const RECORD: &str = "token-broker-acme";
+const MIRROR: &str = "acme-refresh-token";
+const CLIENT_SECRET: &str = "acme-client-secret";
+
+/// The doubles, an upstream and a broker using the vault, with its own temp directory.
+struct VaultSetup {
+    azure: Azure,
+    upstream: Upstream,
+    broker: BrokerProcess,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl VaultSetup {
+    async fn start(before_broker: impl FnOnce(&Azure)) -> Self {
+        let azure = Azure::start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The broker's port is only known once it starts, and the upstream needs the
+        // redirect URI first: reserve a port the broker will then be told to use.
+        let port = crate::helpers::free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let upstream =
+            Upstream::start(&format!("{base}/api/callback"), "client_secret_basic", 3600).await;
+        // The client secret lives in the vault, not in the config.
+        azure.shared.put(CLIENT_SECRET, &upstream.client_secret);
+        let config = dir.path().join("broker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+state_secret = "{state}"
+[auth]
+api_keys = ["{CALLER_KEY}"]
+admin_keys = ["{ADMIN_KEY}"]
+[store]
+retry_budget = 3
+[connections.acme]
+provider = "oauth2"
+authorize_url = "{up}/auth"
+token_url = "{up}/token"
+client_id = "{client_id}"
+client_secret_name = "{CLIENT_SECRET}"
+mirror_refresh_token_secret = "{MIRROR}"
+scopes = ["openid", "offline_access", "api:read"]
+"#,
+                state = random("state-secret"),
+                up = upstream.url,
+                client_id = upstream.client_id,
+            ),
+        )
+        .expect("write config");
+        before_broker(&azure);
+        let mut env = azure.env();
+        env.push(("RUST_LOG", "info,token_broker=debug".to_owned()));
+        let broker =
+            BrokerProcess::start_on(port, &config, &env, &dir.path().join("broker.log")).await;
+        Self {
+            azure,
+            upstream,
+            broker,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    async fn refresh(&self, query: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("{}/api/refresh/acme{query}", self.broker.base))
+            .header("X-API-Key", CALLER_KEY)
+            .send()
+            .await
+            .expect("refresh");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("json"))
+    }
+
+    async fn token(&self, query: &str) -> String {
+        let (status, body) = self.refresh(query).await;
+        assert_eq!(status, 200, "{body}\n{}", self.broker.logs());
+        body["access_token"].as_str().expect("token").to_owned()
+    }
+
+    /// The record the vault holds, parsed.
+    fn stored(&self) -> Value {
+        serde_json::from_str(&self.azure.shared.value(RECORD).expect("record secret"))
+            .expect("record JSON")
+    }
+
+    fn stored_refresh_token(&self) -> String {
+        self.stored()["refresh_token"]
+            .as_str()
+            .expect("refresh token")
+            .to_owned()
+    }
+
+    /// The refresh token the upstream issued last.
+    async fn latest_issued_refresh_token(&self) -> String {
+        let stats = self.upstream.stats().await;
+        stats["seen"]["refresh_tokens"]
+            .as_array()
+            .and_then(|tokens| tokens.last())
+            .and_then(Value::as_str)
+            .expect("an issued refresh token")
+            .to_owned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_refresh_rotate_restart_with_key_vault() {
+    let mut setup = VaultSetup::start(|_| {}).await;
+    consent(&setup.broker.base, "acme").await;
+    assert_eq!(
+        setup.azure.shared.content_type(RECORD).as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(
+        setup.stored_refresh_token(),
+        setup.latest_issued_refresh_token().await
+    );
+    assert_eq!(
+        setup.azure.shared.value(MIRROR),
+        Some(setup.stored_refresh_token())
+    );
+    assert!(
+        setup.azure.shared.count("challenge") >= 1,
+        "the SDK went through the challenge"
+    );
+    assert!(
+        setup.azure.shared.count("identity") >= 1,
+        "the token came from managed identity"
+    );
+
+    let token = setup.token("").await;
+    assert!(setup.upstream.is_active(&token).await);
+
+    // Cached answers touch the vault zero times.
+    let before = setup.azure.shared.vault_operations();
+    for _ in 0..10 {
+        assert_eq!(setup.token("").await, token);
+    }
+    assert_eq!(setup.azure.shared.vault_operations(), before);
+
+    // One refresh: one read (another instance may have rotated) and two writes (record,
+    // mirror), each write a new version.
+    let versions = setup.azure.shared.versions(RECORD);
+    let (gets, sets) = (
+        setup.azure.shared.count("get"),
+        setup.azure.shared.count("set"),
+    );
+    let rotated = setup.token("?force=true").await;
+    assert_ne!(rotated, token);
+    assert_eq!(setup.azure.shared.count("get") - gets, 1);
+    assert_eq!(setup.azure.shared.count("set") - sets, 2);
+    assert_eq!(setup.azure.shared.versions(RECORD), versions + 1);
+    assert_eq!(
+        setup.stored_refresh_token(),
+        setup.latest_issued_refresh_token().await
+    );
+    assert_eq!(
+        setup.azure.shared.value(MIRROR),
+        Some(setup.stored_refresh_token())
+    );
+
+    // A new process reads the vault and refreshes without consent.
+    setup.broker.restart().await;
+    assert_eq!(
+        setup.token("").await,
+        rotated,
+        "served from the vault after a restart"
+    );
+    let after_restart = setup.token("?force=true").await;
+    assert!(setup.upstream.is_active(&after_restart).await);
+    assert_eq!(
+        setup.stored_refresh_token(),
+        setup.latest_issued_refresh_token().await
+    );
+    assert_eq!(setup.upstream.grants_revoked().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_write_failures_after_a_rotation_never_lose_the_refresh_token() {
+    let setup = VaultSetup::start(|_| {}).await;
+    consent(&setup.broker.base, "acme").await;
+    let consented = setup.stored_refresh_token();
+
+    // The provider rotates, then the vault refuses every write for a while.
+    setup.azure.shared.fail_writes(1000);
+    let (status, body) = setup.refresh("?force=true").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "store_unavailable");
+    let refreshes = setup.upstream.token_requests("refresh_token").await;
+    assert_eq!(refreshes, 1);
+
+    // While the vault is down, callers get 503 and the provider is not asked again: the
+    // old refresh token is never sent once a new one exists.
+    for _ in 0..2 {
+        let (status, _) = setup.refresh("").await;
+        assert_eq!(status, 503);
+    }
+    assert_eq!(
+        setup.upstream.token_requests("refresh_token").await,
+        refreshes
+    );
+    assert_eq!(
+        setup.stored_refresh_token(),
+        consented,
+        "the vault still has the old one"
+    );
+
+    // The vault recovers: the next call stores the newest refresh token and answers.
+    setup.azure.shared.fail_writes(0);
+    let token = setup.token("").await;
+    assert!(setup.upstream.is_active(&token).await);
+    assert_eq!(
+        setup.stored_refresh_token(),
+        setup.latest_issued_refresh_token().await
+    );
+    assert_ne!(setup.stored_refresh_token(), consented);
+    assert_eq!(
+        setup.upstream.token_requests("refresh_token").await,
+        refreshes
+    );
+
+    // And the grant is alive.
+    setup.token("?force=true").await;
+    assert_eq!(setup.upstream.grants_revoked().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_on_every_third_vault_request_is_absorbed() {
+    let setup = VaultSetup::start(|azure| azure.shared.throttle_every(Some(3))).await;
+    consent(&setup.broker.base, "acme").await;
+    let mut tokens = Vec::new();
+    for query in ["", "?force=true", "", "?force=true", "?force=true"] {
+        tokens.push(setup.token(query).await);
+    }
+    assert!(
+        setup.azure.shared.count("throttled") >= 2,
+        "throttling happened"
+    );
+    for token in &tokens[3..] {
+        assert!(!token.is_empty());
+    }
+    assert!(setup.upstream.is_active(&tokens[4]).await);
+    assert_eq!(
+        setup.stored_refresh_token(),
+        setup.latest_issued_refresh_token().await
+    );
+    assert_eq!(setup.upstream.grants_revoked().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_sdk_agrees_with_the_doubles() {
+    let azure = Azure::start_on_standard_port().await;
+    // Throttling on: Microsoft's retry policy must get through it as it would in Azure.
+    azure.shared.throttle_every(Some(4));
+    let python = std::env::var("TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keyvault/sdk_check.py");
+    let output = tokio::process::Command::new(&python)
+        .arg(script)
+        .envs(azure.env())
+        .env("REQUESTS_CA_BUNDLE", &azure.pki.ca_file)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the Python SDK check failed (is TEST_PYTHON set to a Python with tests/keyvault/requirements.txt? scripts/test sets it up):\n{stdout}\n{stderr}"
+    );
+    let seen: Value = serde_json::from_str(stdout.trim()).expect("summary JSON");
+    assert_eq!(seen["not_found"], "SecretNotFound");
+    assert_eq!(azure.shared.versions("py-check"), 2);
+    assert!(azure.shared.count("challenge") >= 1);
+    assert!(azure.shared.count("identity") >= 1);
+    assert!(azure.shared.count("throttled") >= 1);
+}
