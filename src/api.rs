@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::ConnectInfo;
 use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use serde::Deserialize;
@@ -30,6 +31,10 @@ pub struct AppState {
     pub signer: StateSigner,
     /// Base URL the broker is reached at, without a trailing slash.
     pub public_url: Url,
+    /// The timer refreshes access tokens expiring within this window.
+    pub prerefresh_window: Duration,
+    /// Under the Functions host, which calls the timer route over loopback without a key.
+    pub functions_host: bool,
 }
 
 impl AppState {
@@ -50,6 +55,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/callback", get(callback))
         .route("/api/refresh/{connection}", get(refresh).post(refresh))
         .route("/api/connections", get(connections))
+        .route("/prerefresh", post(prerefresh))
         .fallback(not_found)
         .layer(
             // Our own span: method and path only. The default span records the full URI,
@@ -368,6 +374,65 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v)
+}
+
+/// The timer function (`prerefresh/function.json`): the Functions host POSTs
+/// `{"Data":{"timer":{…}},"Metadata":{…}}` and expects `{"Outputs":{},"Logs":[…],"ReturnValue":…}`.
+/// Outside the Functions host (or from another machine), an admin key is needed.
+async fn prerefresh(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if !(state.functions_host && peer.ip().is_loopback()) {
+        state
+            .auth
+            .check(admin_key(&headers, &query).as_deref(), Role::Admin)?;
+    }
+    // The payload only informs the log; a missing or odd one does not stop the run.
+    let invocation: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let past_due = invocation["Data"]
+        .as_object()
+        .and_then(|data| data.values().find_map(|timer| timer["IsPastDue"].as_bool()))
+        .unwrap_or(false);
+    tracing::info!(past_due, "prerefresh run started");
+
+    let reports = state.broker.prerefresh(state.prerefresh_window).await;
+    let mut logs: Vec<String> = reports
+        .iter()
+        .map(|r| {
+            let outcome = serde_json::to_value(r.outcome).unwrap_or_default();
+            format!(
+                "{}: {} ({})",
+                r.connection,
+                outcome.as_str().unwrap_or("?"),
+                r.detail
+            )
+        })
+        .collect();
+    let count = |outcome| reports.iter().filter(|r| r.outcome == outcome).count();
+    let failed = count(crate::broker::PrerefreshOutcome::Failed);
+    let refreshed = count(crate::broker::PrerefreshOutcome::Refreshed);
+    logs.insert(
+        0,
+        format!(
+            "prerefresh{}: {} connection(s), {refreshed} refreshed, {failed} failed",
+            if past_due { " (past due)" } else { "" },
+            reports.len()
+        ),
+    );
+    let body = json!({
+        "Outputs": {},
+        "Logs": logs,
+        "ReturnValue": {
+            "refreshed": refreshed,
+            "failed": failed,
+            "connections": reports,
+        },
+    });
+    Ok(Json(body).into_response())
 }
 
 #[derive(Deserialize, Default)]

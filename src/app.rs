@@ -86,6 +86,8 @@ impl Application {
             auth,
             signer: StateSigner::new(config.state_secret.as_ref()),
             public_url,
+            prerefresh_window: config.refresh.prerefresh_window,
+            functions_host: config.functions_host,
         });
         Ok(Self { listener, state })
     }
@@ -101,7 +103,9 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         tracing::info!(port = self.port(), "listening");
-        axum::serve(self.listener, api::router(self.state))
+        let service =
+            api::router(self.state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+        axum::serve(self.listener, service)
             .with_graceful_shutdown(shutdown)
             .await
     }

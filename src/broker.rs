@@ -102,6 +102,27 @@ pub struct ConnectionStatus {
     pub last_error_at: Option<DateTime<Utc>>,
 }
 
+/// What the timer did for one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrerefreshOutcome {
+    Refreshed,
+    /// Nothing to do.
+    Fresh,
+    /// Nothing could be done (no consent yet, provider's minimum interval).
+    Skipped,
+    Failed,
+}
+
+/// One connection's line in the timer's report. No secrets.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PrerefreshReport {
+    pub connection: String,
+    pub outcome: PrerefreshOutcome,
+    pub detail: String,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
 /// Hands out access tokens for the configured connections.
 pub struct Broker {
     connections: BTreeMap<String, Connection>,
@@ -237,9 +258,122 @@ impl Broker {
         if !request.force && record.is_valid_for(min_validity, now) {
             return Ok(record);
         }
+        if conn.too_soon_to_refresh(&record, now) {
+            // The provider would refuse (Exact Online answers an error within ~570 s), and
+            // the token still works: hand it out rather than fail.
+            tracing::debug!(
+                connection = name,
+                "refreshed too recently for this provider; serving the current token"
+            );
+            return Ok(record);
+        }
         self.refresh_locked(name, conn, record)
             .instrument(tracing::info_span!("refresh", connection = name))
             .await
+    }
+
+    /// The timer's pass over every connection: refresh access tokens that expire within
+    /// `window`, and refresh tokens that have been idle for half their idle lifetime. One
+    /// failing connection does not stop the others.
+    pub async fn prerefresh(&self, window: Duration) -> Vec<PrerefreshReport> {
+        let mut reports = Vec::with_capacity(self.connections.len());
+        for (name, conn) in &self.connections {
+            let report = self
+                .prerefresh_one(name, conn, window)
+                .instrument(tracing::info_span!("prerefresh", connection = %name))
+                .await;
+            match report.outcome {
+                PrerefreshOutcome::Failed => {
+                    warn!(connection = %name, detail = %report.detail, "prerefresh failed")
+                }
+                _ => {
+                    info!(connection = %name, outcome = ?report.outcome, detail = %report.detail, "prerefresh")
+                }
+            }
+            reports.push(report);
+        }
+        reports
+    }
+
+    async fn prerefresh_one(
+        &self,
+        name: &str,
+        conn: &Connection,
+        window: Duration,
+    ) -> PrerefreshReport {
+        let report = |outcome, detail: String, expires_at| PrerefreshReport {
+            connection: name.to_owned(),
+            outcome,
+            detail,
+            expires_at,
+        };
+        let cached = conn.cached();
+        let record = match (cached.unsaved, cached.record) {
+            (true, Some(record)) => record,
+            _ => match self.store.load(name).await {
+                Ok(Some(record)) => Arc::new(record),
+                Ok(None) => {
+                    return report(
+                        PrerefreshOutcome::Skipped,
+                        "no token yet: consent required".into(),
+                        None,
+                    )
+                }
+                Err(err) => return report(PrerefreshOutcome::Failed, err.to_string(), None),
+            },
+        };
+        if record.status != GrantStatus::Connected || record.refresh_token.is_none() {
+            return report(
+                PrerefreshOutcome::Skipped,
+                "no usable refresh token: consent required".into(),
+                record.expires_at,
+            );
+        }
+        let now = Utc::now();
+        let remaining = record.remaining(now);
+        let idle = (now - record.obtained_at).to_std().unwrap_or_default();
+        let reason = if remaining <= window {
+            Some(format!("access token expires in {} s", remaining.as_secs()))
+        } else {
+            conn.provider
+                .refresh_token_idle_lifetime
+                .filter(|lifetime| idle >= *lifetime / 2)
+                .map(|lifetime| {
+                    format!(
+                        "refresh token unused for {} of its {} idle days",
+                        idle.as_secs() / 86_400,
+                        lifetime.as_secs() / 86_400
+                    )
+                })
+        };
+        let Some(reason) = reason else {
+            return report(
+                PrerefreshOutcome::Fresh,
+                format!("access token good for {} s", remaining.as_secs()),
+                record.expires_at,
+            );
+        };
+        if conn.too_soon_to_refresh(&record, now) {
+            return report(
+                PrerefreshOutcome::Skipped,
+                format!("{reason}, but the provider refuses a refresh this soon after the last"),
+                record.expires_at,
+            );
+        }
+        // Through the normal path (single flight, store re-read, rotation rules); an idle
+        // refresh token is exercised even though the access token would do.
+        let request = TokenRequest {
+            min_validity: Some(window),
+            force: remaining > window,
+        };
+        match self.token(name, request).await {
+            Ok(record) => report(PrerefreshOutcome::Refreshed, reason, record.expires_at),
+            Err(err) => report(
+                PrerefreshOutcome::Failed,
+                format!("{reason}; refresh failed: {err}"),
+                record.expires_at,
+            ),
+        }
     }
 
     /// Stores the tokens from a completed consent, replacing whatever was there.
@@ -415,6 +549,14 @@ impl Broker {
 }
 
 impl Connection {
+    /// True when the provider would refuse a refresh now and the current token still works.
+    fn too_soon_to_refresh(&self, record: &TokenRecord, now: DateTime<Utc>) -> bool {
+        let interval = self.provider.min_refresh_interval;
+        !interval.is_zero()
+            && record.is_valid_for(Duration::ZERO, now)
+            && (now - record.obtained_at).to_std().unwrap_or_default() < interval
+    }
+
     fn cached(&self) -> Cached {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }

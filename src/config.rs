@@ -26,6 +26,9 @@ pub struct Config {
     pub refresh: RefreshConfig,
     /// Connections by name, sorted.
     pub connections: BTreeMap<String, ConnectionConfig>,
+    /// Running under the Azure Functions host (`FUNCTIONS_CUSTOMHANDLER_PORT` is set): the
+    /// host reaches the timer route over loopback without a key.
+    pub functions_host: bool,
 }
 
 /// How callers prove who they are (checked in the app itself, not by the host).
@@ -84,6 +87,8 @@ pub struct RefreshConfig {
     pub default_lifetime: Duration,
     /// Timeout of one request to a provider's token endpoint.
     pub upstream_timeout: Duration,
+    /// The timer refreshes access tokens that expire within this window.
+    pub prerefresh_window: Duration,
 }
 
 /// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
@@ -115,6 +120,11 @@ pub struct ConnectionConfig {
     pub authorize_params: BTreeMap<String, String>,
     /// Overrides `refresh.default_lifetime` for this connection.
     pub default_lifetime: Option<Duration>,
+    /// A refresh token unused this long dies at the provider (Xero 60 days, Exact Online 30);
+    /// the timer uses it once half of that has passed.
+    pub refresh_token_idle_lifetime: Option<Duration>,
+    /// The provider refuses a refresh sooner than this after the last (Exact Online ~570 s).
+    pub min_refresh_interval: Duration,
 }
 
 /// Provider kinds. Presets (Xero, Google, ...) join this list as they are built.
@@ -289,6 +299,7 @@ struct RawRefresh {
     min_validity: Option<u64>,
     default_lifetime: Option<u64>,
     upstream_timeout: Option<u64>,
+    prerefresh_window: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -307,6 +318,8 @@ struct RawConnection {
     #[serde(default)]
     authorize_params: BTreeMap<String, String>,
     default_lifetime: Option<u64>,
+    refresh_token_idle_days: Option<u64>,
+    min_refresh_interval: Option<u64>,
 }
 
 /// Authorization parameters the broker sets itself; configuring them would break the flow.
@@ -367,6 +380,10 @@ impl RawConfig {
                 "refresh.upstream_timeout",
                 self.refresh.upstream_timeout.unwrap_or(30),
             )?,
+            prerefresh_window: positive_secs(
+                "refresh.prerefresh_window",
+                self.refresh.prerefresh_window.unwrap_or(900),
+            )?,
         };
 
         let mut connections = BTreeMap::new();
@@ -422,6 +439,7 @@ impl RawConfig {
             store,
             refresh,
             connections,
+            functions_host: env("FUNCTIONS_CUSTOMHANDLER_PORT").is_some_and(|p| !p.is_empty()),
         })
     }
 }
@@ -572,6 +590,11 @@ impl RawConnection {
                 .default_lifetime
                 .map(|s| positive_secs(&format!("{key}.default_lifetime"), s))
                 .transpose()?,
+            refresh_token_idle_lifetime: self
+                .refresh_token_idle_days
+                .map(|days| positive_secs(&format!("{key}.refresh_token_idle_days"), days * 86_400))
+                .transpose()?,
+            min_refresh_interval: Duration::from_secs(self.min_refresh_interval.unwrap_or(0)),
         })
     }
 }

@@ -30,10 +30,11 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API (the default).
     Serve {
-        /// Address to listen on. The port comes from FUNCTIONS_CUSTOMHANDLER_PORT, else
-        /// PORT, else 7071.
-        #[arg(long, env = "BROKER_BIND", default_value = "0.0.0.0")]
-        bind: IpAddr,
+        /// Address to listen on: default 127.0.0.1 under the Functions host (only the host
+        /// talks to the handler), else 0.0.0.0. The port comes from
+        /// FUNCTIONS_CUSTOMHANDLER_PORT, else PORT, else 7071.
+        #[arg(long, env = "BROKER_BIND")]
+        bind: Option<IpAddr>,
     },
     /// Validate the configuration and show each connection's stored status.
     Check,
@@ -57,10 +58,15 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command.unwrap_or(Command::Serve {
-            bind: IpAddr::from([0, 0, 0, 0]),
-        }) {
-            Command::Serve { bind } => serve(config, bind).await,
+        match cli.command.unwrap_or(Command::Serve { bind: None }) {
+            Command::Serve { bind } => {
+                let bind = bind.unwrap_or(if config.functions_host {
+                    IpAddr::from([127, 0, 0, 1])
+                } else {
+                    IpAddr::from([0, 0, 0, 0])
+                });
+                serve(config, bind).await
+            }
             Command::Check => check(config).await,
         }
     });

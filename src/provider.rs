@@ -218,6 +218,10 @@ pub struct Provider {
     authorize_params: Vec<(String, String)>,
     /// Lifetime assumed when the provider sends no `expires_in`.
     pub default_lifetime: Duration,
+    /// A refresh token unused this long dies at the provider.
+    pub refresh_token_idle_lifetime: Option<Duration>,
+    /// The provider refuses a refresh sooner than this after the last one.
+    pub min_refresh_interval: Duration,
 }
 
 impl Provider {
@@ -253,6 +257,8 @@ impl Provider {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             default_lifetime: connection.default_lifetime.unwrap_or(default_lifetime),
+            refresh_token_idle_lifetime: connection.refresh_token_idle_lifetime,
+            min_refresh_interval: connection.min_refresh_interval,
         }
     }
 

@@ -291,7 +291,10 @@ authorize_params = {{ test_deny = "1" }}
             up = upstream.url,
             client_id = upstream.client_id,
             secret = upstream.client_secret,
-            extra = options.extra_config,
+            extra = options
+                .extra_config
+                .replace("${UPSTREAM}", &upstream.url)
+                .replace("${SECRET}", &upstream.client_secret),
         );
         let mut app = Self {
             base,

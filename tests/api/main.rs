@@ -10,3 +10,4 @@ mod concurrency;
 mod flow;
 mod helpers;
 mod key_vault;
+mod timer;
