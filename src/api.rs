@@ -18,8 +18,9 @@ use serde_json::json;
 use tower_http::trace::TraceLayer;
 use url::Url;
 
-use crate::auth::{AuthError, CallerAuth, Role, API_KEY_HEADER};
+use crate::auth::{AuthError, CallerAuth, Role};
 use crate::broker::{Broker, BrokerError, TokenRequest};
+use crate::entra::TokenError;
 use crate::html;
 use crate::provider::UpstreamError;
 use crate::state::{StateError, StateSigner, BINDING_COOKIE, STATE_TTL};
@@ -106,6 +107,8 @@ pub struct ApiError {
     error: &'static str,
     description: String,
     authorize_url: Option<String>,
+    /// Send `WWW-Authenticate: Bearer` (RFC 6750 §3) with a 401.
+    challenge: bool,
 }
 
 impl ApiError {
@@ -115,6 +118,7 @@ impl ApiError {
             error,
             description: description.into(),
             authorize_url: None,
+            challenge: false,
         }
     }
 
@@ -148,9 +152,22 @@ impl ApiError {
 impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> Self {
         match err {
-            AuthError::NotAdmin => Self::new(StatusCode::FORBIDDEN, "forbidden", err.to_string()),
-            AuthError::Missing | AuthError::Invalid => {
-                Self::new(StatusCode::UNAUTHORIZED, "unauthorized", err.to_string())
+            AuthError::NotAdmin | AuthError::PrincipalNotAllowed(..) => {
+                Self::new(StatusCode::FORBIDDEN, "forbidden", err.to_string())
+            }
+            AuthError::Token(TokenError::KeysUnavailable(_)) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth_unavailable",
+                err.to_string(),
+            ),
+            AuthError::Missing
+            | AuthError::Invalid
+            | AuthError::NoEntra
+            | AuthError::Token(TokenError::Invalid(_)) => {
+                let mut error =
+                    Self::new(StatusCode::UNAUTHORIZED, "unauthorized", err.to_string());
+                error.challenge = true;
+                error
             }
         }
     }
@@ -175,12 +192,13 @@ impl IntoResponse for ApiError {
         response
             .headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.challenge {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         response
     }
-}
-
-fn api_key(headers: &HeaderMap) -> Option<&str> {
-    headers.get(API_KEY_HEADER).and_then(|v| v.to_str().ok())
 }
 
 /// Parameters of `/api/refresh`, from the query or a JSON body. Unknown parameters are
@@ -223,7 +241,10 @@ async fn refresh(
             "send the API key in the X-API-Key header, not in the URL",
         ));
     }
-    state.auth.check(api_key(&headers), Role::Caller)?;
+    state
+        .auth
+        .authenticate(&headers, None, Role::Caller)
+        .await?;
     let request = TokenRequest {
         min_validity: params.min_validity.map(Duration::from_secs),
         force: params.force.unwrap_or(false),
@@ -271,14 +292,12 @@ struct KeyParam {
     key: Option<String>,
 }
 
-/// The admin key from `X-API-Key` or, for a browser that cannot set headers, `?key=`.
-fn admin_key<'a>(headers: &'a HeaderMap, query: &'a Option<String>) -> Option<String> {
-    api_key(headers).map(str::to_owned).or_else(|| {
-        query
-            .as_deref()
-            .and_then(|q| serde_urlencoded::from_str::<KeyParam>(q).ok())
-            .and_then(|p| p.key)
-    })
+/// `?key=` — admin routes accept it because a browser cannot set headers on a link.
+fn query_key(query: &Option<String>) -> Option<String> {
+    query
+        .as_deref()
+        .and_then(|q| serde_urlencoded::from_str::<KeyParam>(q).ok())
+        .and_then(|p| p.key)
 }
 
 /// Status of every connection: JSON for `Accept: application/json`, else an HTML page.
@@ -289,7 +308,8 @@ async fn connections(
 ) -> Result<Response, ApiError> {
     state
         .auth
-        .check(admin_key(&headers, &query).as_deref(), Role::Admin)?;
+        .authenticate(&headers, query_key(&query).as_deref(), Role::Admin)
+        .await?;
     let rows: Vec<_> = state
         .broker
         .statuses()
@@ -328,7 +348,8 @@ async fn authorize(
 ) -> Result<Response, ApiError> {
     state
         .auth
-        .check(admin_key(&headers, &query).as_deref(), Role::Admin)?;
+        .authenticate(&headers, query_key(&query).as_deref(), Role::Admin)
+        .await?;
     let provider = state
         .broker
         .provider(&connection)
@@ -389,7 +410,8 @@ async fn prerefresh(
     if !(state.functions_host && peer.ip().is_loopback()) {
         state
             .auth
-            .check(admin_key(&headers, &query).as_deref(), Role::Admin)?;
+            .authenticate(&headers, query_key(&query).as_deref(), Role::Admin)
+            .await?;
     }
     // The payload only informs the log; a missing or odd one does not stop the run.
     let invocation: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();

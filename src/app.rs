@@ -63,11 +63,13 @@ impl Application {
             providers.insert(name.clone(), provider);
         }
 
-        let auth = CallerAuth::new(&config.auth);
+        let auth = CallerAuth::new(&config.auth)?;
         if auth.is_anonymous() {
             tracing::warn!("!!! auth.allow_anonymous = true: ANYONE who can reach this service can get tokens and start consents. Never use this in production. !!!");
-        } else if !auth.has_admin_keys() {
-            tracing::warn!("no auth.admin_keys configured: /api/authorize will refuse everyone");
+        } else if !auth.has_admins() {
+            tracing::warn!(
+                "no admin keys or admin principals configured: /api/authorize will refuse everyone"
+            );
         }
         if config.state_secret.is_none() {
             tracing::info!("no state_secret configured: a random key signs `state`, so consents in progress do not survive a restart and need a single instance");

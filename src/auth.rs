@@ -1,14 +1,18 @@
 //! Caller authentication, done in the app itself so it holds off-Azure too.
 //!
-//! Callers present an API key in `X-API-Key`. Keys are compared as SHA-256 digests with a
-//! constant-time equality, and every configured key is compared, so neither the position
-//! of a match nor the length of a key shows in the timing.
+//! Two ways in: an Entra ID bearer token (`Authorization: Bearer …`, e.g. Data Factory's
+//! managed identity; see [`crate::entra`]) from an allowed principal, or an API key in
+//! `X-API-Key`. Keys are compared as SHA-256 digests with a constant-time equality, and
+//! every configured key is compared, so neither the position of a match nor the length of a
+//! key shows in the timing.
 
+use axum::http::{header, HeaderMap};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::AuthConfig;
+use crate::entra::{EntraVerifier, TokenError};
 
 /// Header carrying an API key.
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -23,21 +27,28 @@ pub enum Role {
 }
 
 /// Why a caller was turned away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    #[error("missing API key (send it in the X-API-Key header)")]
+    #[error("missing credentials (send an Entra ID bearer token, or an API key in the X-API-Key header)")]
     Missing,
     #[error("invalid API key")]
     Invalid,
     #[error("this key may not use admin routes")]
     NotAdmin,
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("bearer tokens are not accepted: no [auth.entra] is configured")]
+    NoEntra,
+    #[error("the principal {0} is not allowed{1}")]
+    PrincipalNotAllowed(String, &'static str),
 }
 
-/// The configured keys.
+/// The configured ways in.
 pub struct CallerAuth {
     api_keys: Vec<[u8; 32]>,
     admin_keys: Vec<[u8; 32]>,
     anonymous: bool,
+    entra: Option<EntraVerifier>,
 }
 
 fn digest(key: &str) -> [u8; 32] {
@@ -57,12 +68,13 @@ fn contains(keys: &[[u8; 32]], presented: &[u8; 32]) -> bool {
 }
 
 impl CallerAuth {
-    pub fn new(config: &AuthConfig) -> Self {
-        Self {
+    pub fn new(config: &AuthConfig) -> anyhow::Result<Self> {
+        Ok(Self {
             api_keys: digests(&config.api_keys),
             admin_keys: digests(&config.admin_keys),
             anonymous: config.allow_anonymous,
-        }
+            entra: config.entra.as_ref().map(EntraVerifier::new).transpose()?,
+        })
     }
 
     /// True when anyone may call every route.
@@ -70,13 +82,57 @@ impl CallerAuth {
         self.anonymous
     }
 
-    /// True when no admin key exists, so admin routes refuse everyone.
-    pub fn has_admin_keys(&self) -> bool {
+    /// True when some admin credential exists, so admin routes are usable at all.
+    pub fn has_admins(&self) -> bool {
         !self.admin_keys.is_empty()
+            || self
+                .entra
+                .as_ref()
+                .is_some_and(|e| !e.admin_principals.is_empty())
     }
 
-    /// Checks a presented key for a route needing `role`. Admin keys are good for every route.
-    pub fn check(&self, presented: Option<&str>, role: Role) -> Result<(), AuthError> {
+    /// Authenticates a request for a route needing `role`: a bearer token if one is sent,
+    /// else the API key from `X-API-Key` or, for browsers, `query_key`.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query_key: Option<&str>,
+        role: Role,
+    ) -> Result<(), AuthError> {
+        if self.anonymous {
+            return Ok(());
+        }
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            });
+        if let Some(token) = bearer {
+            let entra = self.entra.as_ref().ok_or(AuthError::NoEntra)?;
+            let principal = entra.verify(token.trim()).await?;
+            let admin = entra.admin_principals.contains(&principal.object_id);
+            let caller = entra.allowed_principals.contains(&principal.object_id);
+            return match role {
+                _ if admin => Ok(()),
+                Role::Caller if caller => Ok(()),
+                Role::Admin if caller => Err(AuthError::PrincipalNotAllowed(
+                    principal.object_id,
+                    " to use admin routes",
+                )),
+                _ => Err(AuthError::PrincipalNotAllowed(principal.object_id, "")),
+            };
+        }
+        let key = headers
+            .get(API_KEY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .or(query_key);
+        self.check_key(key, role)
+    }
+
+    /// Checks an API key for a route needing `role`. Admin keys are good for every route.
+    pub fn check_key(&self, presented: Option<&str>, role: Role) -> Result<(), AuthError> {
         if self.anonymous {
             return Ok(());
         }
@@ -104,25 +160,46 @@ mod tests {
             api_keys: vec![SecretString::from("caller-key-0123456789")],
             admin_keys: vec![SecretString::from("admin-key-0123456789")],
             allow_anonymous: false,
+            entra: None,
         })
+        .expect("auth")
     }
 
     #[test]
     fn roles() {
         let a = auth();
-        assert_eq!(a.check(Some("caller-key-0123456789"), Role::Caller), Ok(()));
-        assert_eq!(a.check(Some("admin-key-0123456789"), Role::Caller), Ok(()));
-        assert_eq!(a.check(Some("admin-key-0123456789"), Role::Admin), Ok(()));
         assert_eq!(
-            a.check(Some("caller-key-0123456789"), Role::Admin),
+            a.check_key(Some("caller-key-0123456789"), Role::Caller),
+            Ok(())
+        );
+        assert_eq!(
+            a.check_key(Some("admin-key-0123456789"), Role::Caller),
+            Ok(())
+        );
+        assert_eq!(
+            a.check_key(Some("admin-key-0123456789"), Role::Admin),
+            Ok(())
+        );
+        assert_eq!(
+            a.check_key(Some("caller-key-0123456789"), Role::Admin),
             Err(AuthError::NotAdmin)
         );
         assert_eq!(
-            a.check(Some("caller-key-012345678"), Role::Caller),
+            a.check_key(Some("caller-key-012345678"), Role::Caller),
             Err(AuthError::Invalid)
         );
-        assert_eq!(a.check(None, Role::Caller), Err(AuthError::Missing));
-        assert_eq!(a.check(Some(""), Role::Caller), Err(AuthError::Missing));
+        assert_eq!(a.check_key(None, Role::Caller), Err(AuthError::Missing));
+        assert_eq!(a.check_key(Some(""), Role::Caller), Err(AuthError::Missing));
+    }
+
+    #[tokio::test]
+    async fn bearer_tokens_need_entra_configured() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, "Bearer abc".parse().expect("header"));
+        assert_eq!(
+            auth().authenticate(&headers, None, Role::Caller).await,
+            Err(AuthError::NoEntra)
+        );
     }
 
     #[test]
@@ -130,7 +207,8 @@ mod tests {
         let a = CallerAuth::new(&AuthConfig {
             allow_anonymous: true,
             ..AuthConfig::default()
-        });
-        assert_eq!(a.check(None, Role::Admin), Ok(()));
+        })
+        .expect("auth");
+        assert_eq!(a.check_key(None, Role::Admin), Ok(()));
     }
 }

@@ -40,6 +40,22 @@ pub struct AuthConfig {
     pub admin_keys: Vec<SecretString>,
     /// Serve without any caller authentication. Only when explicitly set.
     pub allow_anonymous: bool,
+    /// Entra ID bearer tokens (Data Factory's managed identity).
+    pub entra: Option<EntraConfig>,
+}
+
+/// Which Entra ID tokens are accepted, and from whom.
+#[derive(Debug, Clone)]
+pub struct EntraConfig {
+    pub tenant_id: String,
+    /// Accepted `aud` values: the broker's Application ID URI and/or client id.
+    pub audiences: Vec<String>,
+    /// Object ids (`oid`) that may call `/api/refresh`.
+    pub allowed_principals: Vec<String>,
+    /// Object ids that may also use admin routes.
+    pub admin_principals: Vec<String>,
+    /// `https://login.microsoftonline.com`, or a sovereign cloud's.
+    pub authority: Url,
 }
 
 /// Where tokens are kept.
@@ -279,6 +295,68 @@ struct RawAuth {
     admin_keys: Vec<String>,
     #[serde(default)]
     allow_anonymous: bool,
+    entra: Option<RawEntra>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntra {
+    tenant_id: String,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default)]
+    allowed_principals: Vec<String>,
+    #[serde(default)]
+    admin_principals: Vec<String>,
+    authority: Option<String>,
+}
+
+impl RawEntra {
+    fn validate(self) -> Result<EntraConfig, ConfigError> {
+        let tenant_ok = !self.tenant_id.is_empty()
+            && self
+                .tenant_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        if !tenant_ok {
+            return Err(ConfigError::key(
+                "auth.entra.tenant_id",
+                "must be the tenant's id (a GUID) or domain",
+            ));
+        }
+        if self.audiences.iter().all(|a| a.is_empty()) {
+            return Err(ConfigError::key(
+                "auth.entra.audiences",
+                "name at least one audience: the broker app's Application ID URI and/or client id",
+            ));
+        }
+        if self.allowed_principals.is_empty() && self.admin_principals.is_empty() {
+            return Err(ConfigError::key(
+                "auth.entra.allowed_principals",
+                "name the object ids (e.g. Data Factory's managed identity) that may call the broker",
+            ));
+        }
+        let authority = parse_base_url(
+            "auth.entra.authority",
+            self.authority
+                .as_deref()
+                .unwrap_or("https://login.microsoftonline.com"),
+        )?;
+        if authority.scheme() != "https" {
+            return Err(ConfigError::key("auth.entra.authority", "must be https"));
+        }
+        Ok(EntraConfig {
+            tenant_id: self.tenant_id,
+            audiences: self
+                .audiences
+                .into_iter()
+                .filter(|a| !a.is_empty())
+                .collect(),
+            allowed_principals: self.allowed_principals,
+            admin_principals: self.admin_principals,
+            authority,
+        })
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -359,12 +437,17 @@ impl RawConfig {
             api_keys: secrets("auth.api_keys", self.auth.api_keys)?,
             admin_keys: secrets("auth.admin_keys", self.auth.admin_keys)?,
             allow_anonymous: self.auth.allow_anonymous,
+            entra: self.auth.entra.map(RawEntra::validate).transpose()?,
         };
-        if auth.api_keys.is_empty() && auth.admin_keys.is_empty() && !auth.allow_anonymous {
+        if auth.api_keys.is_empty()
+            && auth.admin_keys.is_empty()
+            && auth.entra.is_none()
+            && !auth.allow_anonymous
+        {
             return Err(ConfigError::key(
                 "auth",
-                "no caller authentication configured: set auth.api_keys / auth.admin_keys, \
-                 or auth.allow_anonymous = true to serve without it (never in production)",
+                "no caller authentication configured: set auth.api_keys / auth.admin_keys or \
+                 [auth.entra], or auth.allow_anonymous = true to serve without it (never in production)",
             ));
         }
 

@@ -8,7 +8,7 @@
 //! - [`token`]: the stored record per connection and the `/api/refresh` answer.
 //! - [`store`]: the token store trait, the local file store and the Key Vault store.
 //! - [`azure`]: Azure credentials and client options for the Azure SDK clients.
-//! - [`auth`]: caller authentication (API keys).
+//! - [`auth`]: caller authentication (API keys, Entra ID bearer tokens via [`entra`]).
 //! - [`api`]: routes, handlers and the error-to-response mapping.
 //! - [`html`]: the small pages a browser sees.
 //! - [`http_client`]: outgoing HTTPS trust (system roots plus `SSL_CERT_FILE`).
@@ -20,6 +20,7 @@ pub mod auth;
 pub mod azure;
 pub mod broker;
 pub mod config;
+pub mod entra;
 pub mod html;
 pub mod http_client;
 pub mod provider;

@@ -196,6 +196,8 @@ pub struct Azure {
     pub vault_url: String,
     /// The App Service `IDENTITY_ENDPOINT`.
     pub identity_endpoint: String,
+    /// The Entra ID authority double (`{login_authority}/{tenant}/discovery/v2.0/keys`).
+    pub login_authority: String,
     pub identity_header: String,
     handles: Vec<axum_server::Handle<SocketAddr>>,
 }
@@ -276,6 +278,25 @@ impl Azure {
             .handle(identity_handle.clone());
         tokio::spawn(server.serve(identity.into_make_service()));
 
+        // Entra ID's key set, for the tokens the tests mint with tests/fixtures keys.
+        let login_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind login");
+        login_listener.set_nonblocking(true).expect("nonblocking");
+        let login_port = login_listener.local_addr().expect("addr").port();
+        let login_handle = axum_server::Handle::new();
+        let login = Router::new()
+            .route("/{tenant}/discovery/v2.0/keys", get(jwks))
+            .with_state(shared.clone());
+        let tls = RustlsConfig::from_pem(
+            pki.cert_pem.clone().into_bytes(),
+            pki.key_pem.clone().into_bytes(),
+        )
+        .await
+        .expect("tls config");
+        let server = axum_server::from_tcp_rustls(login_listener, tls)
+            .expect("login server")
+            .handle(login_handle.clone());
+        tokio::spawn(server.serve(login.into_make_service()));
+
         assert_resolves(host, vault_listener_ip(standard_port)).await;
         Self {
             pki,
@@ -283,7 +304,8 @@ impl Azure {
             vault_url,
             identity_endpoint: format!("http://127.0.0.1:{identity_port}/msi/token"),
             identity_header,
-            handles: vec![vault_handle, identity_handle],
+            login_authority: format!("https://{VAULT_HOST}:{login_port}"),
+            handles: vec![vault_handle, identity_handle, login_handle],
         }
     }
 
@@ -324,6 +346,20 @@ async fn assert_resolves(host: &str, ip: std::net::IpAddr) {
         "{host} must resolve to {ip} for the Key Vault tests: \
          add `{ip} {host}` to /etc/hosts (scripts/test does this when it can)"
     );
+}
+
+async fn jwks(State(shared): State<Arc<Shared>>, Path(tenant): Path<String>) -> Response {
+    *shared.lock().ops.entry("jwks").or_default() += 1;
+    if tenant != TENANT {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_tenant"})),
+        )
+            .into_response();
+    }
+    let keys: Value =
+        serde_json::from_str(include_str!("../fixtures/entra-jwks.json")).expect("fixture JWKS");
+    Json(keys).into_response()
 }
 
 #[derive(Clone)]

@@ -7,6 +7,7 @@ mod azure_doubles;
 mod bad_input;
 mod binary;
 mod concurrency;
+mod entra;
 mod flow;
 mod helpers;
 mod key_vault;

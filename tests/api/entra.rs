@@ -1,0 +1,209 @@
+//! Entra ID bearer tokens (how Data Factory's managed identity calls the broker), checked by
+//! the real binary against an Entra JWKS double.
+
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+
+use crate::azure_doubles::{Azure, TENANT};
+use crate::helpers::{free_port, BrokerProcess, ADMIN_KEY};
+
+const AUDIENCE: &str = "api://token-broker-test";
+const ADF: &str = "6a1f2c3d-0000-4000-8000-00000000adf1";
+const ADMIN: &str = "6a1f2c3d-0000-4000-8000-0000000ad111";
+const STRANGER: &str = "6a1f2c3d-0000-4000-8000-000000000bad";
+
+struct Setup {
+    azure: Azure,
+    broker: BrokerProcess,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let azure = Azure::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[auth]
+admin_keys = ["{ADMIN_KEY}"]
+[auth.entra]
+tenant_id = "{TENANT}"
+audiences = ["{AUDIENCE}"]
+allowed_principals = ["{ADF}"]
+admin_principals = ["{ADMIN}"]
+authority = "{authority}"
+[store]
+path = "{tokens}"
+[connections.acme]
+provider = "oauth2"
+authorize_url = "https://id.example.com/auth"
+token_url = "https://id.example.com/token"
+client_id = "c"
+"#,
+            authority = azure.login_authority,
+            tokens = dir.path().join("tokens").display(),
+        ),
+    )
+    .expect("config");
+    let env = vec![("SSL_CERT_FILE", azure.pki.ca_file.display().to_string())];
+    let broker =
+        BrokerProcess::start_on(free_port(), &config, &env, &dir.path().join("broker.log")).await;
+    Setup {
+        azure,
+        broker,
+        http: reqwest::Client::new(),
+        _dir: dir,
+    }
+}
+
+/// Claims as Entra ID issues them for a managed identity, with the v2 issuer of the
+/// authority the broker is configured with (the double's).
+fn claims_from(authority: &str, oid: &str) -> Value {
+    let now = chrono::Utc::now().timestamp();
+    json!({
+        "aud": AUDIENCE,
+        "iss": format!("{authority}/{TENANT}/v2.0"),
+        "iat": now, "nbf": now, "exp": now + 3600,
+        "oid": oid, "sub": oid, "tid": TENANT,
+        "azp": "00000000-0000-0000-0000-0000000000a1", "idtyp": "app",
+    })
+}
+
+fn sign_with(claims: &Value, pem: &[u8], kid: &str) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.to_owned());
+    encode(
+        &header,
+        claims,
+        &EncodingKey::from_rsa_pem(pem).expect("key"),
+    )
+    .expect("sign")
+}
+
+fn sign(claims: &Value) -> String {
+    sign_with(
+        claims,
+        include_bytes!("../fixtures/entra-signing-key.pem"),
+        "test-key-1",
+    )
+}
+
+impl Setup {
+    /// The broker's status for `path` with `token` as the bearer (the body goes to stderr,
+    /// for failing runs).
+    async fn status(&self, path: &str, token: &str) -> u16 {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.broker.base))
+            .bearer_auth(token)
+            .header("Accept", "application/json")
+            .send()
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        if status == 401 {
+            let challenge = response.headers().get("www-authenticate").cloned();
+            assert_eq!(
+                challenge.as_ref().map(|v| v.to_str().expect("ascii")),
+                Some("Bearer")
+            );
+        }
+        eprintln!(
+            "{path}: {status} {}",
+            response.text().await.unwrap_or_default()
+        );
+        status
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_identity_tokens_from_allowed_principals_are_accepted() {
+    let setup = setup().await;
+    let claims = |oid| claims_from(&setup.azure.login_authority, oid);
+    // Authenticated: the 409 says "no token yet", not "who are you".
+    assert_eq!(
+        setup.status("/api/refresh/acme", &sign(&claims(ADF))).await,
+        409
+    );
+    // v1 tokens (resource-style) from the same tenant are accepted too.
+    let mut v1 = claims(ADF);
+    v1["iss"] = format!("https://sts.windows.net/{TENANT}/").into();
+    assert_eq!(setup.status("/api/refresh/acme", &sign(&v1)).await, 409);
+    // Admin routes need an admin principal.
+    assert_eq!(
+        setup.status("/api/connections", &sign(&claims(ADF))).await,
+        403
+    );
+    assert_eq!(
+        setup
+            .status("/api/connections", &sign(&claims(ADMIN)))
+            .await,
+        200
+    );
+    // The key set was fetched once and cached.
+    assert_eq!(setup.azure.shared.count("jwks"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_refused() {
+    let setup = setup().await;
+    let claims = |oid| claims_from(&setup.azure.login_authority, oid);
+    let route = "/api/refresh/acme";
+    let now = chrono::Utc::now().timestamp();
+
+    let mut expired = claims(ADF);
+    expired["exp"] = (now - 3600).into();
+    let mut audience = claims(ADF);
+    audience["aud"] = "https://management.azure.com".into();
+    let mut issuer = claims(ADF);
+    issuer["iss"] = format!("{}/another-tenant/v2.0", setup.azure.login_authority).into();
+    let mut tenant = claims(ADF);
+    tenant["tid"] = "00000000-0000-0000-0000-000000000000".into();
+    let mut no_oid = claims(ADF);
+    no_oid.as_object_mut().expect("object").remove("oid");
+    for (what, claims) in [
+        ("expired", expired),
+        ("wrong audience", audience),
+        ("wrong issuer", issuer),
+        ("wrong tenant", tenant),
+        ("no oid", no_oid),
+    ] {
+        assert_eq!(setup.status(route, &sign(&claims)).await, 401, "{what}");
+    }
+
+    // Forged: signed by a key the tenant does not publish, under a published or unknown kid.
+    let untrusted = include_bytes!("../fixtures/entra-untrusted-key.pem");
+    assert_eq!(
+        setup
+            .status(route, &sign_with(&claims(ADF), untrusted, "test-key-1"))
+            .await,
+        401
+    );
+    assert_eq!(
+        setup
+            .status(route, &sign_with(&claims(ADF), untrusted, "other-kid"))
+            .await,
+        401
+    );
+    // An HMAC token "signed" with the public key, and garbage.
+    let hs = encode(
+        &Header::new(Algorithm::HS256),
+        &claims(ADF),
+        &EncodingKey::from_secret(include_bytes!("../fixtures/entra-jwks.json")),
+    )
+    .expect("sign");
+    assert_eq!(setup.status(route, &hs).await, 401);
+    assert_eq!(setup.status(route, "not-a-jwt").await, 401);
+
+    // A valid token from a principal that is not allowed: 403.
+    assert_eq!(setup.status(route, &sign(&claims(STRANGER))).await, 403);
+    // Unknown kids refetch the key set at most once a minute.
+    assert!(
+        setup.azure.shared.count("jwks") <= 2,
+        "{}",
+        setup.azure.shared.count("jwks")
+    );
+}
