@@ -9,6 +9,7 @@ mod binary;
 mod concurrency;
 mod entra;
 mod flow;
+mod functions;
 mod helpers;
 mod key_vault;
 mod timer;
