@@ -536,9 +536,22 @@ async fn callback(
             "The provider's response carries no authorization code.",
         );
     };
+    // Provider-specific callback parameters callers need (QuickBooks `realmId`).
+    let mut callback_extra = serde_json::Map::new();
+    if let Ok(provider) = state.broker.provider(&connection) {
+        let pairs: Vec<(String, String)> = query
+            .as_deref()
+            .and_then(|q| serde_urlencoded::from_str(q).ok())
+            .unwrap_or_default();
+        for (param, field) in provider.callback_params {
+            if let Some((_, value)) = pairs.iter().find(|(k, _)| k == param) {
+                callback_extra.insert((*field).to_owned(), value.clone().into());
+            }
+        }
+    }
     match state
         .broker
-        .complete_consent(&connection, code, redeemed.verifier)
+        .complete_consent(&connection, code, redeemed.verifier, callback_extra)
         .await
     {
         Ok(()) => page(

@@ -12,7 +12,8 @@ use url::Url;
 use crate::api::{self, AppState};
 use crate::auth::CallerAuth;
 use crate::broker::Broker;
-use crate::config::Config;
+use crate::config::{Config, Endpoints};
+use crate::presets;
 use crate::provider::{Provider, UpstreamHttp};
 use crate::state::StateSigner;
 use crate::store;
@@ -40,6 +41,10 @@ impl Application {
         let store = opened.store;
         let http = UpstreamHttp::new(config.refresh.upstream_timeout)
             .context("building the HTTP client")?;
+        let discovery_http = crate::http_client::builder()?
+            .timeout(config.refresh.upstream_timeout)
+            .build()
+            .context("building the discovery HTTP client")?;
         let mut providers = BTreeMap::new();
         for (name, connection) in &config.connections {
             let client_secret = match (&connection.client_secret_name, &opened.vault) {
@@ -54,8 +59,27 @@ impl Application {
                 ),
                 _ => connection.client_secret.clone(),
             };
+            let (authorize_url, token_url) = match &connection.endpoints {
+                Endpoints::Static {
+                    authorize_url,
+                    token_url,
+                } => (authorize_url.clone(), token_url.clone()),
+                Endpoints::Discover { issuer } => {
+                    let endpoints = presets::discover(&discovery_http, issuer)
+                        .await
+                        .with_context(|| {
+                            format!("connections.{name}.issuer: OIDC discovery failed")
+                        })?;
+                    tracing::info!(connection = %name, issuer = %issuer, "discovered OIDC endpoints");
+                    endpoints
+                }
+            };
+            if !connection.added_scopes.is_empty() {
+                tracing::info!(connection = %name, provider = connection.provider.name(), added = ?connection.added_scopes, "added scopes the provider needs for a refresh token");
+            }
             let provider = Provider::new(
                 connection,
+                (&authorize_url, &token_url),
                 client_secret.as_ref(),
                 &redirect_uri,
                 config.refresh.default_lifetime,

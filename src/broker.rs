@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use oauth2::{PkceCodeVerifier, TokenResponse};
+use serde_json::{Map, Value};
 use tracing::{info, warn, Instrument};
 
 use crate::provider::{Provider, ProviderTokenResponse, UpstreamError, UpstreamHttp};
@@ -382,6 +383,7 @@ impl Broker {
         name: &str,
         code: String,
         verifier: PkceCodeVerifier,
+        callback_extra: Map<String, Value>,
     ) -> Result<(), BrokerError> {
         let conn = self.connection(name)?;
         let span = tracing::info_span!("consent", connection = name);
@@ -392,11 +394,24 @@ impl Broker {
                 .exchange_code(&self.http, code, verifier)
                 .await
                 .inspect_err(|err| warn!(error = %err, "code exchange failed"))?;
+            conn.provider
+                .check_refresh_token(&response)
+                .inspect_err(|err| warn!(error = %err, "consent refused"))?;
             if response.refresh_token().is_none() {
                 warn!("the provider issued no refresh token; the connection will need consent again when the access token expires (check the scopes, e.g. offline_access)");
             }
             let now = Utc::now();
-            let record = new_record(None, &response, conn.provider.default_lifetime, now, now);
+            let mut record = new_record(None, &response, conn.provider.default_lifetime, now, now);
+            record.extra.extend(callback_extra);
+            // What callers need besides the token (tenants, division). A failed lookup
+            // must not lose the grant: the tokens are stored regardless.
+            match conn.provider.lookup(&self.http, response.access_token()).await {
+                Ok(found) => record.extra.extend(found),
+                Err(err) => {
+                    warn!(error = %err, "post-consent lookup failed; tokens are stored, reconnect to retry the lookup");
+                    record.last_error = Some(format!("post-consent lookup failed: {err}"));
+                }
+            }
             let _flight = conn.flight.lock().await;
             self.persist_locked(name, conn, record).await?;
             info!(outcome = "connected", "consent completed");

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::SecretString;
+
+use crate::presets::{Lookup, Preset, PresetSettings};
 use serde::Deserialize;
 use url::Url;
 
@@ -117,12 +119,24 @@ pub enum ClientAuth {
     Post,
 }
 
+/// Where a connection's provider has its endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoints {
+    Static {
+        authorize_url: Url,
+        token_url: Url,
+    },
+    /// OIDC discovery from this issuer, at startup.
+    Discover {
+        issuer: Url,
+    },
+}
+
 /// One named connection to one provider account.
 #[derive(Debug)]
 pub struct ConnectionConfig {
     pub provider: ProviderKind,
-    pub authorize_url: Url,
-    pub token_url: Url,
+    pub endpoints: Endpoints,
     pub client_id: String,
     pub client_secret: Option<SecretString>,
     /// Name of a Key Vault secret holding the client secret (read once at startup).
@@ -141,14 +155,48 @@ pub struct ConnectionConfig {
     pub refresh_token_idle_lifetime: Option<Duration>,
     /// The provider refuses a refresh sooner than this after the last (Exact Online ~570 s).
     pub min_refresh_interval: Duration,
+    /// A lookup made right after consent (Xero tenants, Exact Online division).
+    pub lookup: Option<Lookup>,
+    /// Callback query parameters kept for callers, as (parameter, response field).
+    pub callback_params: &'static [(&'static str, &'static str)],
+    /// A consent without a refresh token is refused with advice.
+    pub require_refresh_token: bool,
+    /// Scopes the preset added because the config lacked them (logged at startup).
+    pub added_scopes: Vec<String>,
 }
 
-/// Provider kinds. Presets (Xero, Google, ...) join this list as they are built.
+/// Provider kinds: a generic OAuth 2.0 server, or a preset (see [`crate::presets`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProviderKind {
     /// Any OAuth 2.0 authorization server described by its endpoints.
     Oauth2,
+    Xero,
+    Google,
+    ExactOnline,
+    Microsoft,
+    Quickbooks,
+    Salesforce,
+    Hubspot,
+    /// Any OpenID Connect provider, from its issuer by discovery.
+    Oidc,
+}
+
+impl ProviderKind {
+    /// The name used in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderKind::Oauth2 => "oauth2",
+            ProviderKind::Xero => "xero",
+            ProviderKind::Google => "google",
+            ProviderKind::ExactOnline => "exact-online",
+            ProviderKind::Microsoft => "microsoft",
+            ProviderKind::Quickbooks => "quickbooks",
+            ProviderKind::Salesforce => "salesforce",
+            ProviderKind::Hubspot => "hubspot",
+            ProviderKind::Oidc => "oidc",
+        }
+    }
 }
 
 /// A configuration error that names the key it is about.
@@ -166,7 +214,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Key {
             key: key.into(),
             message: message.into(),
@@ -398,6 +446,12 @@ struct RawConnection {
     default_lifetime: Option<u64>,
     refresh_token_idle_days: Option<u64>,
     min_refresh_interval: Option<u64>,
+    region: Option<String>,
+    tenant: Option<String>,
+    domain: Option<String>,
+    environment: Option<String>,
+    issuer: Option<String>,
+    api_url: Option<String>,
 }
 
 /// Authorization parameters the broker sets itself; configuring them would break the flow.
@@ -616,13 +670,40 @@ fn validate_secret_name(key: &str, name: &str) -> Result<(), ConfigError> {
 
 impl RawConnection {
     fn validate(self, key: &str) -> Result<ConnectionConfig, ConfigError> {
+        let preset = Preset::resolve(
+            self.provider,
+            &PresetSettings {
+                region: self.region.as_deref(),
+                tenant: self.tenant.as_deref(),
+                domain: self.domain.as_deref(),
+                environment: self.environment.as_deref(),
+                issuer: self.issuer.as_deref(),
+                api_url: self.api_url.as_deref(),
+            },
+            key,
+        )?;
         let required = |field: &str, value: Option<String>| {
             value
                 .filter(|v| !v.trim().is_empty())
                 .ok_or_else(|| ConfigError::key(format!("{key}.{field}"), "is required"))
         };
-        let authorize_url = required("authorize_url", self.authorize_url)?;
-        let token_url = required("token_url", self.token_url)?;
+        // Configured endpoints win over the preset's (tests, sandboxes, sovereign clouds).
+        let endpoints = match (&preset.issuer, &self.authorize_url, &self.token_url) {
+            (Some(issuer), None, None) => Endpoints::Discover {
+                issuer: issuer.clone(),
+            },
+            _ => {
+                let authorize_url = required(
+                    "authorize_url",
+                    self.authorize_url.or(preset.authorize_url.clone()),
+                )?;
+                let token_url = required("token_url", self.token_url.or(preset.token_url.clone()))?;
+                Endpoints::Static {
+                    authorize_url: parse_endpoint(&format!("{key}.authorize_url"), &authorize_url)?,
+                    token_url: parse_endpoint(&format!("{key}.token_url"), &token_url)?,
+                }
+            }
+        };
         let client_id = required("client_id", self.client_id)?;
         for param in self.authorize_params.keys() {
             if RESERVED_AUTHORIZE_PARAMS.contains(&param.as_str()) {
@@ -640,6 +721,20 @@ impl RawConnection {
                 ));
             }
         }
+        let mut scopes = self.scopes;
+        let mut added_scopes = Vec::new();
+        for required in preset.required_scopes {
+            if !scopes.iter().any(|s| s == required) {
+                scopes.push((*required).to_owned());
+                added_scopes.push((*required).to_owned());
+            }
+        }
+        let mut authorize_params: BTreeMap<String, String> = preset
+            .authorize_params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        authorize_params.extend(self.authorize_params);
         for (field, name) in [
             ("client_secret_name", &self.client_secret_name),
             (
@@ -660,24 +755,33 @@ impl RawConnection {
         }
         Ok(ConnectionConfig {
             provider: self.provider,
-            authorize_url: parse_endpoint(&format!("{key}.authorize_url"), &authorize_url)?,
-            token_url: parse_endpoint(&format!("{key}.token_url"), &token_url)?,
+            endpoints,
             client_id,
             client_secret: client_secret.map(SecretString::from),
             client_secret_name: self.client_secret_name,
             mirror_refresh_token_secret: self.mirror_refresh_token_secret,
-            client_auth: self.client_auth.unwrap_or(ClientAuth::Basic),
-            scopes: self.scopes,
-            authorize_params: self.authorize_params,
-            default_lifetime: self
-                .default_lifetime
-                .map(|s| positive_secs(&format!("{key}.default_lifetime"), s))
-                .transpose()?,
-            refresh_token_idle_lifetime: self
-                .refresh_token_idle_days
-                .map(|days| positive_secs(&format!("{key}.refresh_token_idle_days"), days * 86_400))
-                .transpose()?,
-            min_refresh_interval: Duration::from_secs(self.min_refresh_interval.unwrap_or(0)),
+            client_auth: self.client_auth.unwrap_or(preset.client_auth),
+            scopes,
+            authorize_params,
+            default_lifetime: match self.default_lifetime {
+                Some(secs) => Some(positive_secs(&format!("{key}.default_lifetime"), secs)?),
+                None => preset.default_lifetime,
+            },
+            refresh_token_idle_lifetime: match self.refresh_token_idle_days {
+                Some(days) => Some(positive_secs(
+                    &format!("{key}.refresh_token_idle_days"),
+                    days * 86_400,
+                )?),
+                None => preset.idle_lifetime,
+            },
+            min_refresh_interval: self
+                .min_refresh_interval
+                .map(Duration::from_secs)
+                .unwrap_or(preset.min_refresh_interval),
+            lookup: preset.lookup,
+            callback_params: preset.callback_params,
+            require_refresh_token: preset.require_refresh_token,
+            added_scopes,
         })
     }
 }

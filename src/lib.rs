@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML configuration, `${NAME}` expansion, validation at boot.
+//! - [`presets`]: what `provider = "xero"` etc. mean: endpoints, auth style, quirks.
 //! - [`provider`]: a configured provider and its token requests (through the `oauth2` crate).
 //! - [`state`]: signed, browser-bound, single-use `state` and derived PKCE verifiers.
 //! - [`broker`]: refresh coordination: cache, single flight, rotation, dead-grant detection.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod entra;
 pub mod html;
 pub mod http_client;
+pub mod presets;
 pub mod provider;
 pub mod state;
 pub mod store;

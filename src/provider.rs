@@ -26,7 +26,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use url::Url;
 
-use crate::config::{ClientAuth, ConnectionConfig};
+use crate::config::{ClientAuth, ConnectionConfig, ProviderKind};
+use crate::presets::Lookup;
 
 /// Response fields that are secrets or already mapped; never copied into `extra`.
 const NOT_EXTRA: &[&str] = &[
@@ -189,8 +190,14 @@ pub enum UpstreamError {
     #[error("no complete answer from the provider's token endpoint: {0}")]
     Transport(String),
     /// A response that is not a valid token response.
-    #[error("the provider sent a malformed token response ({0})")]
+    #[error("the provider sent a malformed response ({0})")]
     Malformed(String),
+    /// The consent yielded no refresh token, so the connection could not be kept alive.
+    #[error("the provider issued no refresh token: {0}")]
+    NoRefreshToken(&'static str),
+    /// A post-consent lookup was refused.
+    #[error("the provider's API answered HTTP {status} to {what}")]
+    Lookup { what: String, status: u16 },
 }
 
 fn describe(description: &Option<String>) -> String {
@@ -213,6 +220,7 @@ impl UpstreamError {
 
 /// A provider as one connection is configured to use it.
 pub struct Provider {
+    kind: ProviderKind,
     client: OAuthClient,
     scopes: Vec<Scope>,
     authorize_params: Vec<(String, String)>,
@@ -222,6 +230,10 @@ pub struct Provider {
     pub refresh_token_idle_lifetime: Option<Duration>,
     /// The provider refuses a refresh sooner than this after the last one.
     pub min_refresh_interval: Duration,
+    lookup: Option<Lookup>,
+    /// Callback query parameters kept for callers, as (parameter, response field).
+    pub callback_params: &'static [(&'static str, &'static str)],
+    require_refresh_token: bool,
 }
 
 impl Provider {
@@ -229,13 +241,15 @@ impl Provider {
     /// from the config or Key Vault), redirecting back to `redirect_uri`.
     pub fn new(
         connection: &ConnectionConfig,
+        endpoints: (&Url, &Url),
         client_secret: Option<&SecretString>,
         redirect_uri: &Url,
         default_lifetime: Duration,
     ) -> Self {
+        let (authorize_url, token_url) = endpoints;
         let mut client = Client::new(ClientId::new(connection.client_id.clone()))
-            .set_auth_uri(AuthUrl::from_url(connection.authorize_url.clone()))
-            .set_token_uri(TokenUrl::from_url(connection.token_url.clone()))
+            .set_auth_uri(AuthUrl::from_url(authorize_url.clone()))
+            .set_token_uri(TokenUrl::from_url(token_url.clone()))
             .set_redirect_uri(RedirectUrl::from_url(redirect_uri.clone()))
             .set_auth_type(match connection.client_auth {
                 ClientAuth::Basic => AuthType::BasicAuth,
@@ -245,6 +259,7 @@ impl Provider {
             client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()));
         }
         Self {
+            kind: connection.provider,
             client,
             scopes: connection
                 .scopes
@@ -259,7 +274,76 @@ impl Provider {
             default_lifetime: connection.default_lifetime.unwrap_or(default_lifetime),
             refresh_token_idle_lifetime: connection.refresh_token_idle_lifetime,
             min_refresh_interval: connection.min_refresh_interval,
+            lookup: connection.lookup.clone(),
+            callback_params: connection.callback_params,
+            require_refresh_token: connection.require_refresh_token,
         }
+    }
+
+    /// Refuses a consent without a refresh token when the connection cannot live without
+    /// one, saying what usually causes it.
+    pub fn check_refresh_token(
+        &self,
+        response: &ProviderTokenResponse,
+    ) -> Result<(), UpstreamError> {
+        if response.refresh_token().is_some() || !self.require_refresh_token {
+            return Ok(());
+        }
+        let advice = match self.kind {
+            ProviderKind::Google => "Google issues one only with access_type=offline and prompt=consent (the preset sends both); remove the app's access at https://myaccount.google.com/permissions and consent again",
+            ProviderKind::Salesforce => "the connected app needs the refresh_token (or offline_access) scope",
+            _ => "check that the scopes include offline_access (or the provider's equivalent)",
+        };
+        Err(UpstreamError::NoRefreshToken(advice))
+    }
+
+    /// The post-consent lookup (Xero tenants, Exact Online division): fields for callers.
+    pub async fn lookup(
+        &self,
+        http: &UpstreamHttp,
+        access_token: &AccessToken,
+    ) -> Result<Map<String, Value>, UpstreamError> {
+        let mut extra = Map::new();
+        match &self.lookup {
+            None => {}
+            Some(Lookup::XeroTenants { url }) => {
+                let connections = http.get_json(url, access_token).await?;
+                let tenants: Vec<Value> = connections
+                    .as_array()
+                    .ok_or_else(|| {
+                        UpstreamError::Malformed("Xero connections is not a list".into())
+                    })?
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "tenant_id": c["tenantId"],
+                            "tenant_name": c["tenantName"],
+                            "tenant_type": c["tenantType"],
+                        })
+                    })
+                    .collect();
+                if let [only] = tenants.as_slice() {
+                    extra.insert("tenant_id".into(), only["tenant_id"].clone());
+                }
+                extra.insert("tenants".into(), Value::Array(tenants));
+            }
+            Some(Lookup::ExactDivision { url }) => {
+                let me = http.get_json(url, access_token).await?;
+                // OData v2 answers {"d":{"results":[…]}}; some endpoints {"d":[…]}.
+                let results = me["d"]["results"].as_array().or_else(|| me["d"].as_array());
+                let division = results
+                    .and_then(|r| r.first())
+                    .map(|user| user["CurrentDivision"].clone())
+                    .filter(|d| !d.is_null())
+                    .ok_or_else(|| {
+                        UpstreamError::Malformed(
+                            "Exact Online /current/Me has no CurrentDivision".into(),
+                        )
+                    })?;
+                extra.insert("division".into(), division);
+            }
+        }
+        Ok(extra)
     }
 
     /// The consent URL: `response_type=code`, scopes, `state`, PKCE S256 and the configured
@@ -391,6 +475,34 @@ impl UpstreamHttp {
             .timeout(timeout)
             .build()?;
         Ok(Self { client })
+    }
+}
+
+impl UpstreamHttp {
+    /// `GET url` with the access token, expecting JSON (the post-consent lookups).
+    async fn get_json(
+        &self,
+        url: &Url,
+        access_token: &AccessToken,
+    ) -> Result<Value, UpstreamError> {
+        let response = self
+            .client
+            .get(url.clone())
+            .bearer_auth(access_token.secret())
+            .header(http::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|err| UpstreamError::Transport(error_chain(&err)))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(UpstreamError::Lookup {
+                what: format!("GET {}", url.path()),
+                status: status.as_u16(),
+            });
+        }
+        response.json().await.map_err(|_| {
+            UpstreamError::Malformed(format!("GET {} did not answer JSON", url.path()))
+        })
     }
 }
 

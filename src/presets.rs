@@ -1,0 +1,334 @@
+//! Provider presets: what `provider = "xero"` (and friends) means — endpoints, client
+//! authentication, scopes and parameters a provider insists on, token lifetimes, and the
+//! lookups callers need after consent. Every URL stays overridable in the config (tests,
+//! sovereign clouds, sandboxes).
+//!
+//! Sources are cited per preset; see also `../shared/FACTS.md` in the project workspace.
+
+use std::time::Duration;
+
+use url::Url;
+
+use crate::config::{ClientAuth, ConfigError, ProviderKind};
+
+/// What the broker does right after consent (and remembers in the record for callers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Xero: `GET {url}` with the new access token lists the authorized tenants
+    /// (`tenants`, and `tenant_id` when there is exactly one).
+    XeroTenants { url: Url },
+    /// Exact Online: `GET {url}` (`/api/v1/current/Me`) gives the current division
+    /// (`division`).
+    ExactDivision { url: Url },
+}
+
+/// A preset, resolved for one connection's settings.
+#[derive(Debug, Clone)]
+pub struct Preset {
+    pub authorize_url: Option<String>,
+    pub token_url: Option<String>,
+    /// OIDC discovery: the issuer whose `/.well-known/openid-configuration` gives the
+    /// endpoints (read once at startup).
+    pub issuer: Option<Url>,
+    pub client_auth: ClientAuth,
+    /// Scopes the flow cannot work without; added when the config omits them.
+    pub required_scopes: &'static [&'static str],
+    pub authorize_params: &'static [(&'static str, &'static str)],
+    pub default_lifetime: Option<Duration>,
+    pub idle_lifetime: Option<Duration>,
+    pub min_refresh_interval: Duration,
+    pub lookup: Option<Lookup>,
+    /// Callback query parameters to keep, as (parameter, response field).
+    pub callback_params: &'static [(&'static str, &'static str)],
+    /// Refuse a consent that yields no refresh token, with advice.
+    pub require_refresh_token: bool,
+}
+
+/// Settings only some presets take.
+#[derive(Debug, Default)]
+pub struct PresetSettings<'a> {
+    pub region: Option<&'a str>,
+    pub tenant: Option<&'a str>,
+    pub domain: Option<&'a str>,
+    pub environment: Option<&'a str>,
+    pub issuer: Option<&'a str>,
+    pub api_url: Option<&'a str>,
+}
+
+const DAY: u64 = 86_400;
+
+fn days(n: u64) -> Option<Duration> {
+    Some(Duration::from_secs(n * DAY))
+}
+
+fn url(key: &str, value: &str) -> Result<Url, ConfigError> {
+    Url::parse(value)
+        .map_err(|err| ConfigError::key(key, format!("`{value}` is not a valid URL: {err}")))
+}
+
+fn generic(client_auth: ClientAuth) -> Preset {
+    Preset {
+        authorize_url: None,
+        token_url: None,
+        issuer: None,
+        client_auth,
+        required_scopes: &[],
+        authorize_params: &[],
+        default_lifetime: None,
+        idle_lifetime: None,
+        min_refresh_interval: Duration::ZERO,
+        lookup: None,
+        callback_params: &[],
+        require_refresh_token: false,
+    }
+}
+
+impl Preset {
+    /// The preset for `kind`, given the connection's preset settings. `key` is the
+    /// connection's config key, for errors.
+    pub fn resolve(
+        kind: ProviderKind,
+        settings: &PresetSettings<'_>,
+        key: &str,
+    ) -> Result<Preset, ConfigError> {
+        let allowed: &[&str] = match kind {
+            ProviderKind::ExactOnline => &["region", "api_url"],
+            ProviderKind::Microsoft => &["tenant"],
+            ProviderKind::Salesforce => &["domain"],
+            ProviderKind::Quickbooks => &["environment"],
+            ProviderKind::Oidc => &["issuer"],
+            ProviderKind::Xero => &["api_url"],
+            _ => &[],
+        };
+        for (name, value) in [
+            ("region", settings.region),
+            ("tenant", settings.tenant),
+            ("domain", settings.domain),
+            ("environment", settings.environment),
+            ("issuer", settings.issuer),
+            ("api_url", settings.api_url),
+        ] {
+            if value.is_some() && !allowed.contains(&name) {
+                return Err(ConfigError::key(
+                    format!("{key}.{name}"),
+                    format!("does not apply to provider `{}`", kind.name()),
+                ));
+            }
+        }
+
+        Ok(match kind {
+            ProviderKind::Oauth2 => generic(ClientAuth::Basic),
+
+            // https://developer.xero.com/documentation/guides/oauth2/auth-flow/ :
+            // Basic auth at the token endpoint, `offline_access` for a refresh token,
+            // 30-minute access tokens, refresh tokens rotate and expire after 60 days unused;
+            // tenants from GET https://api.xero.com/connections.
+            ProviderKind::Xero => {
+                let api = settings.api_url.unwrap_or("https://api.xero.com");
+                Preset {
+                    authorize_url: Some("https://login.xero.com/identity/connect/authorize".into()),
+                    token_url: Some("https://identity.xero.com/connect/token".into()),
+                    required_scopes: &["offline_access"],
+                    default_lifetime: Some(Duration::from_secs(1800)),
+                    idle_lifetime: days(60),
+                    lookup: Some(Lookup::XeroTenants {
+                        url: url(
+                            &format!("{key}.api_url"),
+                            &format!("{}/connections", api.trim_end_matches('/')),
+                        )?,
+                    }),
+                    require_refresh_token: true,
+                    ..generic(ClientAuth::Basic)
+                }
+            }
+
+            // https://developers.google.com/identity/protocols/oauth2/web-server :
+            // `access_type=offline` for a refresh token, `prompt=consent` to get one again on
+            // re-consent; credentials in the body. Refresh tokens of apps in "Testing"
+            // status expire after 7 days.
+            ProviderKind::Google => Preset {
+                authorize_url: Some("https://accounts.google.com/o/oauth2/v2/auth".into()),
+                token_url: Some("https://oauth2.googleapis.com/token".into()),
+                authorize_params: &[("access_type", "offline"), ("prompt", "consent")],
+                idle_lifetime: days(7),
+                require_refresh_token: true,
+                ..generic(ClientAuth::Post)
+            },
+
+            // https://support.exactonline.com/community/s/knowledge-base#All-All-DNO-Content-oauth-eol-oauth-dev-impleovervw :
+            // regional sites, credentials in the body, 10-minute access tokens, rotating
+            // refresh tokens that expire after 30 days; a new access token cannot be had
+            // within ~9.5 minutes of the last.
+            ProviderKind::ExactOnline => {
+                let region = settings.region.unwrap_or("nl");
+                let domain = match region {
+                    "nl" => "nl",
+                    "be" => "be",
+                    "de" => "de",
+                    "uk" => "co.uk",
+                    "us" => "com",
+                    "es" => "es",
+                    "fr" => "fr",
+                    other => return Err(ConfigError::key(
+                        format!("{key}.region"),
+                        format!(
+                            "unknown Exact Online region `{other}` (nl, be, de, uk, us, es, fr)"
+                        ),
+                    )),
+                };
+                let base = settings
+                    .api_url
+                    .map(|u| u.trim_end_matches('/').to_owned())
+                    .unwrap_or_else(|| format!("https://start.exactonline.{domain}"));
+                Preset {
+                    authorize_url: Some(format!("{base}/api/oauth2/auth")),
+                    token_url: Some(format!("{base}/api/oauth2/token")),
+                    default_lifetime: Some(Duration::from_secs(600)),
+                    idle_lifetime: days(30),
+                    min_refresh_interval: Duration::from_secs(570),
+                    lookup: Some(Lookup::ExactDivision {
+                        url: url(
+                            &format!("{key}.api_url"),
+                            &format!("{base}/api/v1/current/Me?$select=CurrentDivision"),
+                        )?,
+                    }),
+                    require_refresh_token: true,
+                    ..generic(ClientAuth::Post)
+                }
+            }
+
+            // https://learn.microsoft.com/entra/identity-platform/v2-oauth2-auth-code-flow :
+            // per-tenant v2.0 endpoints, `offline_access` for a refresh token, secret in the
+            // body; refresh tokens last 90 days and are replaced on every use.
+            ProviderKind::Microsoft => {
+                let tenant = settings.tenant.unwrap_or("organizations");
+                if tenant.is_empty()
+                    || !tenant
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+                {
+                    return Err(ConfigError::key(
+                        format!("{key}.tenant"),
+                        "a tenant id, domain, `organizations`, `common` or `consumers`",
+                    ));
+                }
+                let base = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
+                Preset {
+                    authorize_url: Some(format!("{base}/authorize")),
+                    token_url: Some(format!("{base}/token")),
+                    required_scopes: &["offline_access"],
+                    idle_lifetime: days(90),
+                    require_refresh_token: true,
+                    ..generic(ClientAuth::Post)
+                }
+            }
+
+            // https://developer.intuit.com/app/developer/qbo/docs/develop/authentication-and-authorization/oauth-2.0 :
+            // Basic auth, `realmId` on the redirect, refresh tokens roll over 100 days.
+            ProviderKind::Quickbooks => {
+                match settings.environment.unwrap_or("production") {
+                    "production" | "sandbox" => {}
+                    other => {
+                        return Err(ConfigError::key(
+                            format!("{key}.environment"),
+                            format!("`{other}`: expected `production` or `sandbox`"),
+                        ))
+                    }
+                }
+                Preset {
+                    authorize_url: Some("https://appcenter.intuit.com/connect/oauth2".into()),
+                    token_url: Some(
+                        "https://oauth.platform.intuit.com/oauth2/v1/tokens/bearer".into(),
+                    ),
+                    idle_lifetime: days(100),
+                    callback_params: &[("realmId", "realm_id")],
+                    require_refresh_token: true,
+                    ..generic(ClientAuth::Basic)
+                }
+            }
+
+            // https://help.salesforce.com/s/articleView?id=sf.remoteaccess_oauth_web_server_flow.htm :
+            // login/test/My Domain hosts, no `expires_in` (the session timeout applies),
+            // `instance_url` in the token response, `refresh_token` scope.
+            ProviderKind::Salesforce => {
+                let base = match settings.domain.unwrap_or("login") {
+                    "login" => "https://login.salesforce.com".to_owned(),
+                    "test" => "https://test.salesforce.com".to_owned(),
+                    other if other.starts_with("https://") => other.trim_end_matches('/').to_owned(),
+                    other => {
+                        return Err(ConfigError::key(
+                            format!("{key}.domain"),
+                            format!("`{other}`: expected `login`, `test` or a My Domain URL (https://…my.salesforce.com)"),
+                        ))
+                    }
+                };
+                Preset {
+                    authorize_url: Some(format!("{base}/services/oauth2/authorize")),
+                    token_url: Some(format!("{base}/services/oauth2/token")),
+                    required_scopes: &["refresh_token"],
+                    default_lifetime: Some(Duration::from_secs(2 * 3600)),
+                    require_refresh_token: true,
+                    ..generic(ClientAuth::Post)
+                }
+            }
+
+            // https://developers.hubspot.com/docs/api/oauth-quickstart-guide :
+            // credentials in the body, 30-minute access tokens.
+            ProviderKind::Hubspot => Preset {
+                authorize_url: Some("https://app.hubspot.com/oauth/authorize".into()),
+                token_url: Some("https://api.hubapi.com/oauth/v3/token".into()),
+                default_lifetime: Some(Duration::from_secs(1800)),
+                require_refresh_token: true,
+                ..generic(ClientAuth::Post)
+            },
+
+            // OpenID Connect Discovery 1.0 §4: `{issuer}/.well-known/openid-configuration`.
+            ProviderKind::Oidc => {
+                let issuer = settings.issuer.ok_or_else(|| {
+                    ConfigError::key(format!("{key}.issuer"), "is required for provider `oidc`")
+                })?;
+                Preset {
+                    issuer: Some(url(&format!("{key}.issuer"), issuer)?),
+                    required_scopes: &["openid"],
+                    ..generic(ClientAuth::Basic)
+                }
+            }
+        })
+    }
+}
+
+/// OpenID Connect Discovery 1.0 (§4): the authorization and token endpoints from
+/// `{issuer}/.well-known/openid-configuration`. The document must name the same issuer
+/// (§4.3), so a misconfigured issuer cannot send codes elsewhere.
+pub async fn discover(http: &reqwest::Client, issuer: &Url) -> anyhow::Result<(Url, Url)> {
+    use anyhow::Context;
+
+    #[derive(serde::Deserialize)]
+    struct Metadata {
+        issuer: String,
+        authorization_endpoint: Url,
+        token_endpoint: Url,
+    }
+    let base = issuer.as_str().trim_end_matches('/');
+    let url = format!("{base}/.well-known/openid-configuration");
+    let response = http
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("fetching {url}"))?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "{url} answered HTTP {}",
+        response.status().as_u16()
+    );
+    let metadata: Metadata = response
+        .json()
+        .await
+        .with_context(|| format!("{url} is not an OpenID provider configuration"))?;
+    anyhow::ensure!(
+        metadata.issuer.trim_end_matches('/') == base,
+        "{url} names the issuer `{}`, not `{base}`",
+        metadata.issuer
+    );
+    Ok((metadata.authorization_endpoint, metadata.token_endpoint))
+}
