@@ -176,10 +176,9 @@ impl Preset {
                         ),
                     )),
                 };
-                let base = settings
-                    .api_url
-                    .map(|u| u.trim_end_matches('/').to_owned())
-                    .unwrap_or_else(|| format!("https://start.exactonline.{domain}"));
+                let base = format!("https://start.exactonline.{domain}");
+                // The REST API lives on the same site; `api_url` moves only the API.
+                let api = settings.api_url.map_or(base.as_str(), |u| u.trim_end_matches('/'));
                 Preset {
                     authorize_url: Some(format!("{base}/api/oauth2/auth")),
                     token_url: Some(format!("{base}/api/oauth2/token")),
@@ -189,7 +188,7 @@ impl Preset {
                     lookup: Some(Lookup::ExactDivision {
                         url: url(
                             &format!("{key}.api_url"),
-                            &format!("{base}/api/v1/current/Me?$select=CurrentDivision"),
+                            &format!("{api}/api/v1/current/Me?$select=CurrentDivision"),
                         )?,
                     }),
                     require_refresh_token: true,
