@@ -12,4 +12,6 @@ mod flow;
 mod functions;
 mod helpers;
 mod key_vault;
+mod presets;
+mod provider_double;
 mod timer;
