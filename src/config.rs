@@ -163,6 +163,8 @@ pub struct ConnectionConfig {
     pub require_refresh_token: bool,
     /// Scopes the preset added because the config lacked them (logged at startup).
     pub added_scopes: Vec<String>,
+    /// Fixed fields for callers (e.g. QuickBooks `api_base_url`).
+    pub static_extra: Vec<(&'static str, String)>,
 }
 
 /// Provider kinds: a generic OAuth 2.0 server, or a preset (see [`crate::presets`]).
@@ -782,6 +784,7 @@ impl RawConnection {
             callback_params: preset.callback_params,
             require_refresh_token: preset.require_refresh_token,
             added_scopes,
+            static_extra: preset.static_extra,
         })
     }
 }

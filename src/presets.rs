@@ -42,6 +42,8 @@ pub struct Preset {
     pub callback_params: &'static [(&'static str, &'static str)],
     /// Refuse a consent that yields no refresh token, with advice.
     pub require_refresh_token: bool,
+    /// Fixed fields for callers (QuickBooks' API base for the chosen environment).
+    pub static_extra: Vec<(&'static str, String)>,
 }
 
 /// Settings only some presets take.
@@ -80,6 +82,7 @@ fn generic(client_auth: ClientAuth) -> Preset {
         lookup: None,
         callback_params: &[],
         require_refresh_token: false,
+        static_extra: Vec::new(),
     }
 }
 
@@ -144,13 +147,15 @@ impl Preset {
 
             // https://developers.google.com/identity/protocols/oauth2/web-server :
             // `access_type=offline` for a refresh token, `prompt=consent` to get one again on
-            // re-consent; credentials in the body. Refresh tokens of apps in "Testing"
-            // status expire after 7 days.
+            // re-consent; credentials in the body. A refresh token unused for six months
+            // dies (https://developers.google.com/identity/protocols/oauth2#expiration). Apps
+            // in "Testing" status get refresh tokens that die 7 days after consent whatever
+            // is done with them: only publishing the app avoids that.
             ProviderKind::Google => Preset {
                 authorize_url: Some("https://accounts.google.com/o/oauth2/v2/auth".into()),
                 token_url: Some("https://oauth2.googleapis.com/token".into()),
                 authorize_params: &[("access_type", "offline"), ("prompt", "consent")],
-                idle_lifetime: days(7),
+                idle_lifetime: days(180),
                 require_refresh_token: true,
                 ..generic(ClientAuth::Post)
             },
@@ -229,15 +234,16 @@ impl Preset {
             // https://developer.intuit.com/app/developer/qbo/docs/develop/authentication-and-authorization/oauth-2.0 :
             // Basic auth, `realmId` on the redirect, refresh tokens roll over 100 days.
             ProviderKind::Quickbooks => {
-                match settings.environment.unwrap_or("production") {
-                    "production" | "sandbox" => {}
+                let api_base = match settings.environment.unwrap_or("production") {
+                    "production" => "https://quickbooks.api.intuit.com",
+                    "sandbox" => "https://sandbox-quickbooks.api.intuit.com",
                     other => {
                         return Err(ConfigError::key(
                             format!("{key}.environment"),
                             format!("`{other}`: expected `production` or `sandbox`"),
                         ))
                     }
-                }
+                };
                 Preset {
                     authorize_url: Some("https://appcenter.intuit.com/connect/oauth2".into()),
                     token_url: Some(
@@ -246,6 +252,7 @@ impl Preset {
                     idle_lifetime: days(100),
                     callback_params: &[("realmId", "realm_id")],
                     require_refresh_token: true,
+                    static_extra: vec![("api_base_url", api_base.to_owned())],
                     ..generic(ClientAuth::Basic)
                 }
             }

@@ -234,6 +234,7 @@ pub struct Provider {
     /// Callback query parameters kept for callers, as (parameter, response field).
     pub callback_params: &'static [(&'static str, &'static str)],
     require_refresh_token: bool,
+    static_extra: Vec<(&'static str, String)>,
 }
 
 impl Provider {
@@ -277,6 +278,7 @@ impl Provider {
             lookup: connection.lookup.clone(),
             callback_params: connection.callback_params,
             require_refresh_token: connection.require_refresh_token,
+            static_extra: connection.static_extra.clone(),
         }
     }
 
@@ -303,7 +305,11 @@ impl Provider {
         http: &UpstreamHttp,
         access_token: &AccessToken,
     ) -> Result<Map<String, Value>, UpstreamError> {
-        let mut extra = Map::new();
+        let mut extra: Map<String, Value> = self
+            .static_extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Value::from(v.clone())))
+            .collect();
         match &self.lookup {
             None => {}
             Some(Lookup::XeroTenants { url }) => {

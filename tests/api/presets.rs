@@ -474,6 +474,7 @@ async fn quickbooks_end_to_end_returns_the_realm_id() {
     .await;
     let body = app.token("quickbooks", "").await;
     assert_eq!(body["realm_id"], "9130355");
+    assert_eq!(body["api_base_url"], "https://quickbooks.api.intuit.com");
     assert_eq!(
         app.token("quickbooks", "?force=true").await["realm_id"],
         "9130355"
