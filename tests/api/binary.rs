@@ -3,12 +3,11 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
 
 use crate::azure_doubles::Azure;
-use crate::helpers::{free_port, random, BrokerProcess, Upstream, ADMIN_KEY};
+use crate::helpers::{free_port, random, wait_ready, BrokerProcess, Upstream, ADMIN_KEY};
 use reqwest::redirect::Policy;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
 
@@ -20,22 +19,6 @@ fn broker(config: &Path) -> Command {
         .env("BROKER_CONFIG", config)
         .kill_on_drop(true);
     command
-}
-
-/// Waits until `GET /` answers, as the Functions host does.
-async fn wait_ready(port: u16, child: &mut Child) {
-    let client = reqwest::Client::new();
-    for _ in 0..200 {
-        if let Ok(response) = client.get(format!("http://127.0.0.1:{port}/")).send().await {
-            assert_eq!(response.status(), 200);
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the broker exited early: {status}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the broker did not answer GET / within 10 s");
 }
 
 #[tokio::test]
@@ -90,7 +73,12 @@ async fn listens_on_the_functions_port_before_port() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start");
-    wait_ready(functions_port, &mut child).await;
+    wait_ready(
+        functions_port,
+        &mut child,
+        Path::new("(stderr not captured)"),
+    )
+    .await;
     let health: serde_json::Value =
         reqwest::get(format!("http://127.0.0.1:{functions_port}/api/health"))
             .await
@@ -149,18 +137,9 @@ api_keys = ["${{CALLER_KEY}}"]
 admin_keys = ["{ADMIN_KEY}"]
 [store]
 path = "{tokens}"
-[connections.acme]
-provider = "oauth2"
-authorize_url = "{up}/auth"
-token_url = "{up}/token"
-client_id = "{client_id}"
-{client_secret}
-{store}
-scopes = ["openid", "offline_access", "api:read"]
-"#,
+{acme}"#,
             tokens = dir.path().join("tokens").display(),
-            up = upstream.url,
-            client_id = upstream.client_id,
+            acme = upstream.connection_toml("acme", &format!("{client_secret}\n{store}")),
         ),
     )
     .expect("write config");

@@ -356,18 +356,12 @@ api_keys = ["${{BROKER_API_KEY}}"]
 admin_keys = ["${{BROKER_ADMIN_KEY}}"]
 [store]
 path = "{tokens}"
-[connections.acme]
-provider = "oauth2"
-authorize_url = "{up}/auth"
-token_url = "{up}/token"
-client_id = "{client_id}"
-client_secret = "{secret}"
-scopes = ["openid", "offline_access", "api:read"]
-"#,
+{acme}"#,
             tokens = tokens.display(),
-            up = upstream.url,
-            client_id = upstream.client_id,
-            secret = upstream.client_secret,
+            acme = upstream.connection_toml(
+                "acme",
+                &format!("client_secret = \"{}\"", upstream.client_secret)
+            ),
         ),
     )
     .expect("config");

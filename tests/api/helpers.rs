@@ -97,6 +97,24 @@ impl Upstream {
         }
     }
 
+    /// A `[connections.{name}]` table for a generic connection to this upstream; `extra`
+    /// adds lines (the client secret, store options, ...).
+    pub fn connection_toml(&self, name: &str, extra: &str) -> String {
+        format!(
+            r#"
+[connections.{name}]
+provider = "oauth2"
+authorize_url = "{up}/auth"
+token_url = "{up}/token"
+client_id = "{client_id}"
+scopes = ["openid", "offline_access", "api:read"]
+{extra}
+"#,
+            up = self.url,
+            client_id = self.client_id,
+        )
+    }
+
     pub async fn stats(&self) -> Value {
         self.http
             .get(format!("{}/test/stats", self.url))
@@ -267,15 +285,7 @@ admin_keys = ["{ADMIN_KEY}"]
 kind = "file"
 path = "{store}"
 
-[connections.acme]
-provider = "oauth2"
-authorize_url = "{up}/auth"
-token_url = "{up}/token"
-client_id = "{client_id}"
-client_secret = "{secret}"
-client_auth = "{client_auth}"
-scopes = ["openid", "offline_access", "api:read"]
-
+{acme}
 [connections.deny]
 provider = "oauth2"
 authorize_url = "{up}/auth"
@@ -288,6 +298,13 @@ authorize_params = {{ test_deny = "1" }}
 {extra}
 "#,
             store = store_dir.display(),
+            acme = upstream.connection_toml(
+                "acme",
+                &format!(
+                    "client_secret = \"{}\"\nclient_auth = \"{client_auth}\"",
+                    upstream.client_secret
+                )
+            ),
             up = upstream.url,
             client_id = upstream.client_id,
             secret = upstream.client_secret,

@@ -45,18 +45,14 @@ api_keys = ["{CALLER_KEY}"]
 admin_keys = ["{ADMIN_KEY}"]
 [store]
 retry_budget = 3
-[connections.acme]
-provider = "oauth2"
-authorize_url = "{up}/auth"
-token_url = "{up}/token"
-client_id = "{client_id}"
-client_secret_name = "{CLIENT_SECRET}"
-mirror_refresh_token_secret = "{MIRROR}"
-scopes = ["openid", "offline_access", "api:read"]
-"#,
+{acme}"#,
                 state = random("state-secret"),
-                up = upstream.url,
-                client_id = upstream.client_id,
+                acme = upstream.connection_toml(
+                    "acme",
+                    &format!(
+                        "client_secret_name = \"{CLIENT_SECRET}\"\nmirror_refresh_token_secret = \"{MIRROR}\""
+                    )
+                ),
             ),
         )
         .expect("write config");
