@@ -27,7 +27,7 @@ use crate::state::{StateError, StateSigner, BINDING_COOKIE, STATE_TTL};
 
 /// Everything the handlers share.
 pub struct AppState {
-    pub broker: Broker,
+    pub broker: Arc<Broker>,
     pub auth: CallerAuth,
     pub signer: StateSigner,
     /// Base URL the broker is reached at, without a trailing slash.
@@ -140,6 +140,11 @@ impl ApiError {
                 };
                 Self::new(StatusCode::BAD_GATEWAY, error, err.to_string())
             }
+            BrokerError::Internal(_) => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                err.to_string(),
+            ),
             BrokerError::Store(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",

@@ -95,6 +95,9 @@ impl Application {
                 "no admin keys or admin principals configured: /api/authorize will refuse everyone"
             );
         }
+        if config.functions_host {
+            tracing::warn!("refreshes are coordinated within this instance only (no cross-instance lock yet): concurrent refreshes of one connection on two instances can cost a rotating provider's grant");
+        }
         if config.state_secret.is_none() {
             tracing::info!("no state_secret configured: a random key signs `state`, so consents in progress do not survive a restart and need a single instance");
         }
@@ -106,7 +109,12 @@ impl Application {
             "token broker configured"
         );
 
-        let broker = Broker::new(providers, store, http, config.refresh.min_validity);
+        let broker = Arc::new(Broker::new(
+            providers,
+            store,
+            http,
+            config.refresh.min_validity,
+        ));
         let state = Arc::new(AppState {
             broker,
             auth,
@@ -129,10 +137,15 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         tracing::info!(port = self.port(), "listening");
+        let broker = Arc::clone(&self.state.broker);
         let service =
             api::router(self.state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-        axum::serve(self.listener, service)
+        let served = axum::serve(self.listener, service)
             .with_graceful_shutdown(shutdown)
-            .await
+            .await;
+        // An instance being recycled must not take a refresh token the store has not
+        // accepted yet with it.
+        broker.flush_pending().await;
+        served
     }
 }

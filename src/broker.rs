@@ -50,6 +50,8 @@ pub enum BrokerError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
 }
 
 struct Connection {
@@ -225,8 +227,12 @@ impl Broker {
     }
 
     /// A record whose access token satisfies `request`, refreshing if needed.
+    ///
+    /// Everything past the cache runs in its own task: a caller that goes away (an ADF
+    /// timeout, a dropped connection) must not cancel a refresh halfway, between the
+    /// provider rotating the refresh token and the new one being stored.
     pub async fn token(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         request: TokenRequest,
     ) -> Result<Arc<TokenRecord>, BrokerError> {
@@ -241,6 +247,27 @@ impl Broker {
             }
         }
 
+        let this = Arc::clone(self);
+        let name = name.to_owned();
+        tokio::spawn(
+            async move {
+                this.token_locked(&name, request, min_validity, arrived)
+                    .await
+            }
+            .in_current_span(),
+        )
+        .await
+        .map_err(|err| BrokerError::Internal(format!("refresh task failed: {err}")))?
+    }
+
+    async fn token_locked(
+        &self,
+        name: &str,
+        request: TokenRequest,
+        min_validity: Duration,
+        arrived: u64,
+    ) -> Result<Arc<TokenRecord>, BrokerError> {
+        let conn = self.connection(name)?;
         let _flight = conn.flight.lock().await;
         let now = Utc::now();
         if conn.generation.load(Ordering::Acquire) != arrived {
@@ -268,7 +295,7 @@ impl Broker {
             );
             return Ok(record);
         }
-        self.refresh_locked(name, conn, record)
+        self.refresh_locked(name, conn, record, min_validity)
             .instrument(tracing::info_span!("refresh", connection = name))
             .await
     }
@@ -276,7 +303,7 @@ impl Broker {
     /// The timer's pass over every connection: refresh access tokens that expire within
     /// `window`, and refresh tokens that have been idle for half their idle lifetime. One
     /// failing connection does not stop the others.
-    pub async fn prerefresh(&self, window: Duration) -> Vec<PrerefreshReport> {
+    pub async fn prerefresh(self: &Arc<Self>, window: Duration) -> Vec<PrerefreshReport> {
         let mut reports = Vec::with_capacity(self.connections.len());
         for (name, conn) in &self.connections {
             let report = self
@@ -297,7 +324,7 @@ impl Broker {
     }
 
     async fn prerefresh_one(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         conn: &Connection,
         window: Duration,
@@ -310,7 +337,21 @@ impl Broker {
         };
         let cached = conn.cached();
         let record = match (cached.unsaved, cached.record) {
-            (true, Some(record)) => record,
+            // A refresh token the store has not accepted yet lives only in this process:
+            // saving it comes before anything else.
+            (true, Some(_)) => {
+                let _flight = conn.flight.lock().await;
+                match self.load_locked(name, conn).await {
+                    Ok(record) => record,
+                    Err(err) => {
+                        return report(
+                            PrerefreshOutcome::Failed,
+                            format!("the pending refresh token could not be saved yet: {err}"),
+                            None,
+                        )
+                    }
+                }
+            }
             _ => match self.store.load(name).await {
                 Ok(Some(record)) => Arc::new(record),
                 Ok(None) => {
@@ -333,7 +374,14 @@ impl Broker {
         let now = Utc::now();
         let remaining = record.remaining(now);
         let idle = (now - record.obtained_at).to_std().unwrap_or_default();
-        let reason = if remaining <= window {
+        // Tokens that live no longer than the window (Exact Online's 10 minutes) would be
+        // refreshed on every run, all day, whether anyone uses them or not: each a token
+        // call and a new vault version. Callers refresh those on demand instead.
+        let lifetime = record
+            .expires_at
+            .and_then(|expires_at| (expires_at - record.obtained_at).to_std().ok())
+            .unwrap_or_default();
+        let reason = if remaining <= window && lifetime > window {
             Some(format!("access token expires in {} s", remaining.as_secs()))
         } else {
             conn.provider
@@ -348,11 +396,15 @@ impl Broker {
                 })
         };
         let Some(reason) = reason else {
-            return report(
-                PrerefreshOutcome::Fresh,
-                format!("access token good for {} s", remaining.as_secs()),
-                record.expires_at,
-            );
+            let detail = if lifetime <= window {
+                format!(
+                    "{} s tokens are refreshed on demand, not ahead of time",
+                    lifetime.as_secs()
+                )
+            } else {
+                format!("access token good for {} s", remaining.as_secs())
+            };
+            return report(PrerefreshOutcome::Fresh, detail, record.expires_at);
         };
         if conn.too_soon_to_refresh(&record, now) {
             return report(
@@ -377,8 +429,45 @@ impl Broker {
         }
     }
 
+    /// Saves every refresh token the store has not accepted yet (at shutdown: an instance
+    /// being recycled must not take the newest refresh token with it). Returns how many
+    /// could still not be saved.
+    pub async fn flush_pending(&self) -> usize {
+        let mut failed = 0;
+        for (name, conn) in &self.connections {
+            if !conn.cached().unsaved {
+                continue;
+            }
+            let _flight = conn.flight.lock().await;
+            if let Err(err) = self.load_locked(name, conn).await {
+                warn!(connection = %name, error = %err, "a pending refresh token could not be saved before shutdown");
+                failed += 1;
+            }
+        }
+        failed
+    }
+
     /// Stores the tokens from a completed consent, replacing whatever was there.
     pub async fn complete_consent(
+        self: &Arc<Self>,
+        name: &str,
+        code: String,
+        verifier: PkceCodeVerifier,
+        callback_extra: Map<String, Value>,
+    ) -> Result<(), BrokerError> {
+        // Its own task, like refreshes: a browser that goes away mid-exchange must not
+        // cancel storing the tokens the provider has just issued.
+        let this = Arc::clone(self);
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            this.complete_consent_detached(&name, code, verifier, callback_extra)
+                .await
+        })
+        .await
+        .map_err(|err| BrokerError::Internal(format!("consent task failed: {err}")))?
+    }
+
+    async fn complete_consent_detached(
         &self,
         name: &str,
         code: String,
@@ -450,6 +539,7 @@ impl Broker {
         name: &str,
         conn: &Connection,
         mut record: Arc<TokenRecord>,
+        min_validity: Duration,
     ) -> Result<Arc<TokenRecord>, BrokerError> {
         // At most two rounds: the second only after losing a race to another instance.
         for round in 0..2 {
@@ -490,23 +580,33 @@ impl Broker {
                         );
                         let latest = Arc::new(latest);
                         conn.set_cache(Some(latest.clone()), false);
-                        if latest.is_valid_for(Duration::ZERO, Utc::now()) {
+                        if latest.is_valid_for(min_validity, Utc::now()) {
+                            conn.set_failure(None);
                             return Ok(latest);
                         }
                         record = latest;
                         continue;
                     }
                     warn!(outcome = "grant_dead", "the provider refused the refresh token (invalid_grant); consent is required");
+                    // The refresh token stays in the record (the status alone stops its
+                    // use): if this was a misreading, nothing is lost.
                     let mut dead = (*record).clone();
                     dead.status = GrantStatus::ConsentRequired;
                     dead.access_token = None;
-                    dead.refresh_token = None;
                     dead.last_error = Some(UpstreamError::InvalidGrant { description }.to_string());
                     let dead = self.persist_locked(name, conn, dead).await?;
                     return Err(consent_required(name, &dead));
                 }
                 Err(err) => {
                     warn!(outcome = "failed", error = %err, "refresh failed");
+                    // A malformed answer may still carry the provider's new refresh token:
+                    // the one just sent may be spent, so keep the new one.
+                    if let UpstreamError::MalformedWithRefreshToken { refresh_token, .. } = &err {
+                        let mut kept = (*record).clone();
+                        kept.refresh_token = Some(refresh_token.clone());
+                        self.persist_locked(name, conn, kept).await?;
+                        warn!("kept the new refresh token from the malformed response");
+                    }
                     conn.set_failure(Some(Failure {
                         at: Utc::now(),
                         message: err.to_string(),

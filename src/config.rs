@@ -246,28 +246,36 @@ impl Config {
             path: PathBuf::new(),
             message: err.message().to_owned(),
         })?;
-        expand_env(&mut tree, &mut String::new(), env)?;
+        let mut expanded = Vec::new();
+        expand_env(&mut tree, &mut String::new(), env, &mut expanded)?;
         let raw: RawConfig = serde_path_to_error::deserialize(tree).map_err(|err| {
             let key = err.path().to_string();
-            ConfigError::key(key, err.into_inner().to_string())
+            // serde quotes offending values; a value from the environment may be a secret.
+            let mut message = err.into_inner().to_string();
+            for value in expanded.iter().filter(|v| v.len() >= 4) {
+                message = message.replace(value.as_str(), "[value from the environment]");
+            }
+            ConfigError::key(key, message)
         })?;
         raw.validate(env)
     }
 }
 
-/// Expands `${NAME}` in every string of the tree. `path` is the dotted key of `value`.
+/// Expands `${NAME}` in every string of the tree. `path` is the dotted key of `value`;
+/// the values substituted are collected in `expanded` (to keep them out of errors).
 fn expand_env(
     value: &mut toml::Value,
     path: &mut String,
     env: &dyn Fn(&str) -> Option<String>,
+    expanded: &mut Vec<String>,
 ) -> Result<(), ConfigError> {
     match value {
-        toml::Value::String(s) => *s = expand_str(s, path, env)?,
+        toml::Value::String(s) => *s = expand_str(s, path, env, expanded)?,
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
                 let len = path.len();
                 path.push_str(&format!("[{i}]"));
-                expand_env(item, path, env)?;
+                expand_env(item, path, env, expanded)?;
                 path.truncate(len);
             }
         }
@@ -278,7 +286,7 @@ fn expand_env(
                     path.push('.');
                 }
                 path.push_str(key);
-                expand_env(item, path, env)?;
+                expand_env(item, path, env, expanded)?;
                 path.truncate(len);
             }
         }
@@ -291,6 +299,7 @@ fn expand_str(
     s: &str,
     key: &str,
     env: &dyn Fn(&str) -> Option<String>,
+    expanded: &mut Vec<String>,
 ) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
@@ -315,6 +324,7 @@ fn expand_str(
             ConfigError::key(key, format!("environment variable {name} is not set"))
         })?;
         out.push_str(&value);
+        expanded.push(value);
         rest = &after[end + 1..];
     }
     out.push_str(rest);
@@ -772,7 +782,9 @@ impl RawConnection {
             refresh_token_idle_lifetime: match self.refresh_token_idle_days {
                 Some(days) => Some(positive_secs(
                     &format!("{key}.refresh_token_idle_days"),
-                    days * 86_400,
+                    days.checked_mul(86_400).ok_or_else(|| {
+                        ConfigError::key(format!("{key}.refresh_token_idle_days"), "is too large")
+                    })?,
                 )?),
                 None => preset.idle_lifetime,
             },
@@ -1054,6 +1066,22 @@ mod tests {
         let err = parse_err(&text, ENV);
         assert!(err.contains("connections.acme.client_secret_name"), "{err}");
         assert!(err.contains("Key Vault"), "{err}");
+    }
+
+    #[test]
+    fn errors_do_not_quote_values_from_the_environment() {
+        let text = MINIMAL.replace(
+            "client_auth = \"post\"",
+            "client_auth = \"${ACME_CLIENT_SECRET}\"",
+        );
+        let vars: &'static [(&str, &str)] = &[
+            ("API_KEY", "0123456789abcdef-key"),
+            ("ACME_CLIENT_ID", "client-1"),
+            ("ACME_CLIENT_SECRET", "very-secret-value"),
+        ];
+        let err = parse_err(&text, vars);
+        assert!(err.contains("connections.acme.client_auth"), "{err}");
+        assert!(!err.contains("very-secret-value"), "{err}");
     }
 
     #[test]

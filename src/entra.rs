@@ -49,7 +49,10 @@ struct Claims {
 
 struct Keys {
     set: JwkSet,
+    /// When the set was last fetched successfully.
     fetched: Option<Instant>,
+    /// When a fetch was last tried, successful or not.
+    attempted: Option<Instant>,
 }
 
 /// Verifies Entra ID access tokens for one tenant.
@@ -84,6 +87,7 @@ impl EntraVerifier {
             keys: tokio::sync::RwLock::new(Keys {
                 set: JwkSet { keys: Vec::new() },
                 fetched: None,
+                attempted: None,
             }),
         })
     }
@@ -124,19 +128,38 @@ impl EntraVerifier {
         {
             let keys = self.keys.read().await;
             let fresh = keys.fetched.is_some_and(|at| at.elapsed() < MAX_KEY_AGE);
-            if let (true, Some(jwk)) = (fresh, keys.set.find(kid)) {
+            // Stale keys still serve while refetching fails (see below).
+            let refetch_blocked = keys
+                .attempted
+                .is_some_and(|at| at.elapsed() < REFETCH_INTERVAL);
+            if let (true, Some(jwk)) = (fresh || refetch_blocked, keys.set.find(kid)) {
                 return DecodingKey::from_jwk(jwk)
                     .map_err(|_| TokenError::Invalid("unusable signing key".into()));
             }
         }
         let mut keys = self.keys.write().await;
-        // Another caller may have refetched while this one waited for the lock.
+        // One fetch attempt a minute at most, failed or not: another caller may have just
+        // refetched, and made-up key ids must not turn every request into a fetch.
         let recently = keys
-            .fetched
+            .attempted
             .is_some_and(|at| at.elapsed() < REFETCH_INTERVAL);
         if !recently {
-            keys.set = self.fetch().await?;
-            keys.fetched = Some(Instant::now());
+            keys.attempted = Some(Instant::now());
+            match self.fetch().await {
+                Ok(set) => {
+                    keys.set = set;
+                    keys.fetched = Some(Instant::now());
+                }
+                // Keep serving the keys we have; without any, say so.
+                Err(err) if keys.set.keys.is_empty() => return Err(err),
+                Err(err) => {
+                    tracing::warn!(error = %err, "refetching Entra ID keys failed; using the cached ones")
+                }
+            }
+        } else if keys.set.keys.is_empty() {
+            return Err(TokenError::KeysUnavailable(
+                "the tenant's signing keys could not be fetched recently".into(),
+            ));
         }
         let jwk = keys.set.find(kid).ok_or_else(|| {
             TokenError::Invalid("signed with a key the tenant does not publish".into())

@@ -192,6 +192,14 @@ pub enum UpstreamError {
     /// A response that is not a valid token response.
     #[error("the provider sent a malformed response ({0})")]
     Malformed(String),
+    /// A malformed token response that still carried a new refresh token (kept).
+    #[error(
+        "the provider sent a malformed token response ({detail}); its new refresh token was kept"
+    )]
+    MalformedWithRefreshToken {
+        detail: String,
+        refresh_token: RefreshToken,
+    },
     /// The consent yielded no refresh token, so the connection could not be kept alive.
     #[error("the provider issued no refresh token: {0}")]
     NoRefreshToken(&'static str),
@@ -208,12 +216,14 @@ fn describe(description: &Option<String>) -> String {
 }
 
 impl UpstreamError {
-    /// True when the request may not have reached the provider's grant logic at all, so
-    /// trying again cannot have consumed a refresh token.
+    /// True when the request did not reach the provider's grant logic, so trying again
+    /// cannot present a spent refresh token: no connection, or 429/503 (refused before
+    /// processing). A 500/502/504 may come after the provider rotated the token, so it is
+    /// not retried.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Unavailable { .. } | UpstreamError::Unreachable(_)
+            UpstreamError::Unavailable { status: 429 | 503 } | UpstreamError::Unreachable(_)
         )
     }
 }
@@ -419,7 +429,7 @@ fn classify(err: RequestTokenError<TransportError, BasicErrorResponse>) -> Upstr
         }
         // The serde message can quote the offending value (possibly a token): report only
         // where the document went wrong and what kind of wrong it was.
-        RequestTokenError::Parse(err, _body) => {
+        RequestTokenError::Parse(err, body) => {
             let kind = match err.inner().classify() {
                 serde_json::error::Category::Data => "unexpected or missing field",
                 serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
@@ -428,10 +438,23 @@ fn classify(err: RequestTokenError<TransportError, BasicErrorResponse>) -> Upstr
                 serde_json::error::Category::Io => "unreadable",
             };
             let path = err.path().to_string();
-            if path == "." || path.is_empty() {
-                UpstreamError::Malformed(kind.to_owned())
+            let detail = if path == "." || path.is_empty() {
+                kind.to_owned()
             } else {
-                UpstreamError::Malformed(format!("{kind} at `{path}`"))
+                format!("{kind} at `{path}`")
+            };
+            // A provider that rotates has spent the refresh token we sent once it answers;
+            // if its answer names a new one, that must not be thrown away with the rest.
+            let salvaged = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v.get("refresh_token")?.as_str().map(str::to_owned))
+                .filter(|t| !t.is_empty());
+            match salvaged {
+                Some(token) => UpstreamError::MalformedWithRefreshToken {
+                    detail,
+                    refresh_token: RefreshToken::new(token),
+                },
+                None => UpstreamError::Malformed(detail),
             }
         }
         RequestTokenError::Other(message) => UpstreamError::Malformed(truncate(&message, 200)),
@@ -531,17 +554,23 @@ impl<'c> AsyncHttpClient<'c> for UpstreamHttp {
             if status.as_u16() == 429 || status.is_server_error() {
                 return Err(TransportError::Status(status.as_u16()));
             }
-            let mut builder = http::Response::builder().status(status.as_u16());
-            for (name, value) in response.headers() {
-                builder = builder.header(name, value);
-            }
+            let mut headers = response.headers().clone();
             let body = response
                 .bytes()
                 .await
                 .map_err(|err| TransportError::Send(error_chain(&err)))?;
-            builder
-                .body(body.to_vec())
-                .map_err(|err| TransportError::Send(err.to_string()))
+            // Some providers label JSON `text/plain` or `text/html`; the oauth2 crate would
+            // drop such an answer unread (and with it a rotated refresh token).
+            if body.first() == Some(&b'{') {
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+            }
+            let mut response = http::Response::new(body.to_vec());
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
+            Ok(response)
         })
     }
 }

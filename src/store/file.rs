@@ -61,12 +61,17 @@ impl TokenStore for FileStore {
                 )))
             }
         };
-        // serde_json errors name a line and column, never the content.
+        // Only the kind of error and where: serde_json's message can quote the content.
         serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|err| StoreError::Corrupt {
                 connection: connection.to_owned(),
-                message: err.to_string(),
+                message: format!(
+                    "{:?} error at line {} column {}",
+                    err.classify(),
+                    err.line(),
+                    err.column()
+                ),
             })
     }
 

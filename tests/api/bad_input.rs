@@ -246,4 +246,16 @@ async fn a_provider_outage_is_retried_then_reported_as_502() {
     let error: Value = response.json().await.expect("json");
     assert_eq!(error["error"], "provider_unavailable");
     app.token("acme", "?force=true").await;
+
+    // A 502 may come after the provider rotated the token: it is not retried with the
+    // same refresh token.
+    let before = app.upstream.token_requests("refresh_token").await;
+    app.upstream
+        .fail_next(1, 502, "bad gateway", "text/plain")
+        .await;
+    assert_eq!(app.refresh("acme", "?force=true").await.status(), 502);
+    assert_eq!(
+        app.upstream.token_requests("refresh_token").await,
+        before + 1
+    );
 }

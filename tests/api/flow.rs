@@ -155,7 +155,7 @@ async fn a_dead_grant_answers_409_and_stops_calling_the_provider() {
     assert_eq!(app.upstream.token_requests("refresh_token").await, requests);
     let stored = app.stored("acme").expect("record");
     assert_eq!(stored["status"], "consent_required");
-    assert!(stored["refresh_token"].is_null());
+    assert!(stored["access_token"].is_null());
 
     // Consent again and everything works.
     app.consent("acme").await;
@@ -239,4 +239,36 @@ async fn connections_page_shows_each_state_without_secrets() {
         .await
         .expect("connections");
     assert_eq!(response.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_gives_up_mid_refresh_does_not_lose_the_rotated_token() {
+    let app = TestApp::spawn().await;
+    app.consent("acme").await;
+    let consented = app.stored_refresh_token("acme");
+    app.upstream.delay(1000).await;
+    // The caller times out while the provider is rotating the refresh token.
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(300))
+        .build()
+        .expect("client");
+    let gave_up = impatient
+        .get(format!("{}/api/refresh/acme?force=true", app.base))
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the caller was meant to time out");
+    // The refresh finishes without it and the new refresh token is stored.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while app.stored_refresh_token("acme") == consented {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotated token was never stored"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    app.upstream.delay(0).await;
+    let body = app.token("acme", "?force=true").await;
+    assert!(app.upstream.is_active(&access_token(&body)).await);
+    assert_eq!(app.upstream.grants_revoked().await, 0);
 }

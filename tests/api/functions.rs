@@ -458,8 +458,9 @@ path = "{tokens}"
     handler.kill().await.expect("stop");
     let record_path = tokens.join("acme.json");
     let mut record = read_json(&record_path);
-    let near = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc3339();
-    record["expires_at"] = near.into();
+    let now = chrono::Utc::now();
+    record["obtained_at"] = (now - chrono::Duration::seconds(3540)).to_rfc3339().into();
+    record["expires_at"] = (now + chrono::Duration::seconds(60)).to_rfc3339().into();
     std::fs::write(&record_path, record.to_string()).expect("edit record");
     let mut handler = start_like_the_host(&app, port, &settings, &log).await;
 

@@ -524,6 +524,24 @@ impl BrokerProcess {
         }
     }
 
+    /// Stops the process the way a platform does (SIGTERM) and waits for it to exit.
+    pub async fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().expect("running").to_string();
+            let status = Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .await
+                .expect("kill");
+            assert!(status.success());
+            let exited = tokio::time::timeout(Duration::from_secs(20), child.wait())
+                .await
+                .expect("the broker did not exit within 20 s of SIGTERM")
+                .expect("wait");
+            assert!(exited.success(), "exit status {exited}");
+        }
+    }
+
     /// Stops the process and starts a new one with the same config, port and environment.
     pub async fn restart(&mut self) {
         self.stop().await;

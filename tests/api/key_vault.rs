@@ -285,3 +285,44 @@ async fn the_official_python_sdk_agrees_with_the_doubles() {
     assert!(azure.shared.count("identity") >= 1);
     assert!(azure.shared.count("throttled") >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timer_and_a_graceful_shutdown_save_a_pending_refresh_token() {
+    let mut setup = VaultSetup::start(|_| {}).await;
+    consent(&setup.broker.base, "acme").await;
+
+    // Rotation, then the vault refuses the write: the new token waits in memory.
+    setup.azure.shared.fail_writes(1000);
+    assert_eq!(setup.refresh("?force=true").await.0, 503);
+    setup.azure.shared.fail_writes(0);
+    // No caller comes; the timer runs (an admin key stands in for the host's loopback).
+    let response = setup
+        .http
+        .post(format!("{}/prerefresh", setup.broker.base))
+        .header("X-API-Key", ADMIN_KEY)
+        .json(&serde_json::json!({"Data": {"timer": {"IsPastDue": false}}, "Metadata": {}}))
+        .send()
+        .await
+        .expect("timer");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        setup.stored_refresh_token(),
+        setup.latest_issued_refresh_token().await
+    );
+
+    // Again, and this time the instance is shut down before anyone calls.
+    setup.azure.shared.fail_writes(1000);
+    assert_eq!(setup.refresh("?force=true").await.0, 503);
+    setup.azure.shared.fail_writes(0);
+    setup.broker.terminate().await;
+    assert_eq!(
+        setup.stored_refresh_token(),
+        setup.latest_issued_refresh_token().await,
+        "{}",
+        setup.broker.logs()
+    );
+
+    setup.broker.restart().await;
+    setup.token("?force=true").await;
+    assert_eq!(setup.upstream.grants_revoked().await, 0);
+}

@@ -586,3 +586,45 @@ async fn oidc_discovery_refuses_a_document_for_another_issuer() {
     assert!(err.contains("connections.idp.issuer"), "{err}");
     assert!(err.contains("names the issuer"), "{err}");
 }
+
+#[tokio::test]
+async fn a_malformed_answer_that_names_a_new_refresh_token_keeps_it() {
+    let double = ProviderDouble::start(Behaviour {
+        basic_auth: true,
+        access_token_lifetime: 1800,
+        ..Default::default()
+    })
+    .await;
+    let app = TestApp::spawn_with(against_double(
+        "xero",
+        &format!("provider = \"xero\"\napi_url = \"{}\"", double.url),
+        &double,
+    ))
+    .await;
+    app.consent("xero").await;
+    let consented = app.stored_refresh_token("xero");
+    // The provider rotates, then answers something the parser refuses.
+    double.malform_next_refresh();
+    let response = app.refresh("xero", "?force=true").await;
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.expect("json");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .expect("description")
+            .contains("kept"),
+        "{body}"
+    );
+    assert!(
+        !body.to_string().contains("12345"),
+        "the response body is not echoed"
+    );
+    assert_ne!(
+        app.stored_refresh_token("xero"),
+        consented,
+        "the new refresh token was kept"
+    );
+    // The old one is spent at the double; the kept one works.
+    let body = app.token("xero", "?force=true").await;
+    assert!(body["access_token"].is_string());
+}

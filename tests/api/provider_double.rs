@@ -58,6 +58,9 @@ struct Inner {
     last_issued: Option<i64>,
     /// Seconds added to the double's clock (to pass Exact's minimum interval).
     clock_offset: i64,
+    /// Answer the next refresh (after rotating) with a malformed body that still names the
+    /// new refresh token, labelled text/plain.
+    malform_next_refresh: bool,
     lookups: u64,
 }
 
@@ -125,6 +128,11 @@ impl ProviderDouble {
 
     pub fn lookups(&self) -> u64 {
         self.state.lock().lookups
+    }
+
+    /// The next refresh rotates, then answers malformed JSON carrying the new refresh token.
+    pub fn malform_next_refresh(&self) {
+        self.state.lock().malform_next_refresh = true;
     }
 
     /// Moves the double's clock forward.
@@ -306,6 +314,12 @@ async fn token(
         } else {
             lifetime.into()
         };
+    }
+    if form.get("grant_type").map(String::as_str) == Some("refresh_token")
+        && std::mem::take(&mut inner.malform_next_refresh)
+    {
+        body["access_token"] = json!(12345);
+        return ([("content-type", "text/plain")], body.to_string()).into_response();
     }
     if let Some(extras) = behaviour.token_extras.as_object() {
         for (k, v) in extras {

@@ -75,7 +75,10 @@ async fn refreshes_what_expires_soon_and_leaves_fresh_tokens_alone() {
     app.consent("acme").await;
     app.consent("beta").await;
     app.stop().await;
-    app.edit_stored("acme", |r| r["expires_at"] = in_seconds(120).into());
+    app.edit_stored("acme", |r| {
+        r["obtained_at"] = in_seconds(120 - 3600).into();
+        r["expires_at"] = in_seconds(120).into();
+    });
     app.restart().await;
     let acme_before = app.stored("acme").expect("acme")["access_token"].clone();
     let beta_before = app.stored("beta").expect("beta")["access_token"].clone();
@@ -148,11 +151,19 @@ async fn idle_refresh_tokens_are_exercised_before_they_die() {
 
 #[tokio::test]
 async fn a_provider_that_refuses_early_refresh_is_respected() {
-    let mut app = TestApp::spawn_with(beta("min_refresh_interval = 570")).await;
+    // Exact Online-like: 10-minute tokens, no refresh within 570 s; a 5-minute window.
+    let mut options = beta("min_refresh_interval = 570");
+    options
+        .extra_config
+        .push_str("\n[refresh]\nprerefresh_window = 300\n");
+    let mut app = TestApp::spawn_with(options).await;
     app.consent("beta").await;
     app.stop().await;
-    // Obtained just now, but expiring within the timer's window.
-    app.edit_stored("beta", |r| r["expires_at"] = in_seconds(200).into());
+    // Obtained 400 s ago, 200 s left: within the window, but too soon for the provider.
+    app.edit_stored("beta", |r| {
+        r["obtained_at"] = in_seconds(-400).into();
+        r["expires_at"] = in_seconds(200).into();
+    });
     app.restart().await;
 
     let body = timer(&app, payload(false, true)).await;
@@ -173,7 +184,10 @@ async fn one_failing_connection_does_not_stop_the_others() {
     app.consent("beta").await;
     app.stop().await;
     for connection in ["acme", "beta"] {
-        app.edit_stored(connection, |r| r["expires_at"] = in_seconds(60).into());
+        app.edit_stored(connection, |r| {
+            r["obtained_at"] = in_seconds(60 - 3600).into();
+            r["expires_at"] = in_seconds(60).into();
+        });
     }
     app.restart().await;
     // Connections run in name order: acme's token request is refused.
@@ -191,6 +205,22 @@ async fn one_failing_connection_does_not_stop_the_others() {
             .any(|l| l.as_str().expect("line").contains("invalid_client")),
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn short_lived_tokens_are_left_to_callers() {
+    let mut app = TestApp::spawn().await;
+    app.consent("acme").await;
+    app.stop().await;
+    // A 10-minute token (like Exact Online's) with 2 minutes left.
+    app.edit_stored("acme", |r| {
+        r["obtained_at"] = in_seconds(-480).into();
+        r["expires_at"] = in_seconds(120).into();
+    });
+    app.restart().await;
+    let body = timer(&app, payload(false, true)).await;
+    assert_eq!(outcome(&body, "acme"), "fresh", "{body}");
+    assert_eq!(app.upstream.token_requests("refresh_token").await, 0);
 }
 
 #[tokio::test]
