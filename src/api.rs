@@ -297,6 +297,18 @@ struct KeyParam {
     key: Option<String>,
 }
 
+/// Admin routes: a bearer token, `X-API-Key`, or for a browser `?key=`.
+async fn authenticate_admin(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &Option<String>,
+) -> Result<(), ApiError> {
+    Ok(state
+        .auth
+        .authenticate(headers, query_key(query).as_deref(), Role::Admin)
+        .await?)
+}
+
 /// `?key=` — admin routes accept it because a browser cannot set headers on a link.
 fn query_key(query: &Option<String>) -> Option<String> {
     query
@@ -311,10 +323,7 @@ async fn connections(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    state
-        .auth
-        .authenticate(&headers, query_key(&query).as_deref(), Role::Admin)
-        .await?;
+    authenticate_admin(&state, &headers, &query).await?;
     let rows: Vec<_> = state
         .broker
         .statuses()
@@ -351,10 +360,7 @@ async fn authorize(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    state
-        .auth
-        .authenticate(&headers, query_key(&query).as_deref(), Role::Admin)
-        .await?;
+    authenticate_admin(&state, &headers, &query).await?;
     let provider = state
         .broker
         .provider(&connection)
@@ -413,10 +419,7 @@ async fn prerefresh(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     if !(state.functions_host && peer.ip().is_loopback()) {
-        state
-            .auth
-            .authenticate(&headers, query_key(&query).as_deref(), Role::Admin)
-            .await?;
+        authenticate_admin(&state, &headers, &query).await?;
     }
     // The payload only informs the log; a missing or odd one does not stop the run.
     let invocation: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();

@@ -8,7 +8,8 @@
 //! generation counter, and a caller that sees the generation change while it waited takes
 //! that token: it was obtained after the caller arrived, so it satisfies any `min_validity`
 //! and `force` — a thousand concurrent callers cause one token request, and no caller ever
-//! refreshes twice.
+//! refreshes twice. Everything behind the cache runs in a task of its own, so a caller that
+//! goes away cannot cancel a refresh between the provider's rotation and the store's write.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +25,8 @@ use crate::provider::{Provider, ProviderTokenResponse, UpstreamError, UpstreamHt
 use crate::store::{StoreError, TokenStore};
 use crate::token::{GrantStatus, TokenRecord};
 
-/// How often a token request is tried when the provider answers 429/5xx.
+/// How often a token request is tried when the provider answers 429/503 or cannot be
+/// reached (see [`UpstreamError::is_retryable`]).
 const UPSTREAM_ATTEMPTS: u32 = 3;
 /// Pause before the first retry; doubled for each further one.
 const UPSTREAM_BACKOFF: Duration = Duration::from_millis(500);
