@@ -96,6 +96,8 @@ struct Inner {
     ops: HashMap<&'static str, u64>,
     fail_writes: u32,
     throttle_every: Option<u64>,
+    /// `client_id` of the last identity request (a user-assigned identity), if any.
+    identity_client_id: Option<String>,
 }
 
 #[derive(Clone)]
@@ -153,6 +155,11 @@ impl Shared {
             .get(&name.to_ascii_lowercase())
             .and_then(|versions| versions.last())
             .and_then(|v| v.content_type.clone())
+    }
+
+    /// The user-assigned identity (client id) the last identity request asked for.
+    pub fn identity_client_id(&self) -> Option<String> {
+        self.lock().identity_client_id.clone()
     }
 
     /// Every bearer token the identity double issued.
@@ -373,6 +380,7 @@ struct IdentityQuery {
     #[serde(rename = "api-version")]
     api_version: Option<String>,
     resource: Option<String>,
+    client_id: Option<String>,
 }
 
 async fn identity_token(
@@ -410,6 +418,7 @@ async fn identity_token(
     {
         let mut inner = state.shared.lock();
         *inner.ops.entry("identity").or_default() += 1;
+        inner.identity_client_id = query.client_id.clone();
         inner
             .tokens
             .insert(token.clone(), resource.trim_end_matches('/').to_owned());

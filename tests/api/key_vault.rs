@@ -12,6 +12,8 @@ use crate::helpers::{consent, random, BrokerProcess, Upstream, ADMIN_KEY, CALLER
 const RECORD: &str = "token-broker-acme";
 const MIRROR: &str = "acme-refresh-token";
 const CLIENT_SECRET: &str = "acme-client-secret";
+/// A user-assigned managed identity, by client id.
+const MI_CLIENT_ID: &str = "3f2b1c9e-0000-4000-8000-0000000000c1";
 
 /// The doubles, an upstream and a broker using the vault, with its own temp directory.
 struct VaultSetup {
@@ -45,6 +47,7 @@ api_keys = ["{CALLER_KEY}"]
 admin_keys = ["{ADMIN_KEY}"]
 [store]
 retry_budget = 3
+managed_identity_client_id = "{MI_CLIENT_ID}"
 {acme}"#,
                 state = random("state-secret"),
                 acme = upstream.connection_toml(
@@ -136,6 +139,11 @@ async fn consent_refresh_rotate_restart_with_key_vault() {
     assert!(
         setup.azure.shared.count("identity") >= 1,
         "the token came from managed identity"
+    );
+    assert_eq!(
+        setup.azure.shared.identity_client_id().as_deref(),
+        Some(MI_CLIENT_ID),
+        "the configured user-assigned identity was asked for"
     );
 
     let token = setup.token("").await;
