@@ -233,7 +233,7 @@ async fn refresh(
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
-                format!("the body must be a JSON object like {{\"min_validity\": 600, \"force\": false}} ({})", err.classify_name()),
+                format!("the body must be a JSON object like {{\"min_validity\": 600, \"force\": false}} ({})", json_problem(&err)),
             )
         })?;
         params.min_validity = from_body.min_validity.or(params.min_validity);
@@ -278,17 +278,11 @@ async fn refresh(
         .into_response())
 }
 
-trait ClassifyName {
-    fn classify_name(&self) -> &'static str;
-}
-
-impl ClassifyName for serde_json::Error {
-    /// serde_json messages can quote the input; name only the kind of problem.
-    fn classify_name(&self) -> &'static str {
-        match self.classify() {
-            serde_json::error::Category::Data => "unexpected field or value",
-            _ => "not valid JSON",
-        }
+/// serde_json messages can quote the input; name only the kind of problem.
+fn json_problem(err: &serde_json::Error) -> &'static str {
+    match err.classify() {
+        serde_json::error::Category::Data => "unexpected field or value",
+        _ => "not valid JSON",
     }
 }
 

@@ -41,10 +41,6 @@ impl Application {
         let store = opened.store;
         let http = UpstreamHttp::new(config.refresh.upstream_timeout)
             .context("building the HTTP client")?;
-        let discovery_http = crate::http_client::builder()?
-            .timeout(config.refresh.upstream_timeout)
-            .build()
-            .context("building the discovery HTTP client")?;
         let mut providers = BTreeMap::new();
         for (name, connection) in &config.connections {
             let client_secret = match (&connection.client_secret_name, &opened.vault) {
@@ -65,7 +61,7 @@ impl Application {
                     token_url,
                 } => (authorize_url.clone(), token_url.clone()),
                 Endpoints::Discover { issuer } => {
-                    let endpoints = presets::discover(&discovery_http, issuer)
+                    let endpoints = presets::discover(http.client(), issuer)
                         .await
                         .with_context(|| {
                             format!("connections.{name}.issuer: OIDC discovery failed")
@@ -87,7 +83,7 @@ impl Application {
             providers.insert(name.clone(), provider);
         }
 
-        let auth = CallerAuth::new(&config.auth)?;
+        let auth = CallerAuth::new(&config.auth, http.client())?;
         if auth.is_anonymous() {
             tracing::warn!("!!! auth.allow_anonymous = true: ANYONE who can reach this service can get tokens and start consents. Never use this in production. !!!");
         } else if !auth.has_admins() {

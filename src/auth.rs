@@ -68,12 +68,17 @@ fn contains(keys: &[[u8; 32]], presented: &[u8; 32]) -> bool {
 }
 
 impl CallerAuth {
-    pub fn new(config: &AuthConfig) -> anyhow::Result<Self> {
+    /// `http` fetches the Entra ID signing keys when bearer tokens are configured.
+    pub fn new(config: &AuthConfig, http: &reqwest::Client) -> anyhow::Result<Self> {
         Ok(Self {
             api_keys: digests(&config.api_keys),
             admin_keys: digests(&config.admin_keys),
             anonymous: config.allow_anonymous,
-            entra: config.entra.as_ref().map(EntraVerifier::new).transpose()?,
+            entra: config
+                .entra
+                .as_ref()
+                .map(|entra| EntraVerifier::new(entra, http.clone()))
+                .transpose()?,
         })
     }
 
@@ -156,12 +161,15 @@ mod tests {
     use super::*;
 
     fn auth() -> CallerAuth {
-        CallerAuth::new(&AuthConfig {
-            api_keys: vec![SecretString::from("caller-key-0123456789")],
-            admin_keys: vec![SecretString::from("admin-key-0123456789")],
-            allow_anonymous: false,
-            entra: None,
-        })
+        CallerAuth::new(
+            &AuthConfig {
+                api_keys: vec![SecretString::from("caller-key-0123456789")],
+                admin_keys: vec![SecretString::from("admin-key-0123456789")],
+                allow_anonymous: false,
+                entra: None,
+            },
+            &reqwest::Client::new(),
+        )
         .expect("auth")
     }
 
@@ -204,10 +212,13 @@ mod tests {
 
     #[test]
     fn anonymous_allows_everything() {
-        let a = CallerAuth::new(&AuthConfig {
-            allow_anonymous: true,
-            ..AuthConfig::default()
-        })
+        let a = CallerAuth::new(
+            &AuthConfig {
+                allow_anonymous: true,
+                ..AuthConfig::default()
+            },
+            &reqwest::Client::new(),
+        )
         .expect("auth");
         assert_eq!(a.check_key(None, Role::Admin), Ok(()));
     }

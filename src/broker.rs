@@ -165,11 +165,6 @@ impl Broker {
         }
     }
 
-    /// True when `name` is a configured connection.
-    pub fn has_connection(&self, name: &str) -> bool {
-        self.connections.contains_key(name)
-    }
-
     /// The provider of a configured connection.
     pub fn provider(&self, name: &str) -> Result<&Provider, BrokerError> {
         Ok(&self.connection(name)?.provider)

@@ -5,7 +5,6 @@
 //! then deserialize the typed configuration with `serde_path_to_error`.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -879,15 +878,6 @@ fn parse_base_url(key: &str, value: &str) -> Result<Url, ConfigError> {
         ));
     }
     Ok(url)
-}
-
-impl fmt::Display for StoreConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StoreConfig::File { dir } => write!(f, "file store in {}", dir.display()),
-            StoreConfig::KeyVault(vault) => write!(f, "Key Vault {}", vault.vault_url),
-        }
-    }
 }
 
 #[cfg(test)]

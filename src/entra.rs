@@ -68,7 +68,7 @@ pub struct EntraVerifier {
 }
 
 impl EntraVerifier {
-    pub fn new(config: &EntraConfig) -> anyhow::Result<Self> {
+    pub fn new(config: &EntraConfig, http: reqwest::Client) -> anyhow::Result<Self> {
         let authority = config.authority.as_str().trim_end_matches('/');
         let tenant = &config.tenant_id;
         Ok(Self {
@@ -81,9 +81,7 @@ impl EntraVerifier {
             jwks_url: Url::parse(&format!("{authority}/{tenant}/discovery/v2.0/keys"))?,
             allowed_principals: config.allowed_principals.iter().cloned().collect(),
             admin_principals: config.admin_principals.iter().cloned().collect(),
-            http: crate::http_client::builder()?
-                .timeout(Duration::from_secs(10))
-                .build()?,
+            http,
             keys: tokio::sync::RwLock::new(Keys {
                 set: JwkSet { keys: Vec::new() },
                 fetched: None,

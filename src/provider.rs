@@ -508,6 +508,12 @@ impl UpstreamHttp {
 }
 
 impl UpstreamHttp {
+    /// The underlying client (no redirects, timeouts, the broker's trust roots), for the
+    /// other outgoing calls that are no token requests: OIDC discovery, Entra ID keys.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     /// `GET url` with the access token, expecting JSON (the post-consent lookups).
     async fn get_json(
         &self,

@@ -61,18 +61,9 @@ impl TokenStore for FileStore {
                 )))
             }
         };
-        // Only the kind of error and where: serde_json's message can quote the content.
         serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|err| StoreError::Corrupt {
-                connection: connection.to_owned(),
-                message: format!(
-                    "{:?} error at line {} column {}",
-                    err.classify(),
-                    err.line(),
-                    err.column()
-                ),
-            })
+            .map_err(|err| StoreError::corrupt(connection, &path.display().to_string(), &err))
     }
 
     async fn save(&self, connection: &str, record: &TokenRecord) -> Result<(), StoreError> {

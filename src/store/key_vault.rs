@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use azure_core::credentials::TokenCredential;
 use azure_core::error::ErrorKind;
 use azure_core::http::StatusCode;
 use azure_security_keyvault_secrets::models::SetSecretParameters;
@@ -46,21 +45,11 @@ impl KeyVaultStore {
             config.managed_identity_client_id.as_deref(),
             &options,
         )?;
-        Self::with_credential(config, mirrors, credential, credential_name, options)
-    }
-
-    fn with_credential(
-        config: &KeyVaultConfig,
-        mirrors: BTreeMap<String, String>,
-        credential: Arc<dyn TokenCredential>,
-        credential_name: &'static str,
-        client_options: azure_core::http::ClientOptions,
-    ) -> anyhow::Result<Self> {
         let client = SecretClient::new(
             config.vault_url.as_str(),
             credential,
             Some(SecretClientOptions {
-                client_options,
+                client_options: options,
                 ..Default::default()
             }),
         )?;
@@ -177,16 +166,7 @@ impl TokenStore for KeyVaultStore {
         };
         serde_json::from_str(&value)
             .map(Some)
-            .map_err(|err| StoreError::Corrupt {
-                connection: connection.to_owned(),
-                // serde_json names a line and column; with `classify` it never quotes input.
-                message: format!(
-                    "secret `{name}` is not a token record ({:?} error at line {} column {})",
-                    err.classify(),
-                    err.line(),
-                    err.column()
-                ),
-            })
+            .map_err(|err| StoreError::corrupt(connection, &format!("secret `{name}`"), &err))
     }
 
     async fn save(&self, connection: &str, record: &TokenRecord) -> Result<(), StoreError> {

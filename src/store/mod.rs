@@ -22,6 +22,22 @@ pub enum StoreError {
     Corrupt { connection: String, message: String },
 }
 
+impl StoreError {
+    /// A stored value that is not a token record. Only the kind of error and where it is:
+    /// serde_json's own message can quote the content, which holds tokens.
+    fn corrupt(connection: &str, what: &str, err: &serde_json::Error) -> Self {
+        StoreError::Corrupt {
+            connection: connection.to_owned(),
+            message: format!(
+                "{what} is not a token record ({:?} error at line {} column {})",
+                err.classify(),
+                err.line(),
+                err.column()
+            ),
+        }
+    }
+}
+
 /// Persistent storage of one [`TokenRecord`] per connection.
 ///
 /// A save must be durable when it returns `Ok`: the broker hands out an access token only

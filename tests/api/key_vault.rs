@@ -104,6 +104,16 @@ managed_identity_client_id = "{MI_CLIENT_ID}"
             .to_owned()
     }
 
+    /// The vault holds the refresh token the upstream issued last.
+    async fn assert_newest_refresh_token_stored(&self) {
+        assert_eq!(
+            self.stored_refresh_token(),
+            self.latest_issued_refresh_token().await,
+            "{}",
+            self.broker.logs()
+        );
+    }
+
     /// The refresh token the upstream issued last.
     async fn latest_issued_refresh_token(&self) -> String {
         let stats = self.upstream.stats().await;
@@ -124,10 +134,7 @@ async fn consent_refresh_rotate_restart_with_key_vault() {
         setup.azure.shared.content_type(RECORD).as_deref(),
         Some("application/json")
     );
-    assert_eq!(
-        setup.stored_refresh_token(),
-        setup.latest_issued_refresh_token().await
-    );
+    setup.assert_newest_refresh_token_stored().await;
     assert_eq!(
         setup.azure.shared.value(MIRROR),
         Some(setup.stored_refresh_token())
@@ -168,10 +175,7 @@ async fn consent_refresh_rotate_restart_with_key_vault() {
     assert_eq!(setup.azure.shared.count("get") - gets, 1);
     assert_eq!(setup.azure.shared.count("set") - sets, 2);
     assert_eq!(setup.azure.shared.versions(RECORD), versions + 1);
-    assert_eq!(
-        setup.stored_refresh_token(),
-        setup.latest_issued_refresh_token().await
-    );
+    setup.assert_newest_refresh_token_stored().await;
     assert_eq!(
         setup.azure.shared.value(MIRROR),
         Some(setup.stored_refresh_token())
@@ -186,10 +190,7 @@ async fn consent_refresh_rotate_restart_with_key_vault() {
     );
     let after_restart = setup.token("?force=true").await;
     assert!(setup.upstream.is_active(&after_restart).await);
-    assert_eq!(
-        setup.stored_refresh_token(),
-        setup.latest_issued_refresh_token().await
-    );
+    setup.assert_newest_refresh_token_stored().await;
     assert_eq!(setup.upstream.grants_revoked().await, 0);
 }
 
@@ -227,10 +228,7 @@ async fn vault_write_failures_after_a_rotation_never_lose_the_refresh_token() {
     setup.azure.shared.fail_writes(0);
     let token = setup.token("").await;
     assert!(setup.upstream.is_active(&token).await);
-    assert_eq!(
-        setup.stored_refresh_token(),
-        setup.latest_issued_refresh_token().await
-    );
+    setup.assert_newest_refresh_token_stored().await;
     assert_ne!(setup.stored_refresh_token(), consented);
     assert_eq!(
         setup.upstream.token_requests("refresh_token").await,
@@ -258,10 +256,7 @@ async fn throttling_on_every_third_vault_request_is_absorbed() {
         assert!(!token.is_empty());
     }
     assert!(setup.upstream.is_active(&tokens[4]).await);
-    assert_eq!(
-        setup.stored_refresh_token(),
-        setup.latest_issued_refresh_token().await
-    );
+    setup.assert_newest_refresh_token_stored().await;
     assert_eq!(setup.upstream.grants_revoked().await, 0);
 }
 
@@ -313,22 +308,14 @@ async fn the_timer_and_a_graceful_shutdown_save_a_pending_refresh_token() {
         .await
         .expect("timer");
     assert_eq!(response.status(), 200);
-    assert_eq!(
-        setup.stored_refresh_token(),
-        setup.latest_issued_refresh_token().await
-    );
+    setup.assert_newest_refresh_token_stored().await;
 
     // Again, and this time the instance is shut down before anyone calls.
     setup.azure.shared.fail_writes(1000);
     assert_eq!(setup.refresh("?force=true").await.0, 503);
     setup.azure.shared.fail_writes(0);
     setup.broker.terminate().await;
-    assert_eq!(
-        setup.stored_refresh_token(),
-        setup.latest_issued_refresh_token().await,
-        "{}",
-        setup.broker.logs()
-    );
+    setup.assert_newest_refresh_token_stored().await;
 
     setup.broker.restart().await;
     setup.token("?force=true").await;
