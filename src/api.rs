@@ -109,6 +109,8 @@ pub struct ApiError {
     authorize_url: Option<String>,
     /// Send `WWW-Authenticate: Bearer` (RFC 6750 §3) with a 401.
     challenge: bool,
+    /// Sent as `Retry-After` (whole seconds, at least 1).
+    retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -119,10 +121,18 @@ impl ApiError {
             description: description.into(),
             authorize_url: None,
             challenge: false,
+            retry_after: None,
         }
     }
 
     fn from_broker(err: BrokerError, state: &AppState) -> Self {
+        let retry_after = err.retry_after();
+        let mut error = Self::from_broker_error(err, state);
+        error.retry_after = retry_after;
+        error
+    }
+
+    fn from_broker_error(err: BrokerError, state: &AppState) -> Self {
         match err {
             BrokerError::UnknownConnection(_) => {
                 Self::new(StatusCode::NOT_FOUND, "unknown_connection", err.to_string())
@@ -140,6 +150,19 @@ impl ApiError {
                 };
                 Self::new(StatusCode::BAD_GATEWAY, error, err.to_string())
             }
+            BrokerError::RefreshFailed { code, .. } => {
+                Self::new(StatusCode::BAD_GATEWAY, code, err.to_string())
+            }
+            BrokerError::Busy(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "refresh_in_progress",
+                err.to_string(),
+            ),
+            BrokerError::LockUnavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "lock_unavailable",
+                "the refresh lease cannot be taken (storage unavailable); try again shortly",
+            ),
             BrokerError::Internal(_) => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
@@ -197,6 +220,12 @@ impl IntoResponse for ApiError {
         response
             .headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
         if self.challenge {
             response
                 .headers_mut()

@@ -91,14 +91,22 @@ impl Application {
                 "no admin keys or admin principals configured: /api/authorize will refuse everyone"
             );
         }
-        if config.functions_host {
-            tracing::warn!("refreshes are coordinated within this instance only (no cross-instance lock yet): concurrent refreshes of one connection on two instances can cost a rotating provider's grant");
+        let lock = crate::lock::open(&config)?;
+        match &config.lock {
+            crate::config::LockConfig::Local(_) if config.functions_host => {
+                tracing::warn!("no identity-based storage configured (AzureWebJobsStorage__blobServiceUri or __accountName): refreshes are coordinated within this instance only, and two instances refreshing one connection at once can cost a rotating provider's grant");
+            }
+            crate::config::LockConfig::Local(_) => {
+                tracing::info!("refreshes are coordinated within this process only (no storage account configured): run one instance");
+            }
+            crate::config::LockConfig::Blob(_) => {}
         }
         if config.state_secret.is_none() {
             tracing::info!("no state_secret configured: a random key signs `state`, so consents in progress do not survive a restart and need a single instance");
         }
         tracing::info!(
             store = %store.describe(),
+            lock = %lock.describe(),
             public_url = %public_url,
             redirect_uri = %redirect_uri,
             connections = ?providers.keys().collect::<Vec<_>>(),
@@ -108,6 +116,7 @@ impl Application {
         let broker = Arc::new(Broker::new(
             providers,
             store,
+            (lock, config.lock.timings().clone()),
             http,
             config.refresh.min_validity,
         ));

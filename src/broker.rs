@@ -10,6 +10,14 @@
 //! and `force` — a thousand concurrent callers cause one token request, and no caller ever
 //! refreshes twice. Everything behind the cache runs in a task of its own, so a caller that
 //! goes away cannot cancel a refresh between the provider's rotation and the store's write.
+//!
+//! Across instances, the caller that holds the flight then takes the connection's lease
+//! ([`crate::lock`]) before it re-reads the store, so one instance at a time calls the
+//! provider; a caller that arrived before another instance's refresh takes that token.
+//! A failed flight leaves a back-off in the lease's notes: every caller that queued behind
+//! it, here or on another instance, gets the same failure until the back-off ends, instead of
+//! one retry loop per caller. A refresh token the store has not accepted yet keeps the lease
+//! (renewed) until a background save succeeds, so no instance refreshes with the older copy.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +29,8 @@ use oauth2::{PkceCodeVerifier, TokenResponse};
 use serde_json::{Map, Value};
 use tracing::{info, warn, Instrument};
 
+use crate::config::LeaseTimings;
+use crate::lock::{instance_name, Lease, LeaseNotes, LockError, RefreshLock};
 use crate::provider::{Provider, ProviderTokenResponse, UpstreamError, UpstreamHttp};
 use crate::store::{StoreError, TokenStore};
 use crate::token::{GrantStatus, TokenRecord};
@@ -52,21 +62,78 @@ pub enum BrokerError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The last refresh failed and the connection is backing off; every caller gets this
+    /// until `retry_after` has passed.
+    #[error("{message}")]
+    RefreshFailed {
+        /// `provider_unavailable` or `provider_error`.
+        code: &'static str,
+        message: String,
+        retry_after: Duration,
+    },
+    /// Another instance holds the connection's lease (refreshing, or saving a refresh token).
+    #[error("{0}")]
+    Busy(String),
+    /// The lease store cannot be reached: no refresh without the lease.
+    #[error("{0}")]
+    LockUnavailable(String),
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<LockError> for BrokerError {
+    fn from(err: LockError) -> Self {
+        match err {
+            LockError::Busy { .. } => {
+                BrokerError::Busy(format!("{err}; try again in a few seconds"))
+            }
+            LockError::Unavailable(_) => BrokerError::LockUnavailable(err.to_string()),
+        }
+    }
+}
+
+impl BrokerError {
+    /// How long the caller should wait before trying again, when that is known.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            BrokerError::RefreshFailed { retry_after, .. } => Some(*retry_after),
+            BrokerError::Busy(_) | BrokerError::LockUnavailable(_) | BrokerError::Store(_) => {
+                Some(Duration::from_secs(5))
+            }
+            _ => None,
+        }
+    }
 }
 
 struct Connection {
     provider: Provider,
     /// The last record read or written; a std Mutex because nothing awaits while it is held.
     cache: Mutex<Cached>,
-    /// One upstream token request per connection at a time.
-    flight: tokio::sync::Mutex<()>,
+    /// One upstream token request per connection at a time; holds the connection's lease
+    /// between flights while a refresh token waits to be saved.
+    flight: tokio::sync::Mutex<Flight>,
+    /// The back-off after a failed flight, as this instance knows it.
+    backoff: Mutex<Option<Backoff>>,
+    /// A background task is retrying the save of an unsaved refresh token.
+    saver_running: std::sync::atomic::AtomicBool,
     /// Bumped after every new token is stored.
     generation: AtomicU64,
     /// The last failed refresh since the last success, for the status page. Kept in memory
     /// only: writing failures to the store would cost a vault write per failing call.
     failure: Mutex<Option<Failure>>,
+}
+
+#[derive(Default)]
+struct Flight {
+    /// The lease, kept while the cache holds a refresh token the store has not accepted.
+    held: Option<Box<dyn Lease>>,
+}
+
+#[derive(Clone)]
+struct Backoff {
+    until: DateTime<Utc>,
+    code: &'static str,
+    message: String,
 }
 
 #[derive(Clone)]
@@ -132,6 +199,8 @@ pub struct PrerefreshReport {
 pub struct Broker {
     connections: BTreeMap<String, Connection>,
     store: Arc<dyn TokenStore>,
+    lock: Arc<dyn RefreshLock>,
+    timings: LeaseTimings,
     http: UpstreamHttp,
     min_validity: Duration,
 }
@@ -141,16 +210,20 @@ impl Broker {
     pub fn new(
         providers: BTreeMap<String, Provider>,
         store: Arc<dyn TokenStore>,
+        lock: (Arc<dyn RefreshLock>, LeaseTimings),
         http: UpstreamHttp,
         min_validity: Duration,
     ) -> Self {
+        let (lock, timings) = lock;
         let connections = providers
             .into_iter()
             .map(|(name, provider)| {
                 let connection = Connection {
                     provider,
                     cache: Mutex::new(Cached::default()),
-                    flight: tokio::sync::Mutex::new(()),
+                    flight: tokio::sync::Mutex::new(Flight::default()),
+                    backoff: Mutex::new(None),
+                    saver_running: std::sync::atomic::AtomicBool::new(false),
                     generation: AtomicU64::new(0),
                     failure: Mutex::new(None),
                 };
@@ -160,6 +233,8 @@ impl Broker {
         Self {
             connections,
             store,
+            lock,
+            timings,
             http,
             min_validity,
         }
@@ -244,11 +319,12 @@ impl Broker {
             }
         }
 
+        let arrived_at = Utc::now();
         let this = Arc::clone(self);
         let name = name.to_owned();
         tokio::spawn(
             async move {
-                this.token_locked(&name, request, min_validity, arrived)
+                this.token_locked(&name, request, min_validity, (arrived, arrived_at))
                     .await
             }
             .in_current_span(),
@@ -257,15 +333,16 @@ impl Broker {
         .map_err(|err| BrokerError::Internal(format!("refresh task failed: {err}")))?
     }
 
+    /// Behind the in-process flight: the cache again, the back-off, then the lease.
     async fn token_locked(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         request: TokenRequest,
         min_validity: Duration,
-        arrived: u64,
+        (arrived, arrived_at): (u64, DateTime<Utc>),
     ) -> Result<Arc<TokenRecord>, BrokerError> {
         let conn = self.connection(name)?;
-        let _flight = conn.flight.lock().await;
+        let mut flight = conn.flight.lock().await;
         let now = Utc::now();
         if conn.generation.load(Ordering::Acquire) != arrived {
             // Someone refreshed while we waited: that token is newer than this request.
@@ -278,10 +355,173 @@ impl Broker {
                 return Ok(record);
             }
         }
+        // A flight failed a moment ago: share its outcome rather than try again.
+        if let Some(err) = conn.backing_off(now) {
+            return Err(err);
+        }
+
+        let mut lease = self.take_lease(name, &mut flight).await?;
+        let result = self
+            .token_leased(
+                name,
+                conn,
+                lease.as_mut(),
+                request,
+                min_validity,
+                arrived_at,
+            )
+            .await;
+        self.end_flight(name, conn, &mut flight, lease).await;
+        result
+    }
+
+    /// The connection's lease: the one this instance keeps for an unsaved refresh token, or
+    /// a new one (waiting for another instance's refresh, within the caller's budget).
+    async fn take_lease(
+        &self,
+        name: &str,
+        flight: &mut Flight,
+    ) -> Result<Box<dyn Lease>, BrokerError> {
+        if let Some(lease) = flight.held.take() {
+            return Ok(lease);
+        }
+        self.lock
+            .acquire(name, self.timings.wait)
+            .await
+            .inspect_err(|err| warn!(connection = name, error = %err, "no refresh lease"))
+            .map_err(BrokerError::from)
+    }
+
+    /// After work under the lease: keep it while a refresh token waits to be saved (and
+    /// retry the save in the background), give it back otherwise.
+    async fn end_flight(
+        self: &Arc<Self>,
+        name: &str,
+        conn: &Connection,
+        flight: &mut Flight,
+        mut lease: Box<dyn Lease>,
+    ) {
+        if lease.lost() {
+            tracing::error!(
+                connection = name,
+                "the refresh lease was lost during the flight; its result was persisted regardless"
+            );
+        }
+        if conn.cached().unsaved {
+            if lease.notes().pending_since.is_none() {
+                let notes = LeaseNotes {
+                    pending_since: Some(Utc::now()),
+                    holder: Some(instance_name()),
+                    ..lease.notes().clone()
+                };
+                if let Err(err) = lease.set_notes(notes).await {
+                    warn!(connection = name, error = %err, "could not mark the refresh lease as holding an unsaved refresh token");
+                }
+            }
+            flight.held = Some(lease);
+            self.spawn_saver(name);
+            return;
+        }
+        if lease.notes().pending_since.is_some() {
+            let notes = LeaseNotes {
+                pending_since: None,
+                holder: None,
+                ..lease.notes().clone()
+            };
+            if let Err(err) = lease.set_notes(notes).await {
+                warn!(connection = name, error = %err, "could not clear the refresh lease's pending mark");
+            }
+        }
+        lease.release().await;
+    }
+
+    /// Retries saving an unsaved refresh token with back-off until the store accepts it.
+    fn spawn_saver(self: &Arc<Self>, name: &str) {
+        let Ok(conn) = self.connection(name) else {
+            return;
+        };
+        if conn.saver_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = Arc::clone(self);
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(500);
+            loop {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(30));
+                let Ok(conn) = this.connection(&name) else {
+                    return;
+                };
+                let mut flight = conn.flight.lock().await;
+                if !conn.cached().unsaved {
+                    break;
+                }
+                let lease = match this.take_lease(&name, &mut flight).await {
+                    Ok(lease) => lease,
+                    Err(_) => continue,
+                };
+                let saved = this.load_locked(&name, conn).await.is_ok();
+                this.end_flight(&name, conn, &mut flight, lease).await;
+                if saved {
+                    break;
+                }
+            }
+            if let Ok(conn) = this.connection(&name) {
+                conn.saver_running.store(false, Ordering::Release);
+            }
+        });
+    }
+
+    async fn token_leased(
+        &self,
+        name: &str,
+        conn: &Connection,
+        lease: &mut dyn Lease,
+        request: TokenRequest,
+        min_validity: Duration,
+        arrived_at: DateTime<Utc>,
+    ) -> Result<Arc<TokenRecord>, BrokerError> {
+        let notes = lease.notes().clone();
+        if let (Some(since), false) = (notes.pending_since, conn.cached().unsaved) {
+            // The previous holder kept the lease for an unsaved refresh token and stopped
+            // renewing it (killed): that token may be gone, and the store's may be spent.
+            tracing::error!(
+                connection = name,
+                holder = notes.holder.as_deref().unwrap_or("unknown"),
+                pending_since = %since,
+                "a refresh token may have been lost: the instance holding one the store had not accepted stopped; if the next refresh answers invalid_grant, consent again"
+            );
+            let cleared = LeaseNotes {
+                pending_since: None,
+                holder: None,
+                ..notes.clone()
+            };
+            lease.set_notes(cleared).await?;
+        }
 
         let record = self.load_locked(name, conn).await?;
+        let now = Utc::now();
         if !request.force && record.is_valid_for(min_validity, now) {
             return Ok(record);
+        }
+        if record.obtained_at > arrived_at && record.is_valid_for(Duration::ZERO, now) {
+            // Another instance refreshed after this caller arrived: newer than the request.
+            return Ok(record);
+        }
+        if let Some(left) = notes.backing_off(now) {
+            let backoff = Backoff {
+                until: now + chrono::Duration::from_std(left).unwrap_or_default(),
+                code: failure_code(notes.failure_code.as_deref()),
+                message: notes
+                    .failure
+                    .clone()
+                    .unwrap_or_else(|| "the last refresh failed".to_owned()),
+            };
+            conn.set_backoff(Some(backoff));
+            if let Some(err) = conn.backing_off(now) {
+                return Err(err);
+            }
         }
         if conn.too_soon_to_refresh(&record, now) {
             // The provider would refuse (Exact Online answers an error within ~570 s), and
@@ -292,9 +532,58 @@ impl Broker {
             );
             return Ok(record);
         }
-        self.refresh_locked(name, conn, record, min_validity)
+        let result = self
+            .refresh_locked(name, conn, record, min_validity)
             .instrument(tracing::info_span!("refresh", connection = name))
-            .await
+            .await;
+        match result {
+            Err(BrokerError::Upstream(err)) => {
+                // Everyone queued behind this flight, here and elsewhere, shares its outcome
+                // until the back-off ends.
+                let until = Utc::now()
+                    + chrono::Duration::from_std(self.timings.failure_backoff).unwrap_or_default();
+                let code = match err {
+                    UpstreamError::Unavailable { .. }
+                    | UpstreamError::Unreachable(_)
+                    | UpstreamError::Transport(_) => "provider_unavailable",
+                    _ => "provider_error",
+                };
+                let message = err.to_string();
+                let notes = LeaseNotes {
+                    backoff_until: Some(until),
+                    failure: Some(message.clone()),
+                    failure_code: Some(code.to_owned()),
+                    ..lease.notes().clone()
+                };
+                if let Err(err) = lease.set_notes(notes).await {
+                    warn!(connection = name, error = %err, "could not record the back-off with the lease");
+                }
+                conn.set_backoff(Some(Backoff {
+                    until,
+                    code,
+                    message: message.clone(),
+                }));
+                Err(BrokerError::RefreshFailed {
+                    code,
+                    message,
+                    retry_after: self.timings.failure_backoff,
+                })
+            }
+            other => {
+                if other.is_ok() && lease.notes().backoff_until.is_some() {
+                    let notes = LeaseNotes {
+                        backoff_until: None,
+                        failure: None,
+                        failure_code: None,
+                        ..lease.notes().clone()
+                    };
+                    if let Err(err) = lease.set_notes(notes).await {
+                        warn!(connection = name, error = %err, "could not clear the back-off");
+                    }
+                }
+                other
+            }
+        }
     }
 
     /// The timer's pass over every connection: refresh access tokens that expire within
@@ -337,8 +626,16 @@ impl Broker {
             // A refresh token the store has not accepted yet lives only in this process:
             // saving it comes before anything else.
             (true, Some(_)) => {
-                let _flight = conn.flight.lock().await;
-                match self.load_locked(name, conn).await {
+                let mut flight = conn.flight.lock().await;
+                let saved = match self.take_lease(name, &mut flight).await {
+                    Ok(lease) => {
+                        let saved = self.load_locked(name, conn).await;
+                        self.end_flight(name, conn, &mut flight, lease).await;
+                        saved
+                    }
+                    Err(err) => Err(err),
+                };
+                match saved {
                     Ok(record) => record,
                     Err(err) => {
                         return report(
@@ -429,14 +726,22 @@ impl Broker {
     /// Saves every refresh token the store has not accepted yet (at shutdown: an instance
     /// being recycled must not take the newest refresh token with it). Returns how many
     /// could still not be saved.
-    pub async fn flush_pending(&self) -> usize {
+    pub async fn flush_pending(self: &Arc<Self>) -> usize {
         let mut failed = 0;
         for (name, conn) in &self.connections {
             if !conn.cached().unsaved {
                 continue;
             }
-            let _flight = conn.flight.lock().await;
-            if let Err(err) = self.load_locked(name, conn).await {
+            let mut flight = conn.flight.lock().await;
+            let saved = match self.take_lease(name, &mut flight).await {
+                Ok(lease) => {
+                    let saved = self.load_locked(name, conn).await;
+                    self.end_flight(name, conn, &mut flight, lease).await;
+                    saved
+                }
+                Err(err) => Err(err),
+            };
+            if let Err(err) = saved {
                 warn!(connection = %name, error = %err, "a pending refresh token could not be saved before shutdown");
                 failed += 1;
             }
@@ -465,7 +770,7 @@ impl Broker {
     }
 
     async fn complete_consent_detached(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         code: String,
         verifier: PkceCodeVerifier,
@@ -498,8 +803,36 @@ impl Broker {
                     record.last_error = Some(format!("post-consent lookup failed: {err}"));
                 }
             }
-            let _flight = conn.flight.lock().await;
-            self.persist_locked(name, conn, record).await?;
+            // Under the lease, so a consent never races a refresh on another instance. The
+            // code is spent already: without the lease the tokens are stored regardless.
+            let mut flight = conn.flight.lock().await;
+            let lease = self.take_lease(name, &mut flight).await.inspect_err(|err| {
+                warn!(error = %err, "storing the consent without the refresh lease");
+            });
+            let persisted = self.persist_locked(name, conn, record).await;
+            if persisted.is_ok() {
+                conn.set_backoff(None);
+            }
+            match lease {
+                Ok(mut lease) => {
+                    if persisted.is_ok() && lease.notes().backoff_until.is_some() {
+                        let notes = LeaseNotes {
+                            backoff_until: None,
+                            failure: None,
+                            failure_code: None,
+                            ..lease.notes().clone()
+                        };
+                        let _ = lease.set_notes(notes).await;
+                    }
+                    self.end_flight(name, conn, &mut flight, lease).await;
+                }
+                Err(_) if persisted.is_err() => {
+                    // Nothing holds the lease for the unsaved tokens: retry the save anyway.
+                    self.spawn_saver(name);
+                }
+                Err(_) => {}
+            }
+            persisted?;
             info!(outcome = "connected", "consent completed");
             Ok(())
         }
@@ -577,7 +910,10 @@ impl Broker {
                         );
                         let latest = Arc::new(latest);
                         conn.set_cache(Some(latest.clone()), false);
-                        if latest.is_valid_for(min_validity, Utc::now()) {
+                        let now = Utc::now();
+                        if latest.is_valid_for(min_validity, now)
+                            || conn.too_soon_to_refresh(&latest, now)
+                        {
                             conn.set_failure(None);
                             return Ok(latest);
                         }
@@ -655,6 +991,7 @@ impl Broker {
         }
         conn.set_cache(Some(record.clone()), false);
         conn.set_failure(None);
+        conn.set_backoff(None);
         conn.generation.fetch_add(1, Ordering::AcqRel);
         Ok(record)
     }
@@ -686,6 +1023,29 @@ impl Connection {
         *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Cached { record, unsaved };
     }
 
+    /// The shared failure while a back-off runs.
+    fn backing_off(&self, now: DateTime<Utc>) -> Option<BrokerError> {
+        let backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let backoff = backoff.as_ref()?;
+        let left = (backoff.until - now)
+            .to_std()
+            .ok()
+            .filter(|d| !d.is_zero())?;
+        Some(BrokerError::RefreshFailed {
+            code: backoff.code,
+            message: format!(
+                "{} (the last refresh failed; the next attempt is in {} s)",
+                backoff.message,
+                left.as_secs().max(1)
+            ),
+            retry_after: left,
+        })
+    }
+
+    fn set_backoff(&self, backoff: Option<Backoff>) {
+        *self.backoff.lock().unwrap_or_else(|p| p.into_inner()) = backoff;
+    }
+
     fn set_failure(&self, failure: Option<Failure>) {
         *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = failure;
     }
@@ -695,6 +1055,14 @@ impl Connection {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+}
+
+/// The error code a back-off recorded by any instance answers with.
+fn failure_code(code: Option<&str>) -> &'static str {
+    match code {
+        Some("provider_unavailable") => "provider_unavailable",
+        _ => "provider_error",
     }
 }
 

@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+mod lock;
+pub use lock::{BlobLockConfig, LeaseTimings, LockConfig};
+
 use crate::presets::{Lookup, Preset, PresetSettings};
 use serde::Deserialize;
 use url::Url;
@@ -25,6 +28,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub store: StoreConfig,
     pub refresh: RefreshConfig,
+    /// Where refreshes are coordinated across instances.
+    pub lock: LockConfig,
     /// Connections by name, sorted.
     pub connections: BTreeMap<String, ConnectionConfig>,
     /// Running under the Azure Functions host (`FUNCTIONS_CUSTOMHANDLER_PORT` is set): the
@@ -342,6 +347,8 @@ struct RawConfig {
     #[serde(default)]
     refresh: RawRefresh,
     #[serde(default)]
+    lock: lock::RawLock,
+    #[serde(default)]
     connections: BTreeMap<String, RawConnection>,
 }
 
@@ -517,6 +524,7 @@ impl RawConfig {
         }
 
         let store = self.store.validate(env)?;
+        let lock = self.lock.validate(env)?;
 
         let refresh = RefreshConfig {
             min_validity: Duration::from_secs(self.refresh.min_validity.unwrap_or(300)),
@@ -586,6 +594,7 @@ impl RawConfig {
             auth,
             store,
             refresh,
+            lock,
             connections,
             functions_host: env("FUNCTIONS_CUSTOMHANDLER_PORT").is_some_and(|p| !p.is_empty()),
         })

@@ -8,6 +8,7 @@
 //! - [`broker`]: refresh coordination: cache, single flight, rotation, dead-grant detection.
 //! - [`token`]: the stored record per connection and the `/api/refresh` answer.
 //! - [`store`]: the token store trait, the local file store and the Key Vault store.
+//! - [`lock`]: the refresh lease per connection (in-process, or an Azure Blob lease).
 //! - [`azure`]: Azure credentials and client options for the Azure SDK clients.
 //! - [`auth`]: caller authentication (API keys, Entra ID bearer tokens via [`entra`]).
 //! - [`api`]: routes, handlers and the error-to-response mapping.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod entra;
 pub mod html;
 pub mod http_client;
+pub mod lock;
 pub mod presets;
 pub mod provider;
 pub mod state;

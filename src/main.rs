@@ -104,6 +104,11 @@ async fn serve(config: Config, bind: IpAddr) -> anyhow::Result<()> {
 async fn check(config: Config) -> anyhow::Result<()> {
     let store = store::open(&config)?.store;
     println!("config ok; {}", store.describe());
+    let lock = token_broker::lock::open(&config)?;
+    lock.check()
+        .await
+        .with_context(|| format!("refresh lease: {}", lock.describe()))?;
+    println!("refresh lease ok; {}", lock.describe());
     for name in config.connections.keys() {
         let status = match store.load(name).await? {
             None => "no token yet (consent required)".to_owned(),

@@ -207,6 +207,7 @@ async fn malformed_token_responses_are_502_and_keep_the_refresh_token() {
         app.upstream.fail_next(1, status, body, content_type).await;
         let response = app.refresh("acme", "?force=true").await;
         assert_eq!(response.status(), 502, "for {body}");
+        crate::helpers::wait_retry_after(&response).await;
         let error: Value = response.json().await.expect("json");
         assert_eq!(error["error"], "provider_error");
         let description = error["error_description"].as_str().expect("description");
@@ -243,6 +244,7 @@ async fn a_provider_outage_is_retried_then_reported_as_502() {
     app.upstream.fail_next(3, 503, "busy", "text/plain").await;
     let response = app.refresh("acme", "?force=true").await;
     assert_eq!(response.status(), 502);
+    crate::helpers::wait_retry_after(&response).await;
     let error: Value = response.json().await.expect("json");
     assert_eq!(error["error"], "provider_unavailable");
     app.token("acme", "?force=true").await;

@@ -202,7 +202,8 @@ async fn connections_page_shows_each_state_without_secrets() {
 
     // A provider outage shows as failing, with the reason; recovery clears it.
     app.upstream.fail_next(3, 503, "down", "text/plain").await;
-    assert_eq!(app.refresh("acme", "?force=true").await.status(), 502);
+    let failed = app.refresh("acme", "?force=true").await;
+    assert_eq!(failed.status(), 502);
     let list = statuses().await;
     assert_eq!(state_of(&list, "acme"), "failing");
     let acme = list.iter().find(|c| c["name"] == "acme").expect("acme");
@@ -210,6 +211,7 @@ async fn connections_page_shows_each_state_without_secrets() {
         acme["last_error"].as_str().expect("error").contains("503"),
         "{acme}"
     );
+    crate::helpers::wait_retry_after(&failed).await;
     let token = app.token("acme", "?force=true").await;
     assert_eq!(state_of(&statuses().await, "acme"), "connected");
 

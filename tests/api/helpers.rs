@@ -219,6 +219,20 @@ impl Drop for Upstream {
     }
 }
 
+/// Waits out the back-off a failed refresh answer announces in `Retry-After` (which it
+/// must carry).
+pub async fn wait_retry_after(response: &reqwest::Response) {
+    let secs: u64 = response
+        .headers()
+        .get("retry-after")
+        .expect("a failed refresh says when to try again")
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("whole seconds");
+    tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+}
+
 /// How a test wants its broker and upstream.
 pub struct Options {
     pub auth_method: &'static str,
@@ -284,6 +298,9 @@ admin_keys = ["{ADMIN_KEY}"]
 [store]
 kind = "file"
 path = "{store}"
+
+[lock]
+failure_backoff = 1
 
 {acme}
 [connections.deny]

@@ -607,6 +607,7 @@ async fn a_malformed_answer_that_names_a_new_refresh_token_keeps_it() {
     double.malform_next_refresh();
     let response = app.refresh("xero", "?force=true").await;
     assert_eq!(response.status(), 502);
+    crate::helpers::wait_retry_after(&response).await;
     let body: Value = response.json().await.expect("json");
     assert!(
         body["error_description"]
