@@ -75,3 +75,129 @@ async fn concurrent_forced_refreshes_share_one_token_request() {
     assert!((1..=2).contains(&refreshes), "{refreshes} refreshes");
     assert_eq!(app.upstream.grants_revoked().await, 0);
 }
+
+/// Starts `count` concurrent `/api/refresh/acme{query}` calls; their statuses, bodies,
+/// `Retry-After` headers and the slowest answer's time.
+async fn concurrent_refreshes(
+    app: &TestApp,
+    count: usize,
+    query: &str,
+) -> (
+    Vec<(u16, serde_json::Value, Option<String>)>,
+    std::time::Duration,
+) {
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..count)
+        .map(|_| {
+            let http = app.http.clone();
+            let url = format!("{}/api/refresh/acme{query}", app.base);
+            tokio::spawn(async move {
+                let response = http
+                    .get(url)
+                    .header("X-API-Key", crate::helpers::CALLER_KEY)
+                    .send()
+                    .await
+                    .expect("request");
+                let status = response.status().as_u16();
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().expect("ascii").to_owned());
+                let body: serde_json::Value = response.json().await.expect("json");
+                (status, body, retry_after, started.elapsed())
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    let mut slowest = std::time::Duration::ZERO;
+    for call in calls {
+        let (status, body, retry_after, took) = call.await.expect("join");
+        slowest = slowest.max(took);
+        answers.push((status, body, retry_after));
+    }
+    (answers, slowest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn callers_queued_behind_a_failed_refresh_share_its_failure() {
+    let mut app = TestApp::spawn().await;
+    app.consent("acme").await;
+    app.stop().await;
+    app.edit_stored("acme", |record| {
+        record["expires_at"] = "2020-01-01T00:00:00Z".into();
+    });
+    app.restart().await;
+    let before = app.upstream.token_requests("refresh_token").await;
+    app.upstream
+        .fail_next(1000, 503, "down", "text/plain")
+        .await;
+
+    let (answers, slowest) = concurrent_refreshes(&app, 30, "").await;
+
+    // One flight's attempts (three), not three per caller.
+    let requests = app.upstream.token_requests("refresh_token").await - before;
+    assert_eq!(requests, 3, "token requests for 30 callers");
+    for (status, body, retry_after) in &answers {
+        assert_eq!(*status, 502, "{body}");
+        assert_eq!(body["error"], "provider_unavailable", "{body}");
+        assert!(retry_after.is_some(), "every failure says when to retry");
+    }
+    // The first caller waits for the flight's retries (0.5 s + 1 s of back-off between
+    // them); nobody waits for anyone else's.
+    assert!(
+        slowest < std::time::Duration::from_secs(10),
+        "slowest answer {slowest:?}"
+    );
+    eprintln!(
+        "30 callers on a failing provider: {requests} token requests, slowest answer {slowest:?}"
+    );
+
+    // During the back-off no caller reaches the provider; after it, the next caller does.
+    let during = app.refresh("acme", "").await;
+    assert_eq!(during.status(), 502);
+    assert_eq!(
+        app.upstream.token_requests("refresh_token").await - before,
+        3
+    );
+    app.upstream.fail_next(0, 503, "", "text/plain").await;
+    crate::helpers::wait_retry_after(&during).await;
+    let body = app.token("acme", "").await;
+    assert!(
+        app.upstream
+            .is_active(body["access_token"].as_str().expect("token"))
+            .await
+    );
+    assert_eq!(app.upstream.grants_revoked().await, 0);
+}
+
+#[tokio::test]
+async fn a_refresh_token_that_may_be_spent_is_not_resent_within_the_flight() {
+    let app = TestApp::spawn_with(crate::helpers::Options {
+        extra_config: "[refresh]\nupstream_timeout = 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    app.consent("acme").await;
+    let before = app.upstream.token_requests("refresh_token").await;
+    // The provider answers after the broker gave up: it may have rotated the token.
+    app.upstream.delay(2500).await;
+    let response = app.refresh("acme", "?force=true").await;
+    assert_eq!(response.status(), 502);
+    let error: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(error["error"], "provider_unavailable", "{error}");
+    assert_eq!(
+        app.upstream.token_requests("refresh_token").await - before,
+        1,
+        "the possibly spent refresh token was sent once"
+    );
+    // The strict upstream did rotate it. After the back-off the next attempt re-sends it
+    // (lenient providers accept the previous token for a while); this one calls that
+    // reuse and revokes the grant, which the broker then reports as dead.
+    app.upstream.delay(0).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2600)).await;
+    let response = app.refresh("acme", "?force=true").await;
+    assert_eq!(response.status(), 409);
+    let error: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(error["error"], "consent_required", "{error}");
+    assert!(error["authorize_url"].is_string());
+}
