@@ -91,6 +91,9 @@ impl Application {
                 "no admin keys or admin principals configured: /api/authorize will refuse everyone"
             );
         }
+        for warning in &config.warnings {
+            tracing::warn!("{warning}");
+        }
         let lock = crate::lock::open(&config)?;
         match &config.lock {
             crate::config::LockConfig::Local(_) if config.functions_host => {

@@ -35,7 +35,12 @@ pub struct Config {
     /// Running under the Azure Functions host (`FUNCTIONS_CUSTOMHANDLER_PORT` is set): the
     /// host reaches the timer route over loopback without a key.
     pub functions_host: bool,
+    /// Settings that work but probably not as intended; logged at startup.
+    pub warnings: Vec<String>,
 }
+
+/// The timer's default period (`PREREFRESH_SCHEDULE`, every 5 minutes).
+const DEFAULT_TIMER_PERIOD: Duration = Duration::from_secs(300);
 
 /// How callers prove who they are (checked in the app itself, not by the host).
 #[derive(Debug, Default)]
@@ -542,6 +547,20 @@ impl RawConfig {
             )?,
         };
 
+        let mut warnings = Vec::new();
+        // The timer must reach a token before callers do, or both refresh at the same moment
+        // (and the timer's run is wasted): its window must exceed what callers ask for plus
+        // the time between two runs.
+        if refresh.prerefresh_window <= refresh.min_validity + DEFAULT_TIMER_PERIOD {
+            warnings.push(format!(
+                "refresh.prerefresh_window ({} s) should exceed refresh.min_validity ({} s) plus the \
+                 timer's period (default {} s), so the timer refreshes tokens before callers need to",
+                refresh.prerefresh_window.as_secs(),
+                refresh.min_validity.as_secs(),
+                DEFAULT_TIMER_PERIOD.as_secs()
+            ));
+        }
+
         let mut connections = BTreeMap::new();
         let mut secret_names: BTreeMap<String, String> = BTreeMap::new();
         for (name, raw) in self.connections {
@@ -597,6 +616,7 @@ impl RawConfig {
             lock,
             connections,
             functions_host: env("FUNCTIONS_CUSTOMHANDLER_PORT").is_some_and(|p| !p.is_empty()),
+            warnings,
         })
     }
 }
@@ -926,6 +946,16 @@ mod tests {
         Config::parse(text, &env_of(vars))
             .expect_err("config should be rejected")
             .to_string()
+    }
+
+    #[test]
+    fn the_defaults_leave_the_timer_ahead_of_callers_and_a_tie_is_warned_about() {
+        let config = Config::parse(MINIMAL, &env_of(ENV)).expect("valid config");
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+        let tie = format!("[refresh]\nmin_validity = 900\nprerefresh_window = 900\n{MINIMAL}");
+        let config = Config::parse(&tie, &env_of(ENV)).expect("valid config");
+        assert_eq!(config.warnings.len(), 1);
+        assert!(config.warnings[0].contains("refresh.prerefresh_window"));
     }
 
     #[test]
