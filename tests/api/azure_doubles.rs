@@ -8,7 +8,9 @@
 //!   injectable 429 (with `Retry-After`) and 503.
 //! - **App Service managed identity** (`IDENTITY_ENDPOINT`, api-version 2019-08-01): `GET
 //!   ?api-version&resource` with the `X-IDENTITY-HEADER` secret, answering
-//!   `{access_token, expires_on, resource, token_type}`.
+//!   `{access_token, expires_on, resource, token_type}`. The tokens are JWT-shaped as Entra
+//!   ID's are (issuer, audience = the resource, lifetime), so Azurite in `--oauth basic` mode
+//!   accepts those issued for `https://storage.azure.com` (see `azurite.rs`).
 //!
 //! The vault accepts only tokens the identity endpoint issued for the vault resource.
 //! `tests/keyvault/sdk_check.py` drives both with Microsoft's Python SDK to show they behave
@@ -46,6 +48,7 @@ pub struct Pki {
     pub ca_file: PathBuf,
     cert_pem: String,
     key_pem: String,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
     _dir: tempfile::TempDir,
 }
 
@@ -59,24 +62,45 @@ impl Pki {
             .push(DnType::CommonName, "Token Broker test CA");
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key"))
             .expect("ca cert");
-        let mut leaf_params =
-            CertificateParams::new(vec![VAULT_HOST.to_owned(), VAULT_HOST_443.to_owned()])
-                .expect("leaf params");
-        leaf_params
-            .distinguished_name
-            .push(DnType::CommonName, VAULT_HOST);
-        let leaf_key = KeyPair::generate().expect("leaf key");
-        let leaf = leaf_params.signed_by(&leaf_key, &ca).expect("leaf cert");
+        let (cert_pem, key_pem) = issue(&ca, &[VAULT_HOST, VAULT_HOST_443]);
         let dir = tempfile::tempdir().expect("tempdir");
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, ca.pem()).expect("write ca");
         Self {
             ca_file,
-            cert_pem: leaf.pem(),
-            key_pem: leaf_key.serialize_pem(),
+            cert_pem,
+            key_pem,
+            ca,
             _dir: dir,
         }
     }
+
+    /// A server certificate issued by this CA for `names` (DNS names or IP addresses, e.g.
+    /// `127.0.0.1`), written with its key into `dir` as `server-cert.pem` and
+    /// `server-key.pem`; returns (certificate file, key file).
+    pub fn issue_server_files(&self, names: &[&str], dir: &std::path::Path) -> (PathBuf, PathBuf) {
+        let (cert_pem, key_pem) = issue(&self.ca, names);
+        let cert_file = dir.join("server-cert.pem");
+        let key_file = dir.join("server-key.pem");
+        std::fs::write(&cert_file, cert_pem).expect("write server certificate");
+        std::fs::write(&key_file, key_pem).expect("write server key");
+        (cert_file, key_file)
+    }
+}
+
+/// A leaf certificate for `names` (the first is also the common name), signed by `ca`, and
+/// its key, as PEM.
+fn issue(ca: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>, names: &[&str]) -> (String, String) {
+    use rcgen::{CertificateParams, DnType, KeyPair};
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let mut params = CertificateParams::new(names.clone()).expect("leaf params");
+    params.distinguished_name.push(
+        DnType::CommonName,
+        names.first().map_or("server", String::as_str),
+    );
+    let key = KeyPair::generate().expect("leaf key");
+    let cert = params.signed_by(&key, ca).expect("leaf cert");
+    (cert.pem(), key.serialize_pem())
 }
 
 /// Counters and fault switches shared by the doubles and the tests.
@@ -413,8 +437,9 @@ async fn identity_token(
         )
             .into_response();
     };
-    let token = format!("mi-token-{}", random_hex(24));
-    let expires_on = chrono::Utc::now().timestamp() + 3600;
+    let now = chrono::Utc::now().timestamp();
+    let expires_on = now + 3600;
+    let token = mint_token(&resource, query.client_id.as_deref(), now, expires_on);
     {
         let mut inner = state.shared.lock();
         *inner.ops.entry("identity").or_default() += 1;
@@ -428,9 +453,51 @@ async fn identity_token(
         "expires_on": expires_on.to_string(),
         "resource": resource,
         "token_type": "Bearer",
-        "client_id": "00000000-0000-0000-0000-0000000000a1",
+        "client_id": query.client_id.as_deref().unwrap_or(SYSTEM_ASSIGNED_CLIENT_ID),
     }))
     .into_response()
+}
+
+/// Client id of the system-assigned identity the endpoint answers for by default.
+const SYSTEM_ASSIGNED_CLIENT_ID: &str = "00000000-0000-0000-0000-0000000000a1";
+/// Object (principal) id of the managed identity.
+const IDENTITY_OBJECT_ID: &str = "00000000-0000-0000-0000-0000000000b1";
+
+/// An access token shaped as Entra ID issues them for a managed identity: a JWT (RS256
+/// header, v1 claims with `iss = https://sts.windows.net/{tenant}/`, `aud` = the resource
+/// without a trailing slash, `iat`/`nbf` five minutes back as Entra does, `exp`, a random
+/// `jti`/`uti`) with a dummy signature. Nothing here verifies signatures: the vault double
+/// looks tokens up among those issued, and Azurite (`--oauth basic`) checks only `iss`,
+/// `aud` and the lifetime claims.
+fn mint_token(resource: &str, client_id: Option<&str>, now: i64, expires_on: i64) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let issuer = format!("https://sts.windows.net/{TENANT}/");
+    let header = json!({"alg": "RS256", "typ": "JWT"});
+    let claims = json!({
+        "aud": resource.trim_end_matches('/'),
+        "iss": issuer,
+        "idp": issuer,
+        "iat": now - 300,
+        "nbf": now - 300,
+        "exp": expires_on,
+        "appid": client_id.unwrap_or(SYSTEM_ASSIGNED_CLIENT_ID),
+        "appidacr": "2",
+        "idtyp": "app",
+        "oid": IDENTITY_OBJECT_ID,
+        "sub": IDENTITY_OBJECT_ID,
+        "tid": TENANT,
+        "jti": random_hex(16),
+        "uti": random_hex(11),
+        "ver": "1.0",
+    });
+    let signature: [u8; 32] = rand::thread_rng().gen();
+    format!(
+        "{}.{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string()),
+        URL_SAFE_NO_PAD.encode(signature)
+    )
 }
 
 #[derive(Clone)]
@@ -476,7 +543,7 @@ fn admit(
     let mut inner = state.shared.lock();
     inner.requests += 1;
     if let Some(k) = inner.throttle_every {
-        if inner.requests % k == 0 {
+        if inner.requests.is_multiple_of(k) {
             *inner.ops.entry("throttled").or_default() += 1;
             let mut response = kv_error(
                 StatusCode::TOO_MANY_REQUESTS,

@@ -4,6 +4,7 @@
 //! PKCE required, refresh tokens rotate on every use, reuse revokes the grant).
 
 mod azure_doubles;
+mod azurite;
 mod bad_input;
 mod binary;
 mod concurrency;
@@ -14,4 +15,5 @@ mod helpers;
 mod key_vault;
 mod presets;
 mod provider_double;
+mod storage;
 mod timer;
