@@ -547,6 +547,30 @@ async fn callback(
             );
         }
     };
+    // Single use across instances too: a replayed callback URL is refused everywhere,
+    // before any code exchange.
+    match state.broker.claim_state(&redeemed.nonce).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!("callback refused: state already used on another instance");
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Sign-in failed",
+                &format!(
+                    "{}. Open the authorize link again to start over.",
+                    capitalize(&StateError::Replayed.to_string())
+                ),
+            );
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "callback refused: the used-state record is unavailable");
+            return page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Sign-in failed",
+                "The broker's storage is unavailable, so this sign-in cannot be checked. Open the authorize link again in a minute.",
+            );
+        }
+    }
     let connection = redeemed.connection;
     if let Some(error) = params.error {
         tracing::warn!(connection = %connection, provider_error = %error, "provider refused consent");

@@ -67,6 +67,9 @@ pub struct Issued {
 pub struct Redeemed {
     pub connection: String,
     pub verifier: PkceCodeVerifier,
+    /// The state's random nonce, to record as used across instances. Not a secret: it
+    /// travels in the `state` URL, and the verifier also needs the key and the cookie.
+    pub nonce: String,
 }
 
 /// Issues and redeems `state` values.
@@ -164,6 +167,7 @@ impl StateSigner {
         Ok(Redeemed {
             verifier: self.verifier(&payload.n, binding),
             connection: payload.c,
+            nonce: payload.n,
         })
     }
 
