@@ -752,10 +752,7 @@ impl Broker {
     /// Records a redeemed `state` nonce as used on every instance; `false` if it already was
     /// (a replayed callback URL), so the code is never exchanged twice.
     pub async fn claim_state(&self, nonce: &str) -> Result<bool, BrokerError> {
-        self.lock
-            .claim_once(nonce)
-            .await
-            .map_err(BrokerError::from)
+        self.lock.claim_once(nonce).await.map_err(BrokerError::from)
     }
 
     /// Stores the tokens from a completed consent, replacing whatever was there.

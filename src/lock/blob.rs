@@ -90,6 +90,18 @@ impl BlobLock {
         Ok(())
     }
 
+    /// True when the lease's notes say its holder keeps it for an unsaved refresh token
+    /// (reading metadata needs no lease).
+    async fn holds_pending(&self, blob: &BlobClient) -> bool {
+        match blob.get_properties(None).await {
+            Ok(response) => response
+                .metadata()
+                .map(|m| notes_from_metadata(&m).pending_since.is_some())
+                .unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
     /// Creates an empty blob unless one exists. `false` when it already did.
     async fn create_blob(&self, blob: &BlobClient) -> Result<bool, LockError> {
         let options = BlockBlobClientUploadOptions::default().if_not_exists();
@@ -134,6 +146,13 @@ impl RefreshLock for BlobLock {
                 Ok(_) => break,
                 Err(err) => match code(&err).as_deref() {
                     Some("LeaseAlreadyPresent") => {
+                        // A holder saving a refresh token may keep the lease for long:
+                        // say so at once instead of waiting out the caller's budget.
+                        if poll == POLL_START && self.holds_pending(&blob).await {
+                            return Err(LockError::Busy {
+                                connection: connection.to_owned(),
+                            });
+                        }
                         if started.elapsed() + poll > wait {
                             return Err(LockError::Busy {
                                 connection: connection.to_owned(),

@@ -122,6 +122,8 @@ struct Inner {
     throttle_every: Option<u64>,
     /// `client_id` of the last identity request (a user-assigned identity), if any.
     identity_client_id: Option<String>,
+    /// Authenticated reads wait this long first.
+    read_delay: std::time::Duration,
 }
 
 #[derive(Clone)]
@@ -139,6 +141,11 @@ impl Shared {
     }
 
     /// The next `n` PUTs fail with 503.
+    /// Authenticated secret reads wait `ms` first (a slow vault).
+    pub fn delay_reads(&self, ms: u64) {
+        self.lock().read_delay = std::time::Duration::from_millis(ms);
+    }
+
     pub fn fail_writes(&self, n: u32) {
         self.lock().fail_writes = n;
     }
@@ -624,6 +631,10 @@ async fn get_latest(
     Query(query): Query<ApiVersion>,
     headers: HeaderMap,
 ) -> Response {
+    let delay = state.shared.lock().read_delay;
+    if !delay.is_zero() && headers.contains_key(axum::http::header::AUTHORIZATION) {
+        tokio::time::sleep(delay).await;
+    }
     read(state, name, None, query, headers)
 }
 

@@ -13,6 +13,7 @@ mod flow;
 mod functions;
 mod helpers;
 mod key_vault;
+mod lease;
 mod presets;
 mod provider_double;
 mod storage;
