@@ -81,6 +81,7 @@ impl BlobLock {
         if self.container_ready.load(Ordering::Acquire) {
             return Ok(());
         }
+        storage_call("create container");
         match self.container.create(None).await {
             Ok(_) => {}
             Err(err) if code(&err).as_deref() == Some("ContainerAlreadyExists") => {}
@@ -93,6 +94,7 @@ impl BlobLock {
     /// True when the lease's notes say its holder keeps it for an unsaved refresh token
     /// (reading metadata needs no lease).
     async fn holds_pending(&self, blob: &BlobClient) -> bool {
+        storage_call("read notes");
         match blob.get_properties(None).await {
             Ok(response) => response
                 .metadata()
@@ -104,6 +106,7 @@ impl BlobLock {
 
     /// Creates an empty blob unless one exists. `false` when it already did.
     async fn create_blob(&self, blob: &BlobClient) -> Result<bool, LockError> {
+        storage_call("create blob");
         let options = BlockBlobClientUploadOptions::default().if_not_exists();
         match blob
             .upload(RequestContent::from(Vec::new()), Some(options))
@@ -142,6 +145,7 @@ impl RefreshLock for BlobLock {
                 proposed_lease_id: Some(lease_id.clone()),
                 ..Default::default()
             };
+            storage_call("acquire lease");
             match blob.acquire_lease(secs, Some(options)).await {
                 Ok(_) => break,
                 Err(err) => match code(&err).as_deref() {
@@ -174,6 +178,7 @@ impl RefreshLock for BlobLock {
         }
         let lost = Arc::new(AtomicBool::new(false));
         // Read after taking the lease: the notes were written by the previous holder.
+        storage_call("read notes");
         let notes = match blob.get_properties(None).await {
             Ok(response) => response
                 .metadata()
@@ -229,6 +234,7 @@ async fn renew(
 ) {
     loop {
         tokio::time::sleep(every).await;
+        storage_call("renew lease");
         if let Err(err) = blob.renew_lease(lease_id.clone(), None).await {
             lost.store(true, Ordering::Release);
             error!(connection = %connection, error = %describe_error(&err), "the refresh lease was lost while held: another instance may refresh at the same time");
@@ -259,6 +265,7 @@ impl Lease for BlobLease {
             lease_id: Some(self.lease_id.clone()),
             ..Default::default()
         };
+        storage_call("write notes");
         self.blob
             .set_metadata(&notes_to_metadata(&notes), Some(options))
             .await
@@ -273,6 +280,7 @@ impl Lease for BlobLease {
 
     async fn release(self: Box<Self>) {
         self.renewer.abort();
+        storage_call("release lease");
         if let Err(err) = self.blob.release_lease(self.lease_id.clone(), None).await {
             // It expires on its own; the next caller waits at most one lease duration.
             warn!(error = %describe_error(&err), "releasing the refresh lease failed");
@@ -284,6 +292,11 @@ impl Drop for BlobLease {
     fn drop(&mut self) {
         self.renewer.abort();
     }
+}
+
+/// One line per storage request at DEBUG, so what the lease costs can be counted.
+fn storage_call(op: &'static str) {
+    tracing::debug!(op, "storage call");
 }
 
 /// A lease id: Azure wants a GUID string.

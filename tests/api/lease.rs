@@ -20,6 +20,7 @@ struct Cluster {
     upstream: Upstream,
     brokers: Vec<BrokerProcess>,
     http: reqwest::Client,
+    env: Vec<(&'static str, String)>,
     dir: tempfile::TempDir,
 }
 
@@ -27,6 +28,11 @@ impl Cluster {
     /// `n` brokers; the upstream issues access tokens living `ttl` seconds; `extra` is
     /// appended to the config (top-level sections only).
     async fn start(n: usize, ttl: u64, extra: &str) -> Self {
+        Self::start_with_backoff(n, ttl, extra, 1).await
+    }
+
+    /// As [`Cluster::start`], with `lock.failure_backoff` seconds after a failed refresh.
+    async fn start_with_backoff(n: usize, ttl: u64, extra: &str, backoff: u64) -> Self {
         let azure = Azure::start().await;
         let azurite = Azurite::start(&azure.pki).await;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -51,7 +57,7 @@ admin_keys = ["{ADMIN_KEY}"]
 retry_budget = 3
 [lock]
 lease_duration = 15
-failure_backoff = 1
+failure_backoff = {backoff}
 {extra}
 {acme}"#,
                 state = random("state-secret"),
@@ -76,6 +82,7 @@ failure_backoff = 1
             upstream,
             brokers,
             http: reqwest::Client::new(),
+            env,
             dir,
         }
     }
@@ -126,6 +133,24 @@ failure_backoff = 1
             .and_then(Value::as_str)
             .expect("an issued refresh token")
             .to_owned()
+    }
+
+    /// Storage requests the brokers made so far (their DEBUG `storage call` lines).
+    fn storage_calls(&self) -> usize {
+        self.logs().matches("storage call").count()
+    }
+
+    /// `token-broker check` with the cluster's config and environment.
+    async fn check(&self) -> std::process::Output {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_token-broker"))
+            .arg("check")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("BROKER_CONFIG", self.dir.path().join("broker.toml"))
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .await
+            .expect("run check")
     }
 
     fn logs(&self) -> String {
@@ -182,10 +207,12 @@ async fn three_instances_make_one_upstream_refresh_per_expiry_window() {
     let mut calls = 0;
     let mut ok = 0;
     let mut per_window = Vec::new();
+    let mut storage_per_window = Vec::new();
     for _window in 0..3 {
         // Let the access token expire everywhere.
         tokio::time::sleep(Duration::from_secs(ttl)).await;
         let before = cluster.upstream.token_requests("refresh_token").await;
+        let storage_before = cluster.storage_calls();
         let answers = spread(&cluster, 100, "?min_validity=1").await;
         calls += answers.len();
         for (status, body) in &answers {
@@ -193,10 +220,17 @@ async fn three_instances_make_one_upstream_refresh_per_expiry_window() {
             ok += 1;
         }
         per_window.push(cluster.upstream.token_requests("refresh_token").await - before);
+        storage_per_window.push(cluster.storage_calls() - storage_before);
     }
+    // Cached answers make no storage request at all.
+    let storage_before = cluster.storage_calls();
+    for (status, body) in spread(&cluster, 30, "?min_validity=1").await {
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(cluster.storage_calls(), storage_before);
     let revoked = cluster.upstream.grants_revoked().await;
     eprintln!(
-        "three instances: {calls} calls, {ok} answered 200, upstream refreshes per window {per_window:?}, {revoked} revocations"
+        "three instances: {calls} calls, {ok} answered 200, upstream refreshes per window {per_window:?}, {revoked} revocations, storage requests per window (all instances) {storage_per_window:?}"
     );
     assert_eq!(per_window, vec![1, 1, 1], "{}", cluster.logs());
     assert_eq!(revoked, 0);
@@ -431,4 +465,44 @@ async fn a_consent_racing_a_refresh_on_another_instance_leaves_one_consistent_re
         exchanges
     );
     drop(cluster.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_provider_costs_one_flight_across_all_instances() {
+    let cluster = Cluster::start_with_backoff(3, 3600, "", 30).await;
+    consent(&cluster.brokers[0].base, "acme").await;
+    let before = cluster.upstream.token_requests("refresh_token").await;
+    cluster
+        .upstream
+        .fail_next(1_000_000, 503, "down", "text/plain")
+        .await;
+    let started = Instant::now();
+    let answers = spread(&cluster, 30, "?force=true").await;
+    let slowest = started.elapsed();
+    let requests = cluster.upstream.token_requests("refresh_token").await - before;
+    eprintln!(
+        "30 callers on 3 instances, failing provider: {requests} token requests, slowest answer {slowest:?}"
+    );
+    for (status, body) in &answers {
+        assert_eq!(*status, 502, "{body}");
+        assert_eq!(body["error"], "provider_unavailable", "{body}");
+    }
+    // One flight's three attempts; the other instances honour its back-off.
+    assert_eq!(requests, 3, "{}", cluster.logs());
+    assert!(slowest < Duration::from_secs(10), "{slowest:?}");
+    cluster.upstream.fail_next(0, 503, "", "text/plain").await;
+}
+
+#[tokio::test]
+async fn check_reports_whether_the_lease_store_is_reachable() {
+    let mut cluster = Cluster::start(1, 3600, "").await;
+    let output = cluster.check().await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("refresh lease ok"), "{stdout}");
+    cluster.azurite.stop().await;
+    let output = cluster.check().await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("refresh lease"), "{stderr}");
 }
