@@ -506,3 +506,32 @@ async fn check_reports_whether_the_lease_store_is_reachable() {
     assert!(!output.status.success());
     assert!(stderr.contains("refresh lease"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresh_longer_than_the_lease_keeps_it_by_renewing() {
+    let cluster = Cluster::start(2, 3600, "").await;
+    consent(&cluster.brokers[0].base, "acme").await;
+    let before = cluster.upstream.token_requests("refresh_token").await;
+    // Longer than the 15 s lease; the upstream timeout (30 s) lets it finish.
+    cluster.upstream.delay(17_000).await;
+    let http = cluster.http.clone();
+    let base = cluster.brokers[0].base.clone();
+    let slow = tokio::spawn(async move { refresh(&http, &base, "?force=true").await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Instance 1 waits for the lease past its first expiry, then takes instance 0's token.
+    let (status, body, _) = cluster.refresh(1, "?force=true").await;
+    assert_eq!(status, 200, "{body}\n{}", cluster.logs());
+    let (status, first, _) = slow.await.expect("join");
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(body["access_token"], first["access_token"]);
+    assert_eq!(
+        cluster.upstream.token_requests("refresh_token").await - before,
+        1
+    );
+    assert_eq!(cluster.upstream.grants_revoked().await, 0);
+    assert!(
+        !cluster.logs().contains("lease was lost"),
+        "{}",
+        cluster.logs()
+    );
+}
