@@ -1,4 +1,6 @@
-//! Outgoing HTTPS: the system roots plus the certificates in `SSL_CERT_FILE`.
+//! Outgoing HTTPS: the system roots plus the certificates in `SSL_CERT_FILE`, and host names
+//! pinned to addresses by `BROKER_RESOLVE` (`host=ip,host=ip`, like curl's `--resolve`: for
+//! split-horizon DNS, and for tests, which must not edit `/etc/hosts`).
 //!
 //! The platform verifier's root loading may read `SSL_CERT_FILE` *instead of* the system
 //! store; the product promises "system roots plus `SSL_CERT_FILE`", so the file's
@@ -18,5 +20,47 @@ pub fn builder() -> anyhow::Result<reqwest::ClientBuilder> {
             .with_context(|| format!("parsing SSL_CERT_FILE {}", path.to_string_lossy()))?;
         builder = builder.tls_certs_merge(certs);
     }
+    if let Some(pins) = std::env::var("BROKER_RESOLVE")
+        .ok()
+        .filter(|p| !p.trim().is_empty())
+    {
+        for (host, ip) in parse_resolve(&pins)? {
+            // The port is ignored: connections use the URL's port.
+            builder = builder.resolve(&host, std::net::SocketAddr::new(ip, 0));
+        }
+    }
     Ok(builder)
+}
+
+/// `host=ip` pairs, comma-separated.
+fn parse_resolve(pins: &str) -> anyhow::Result<Vec<(String, std::net::IpAddr)>> {
+    pins.split(',')
+        .map(str::trim)
+        .filter(|pin| !pin.is_empty())
+        .map(|pin| {
+            let (host, ip) = pin
+                .split_once('=')
+                .with_context(|| format!("BROKER_RESOLVE: `{pin}` is not `host=ip`"))?;
+            let ip = ip
+                .trim()
+                .parse()
+                .with_context(|| format!("BROKER_RESOLVE: `{ip}` is not an IP address"))?;
+            Ok((host.trim().to_ascii_lowercase(), ip))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_pins_parse_and_bad_ones_are_refused() {
+        let pins = parse_resolve("a.example=127.0.0.1, B.example=::1,").expect("valid");
+        assert_eq!(pins.len(), 2);
+        assert_eq!(pins[1].0, "b.example");
+        assert!(pins[1].1.is_ipv6());
+        assert!(parse_resolve("a.example").is_err());
+        assert!(parse_resolve("a.example=localhost").is_err());
+    }
 }

@@ -32,13 +32,14 @@ use rand::Rng;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-/// The vault's host name; tests map it to 127.0.0.1 in /etc/hosts (scripts/test does).
-/// The Azure SDK requires the vault host to end with `.{challenge resource host}`.
+/// The vault's host name. The Azure SDK requires the vault host to end with
+/// `.{challenge resource host}`; nothing edits `/etc/hosts`: the broker resolves it through
+/// `BROKER_RESOLVE` (see [`Azure::env`]), test clients through `reqwest`'s `resolve`.
 pub const VAULT_HOST: &str = "tb-test.vault.azure.net";
-/// A second vault name, mapped to 127.0.0.2, for a double on the standard port 443: the
-/// Python SDK compares host *and port* with the challenge resource, as real vaults are on 443.
+/// The vault name the Python SDK sees, with no port: it compares host *and port* with the
+/// challenge resource, as real vaults are on 443. Its connections are redirected to the
+/// double's high port inside the Python process (`TEST_VAULT_CONNECT`).
 pub const VAULT_HOST_443: &str = "tb-sdk.vault.azure.net";
-const VAULT_IP_443: [u8; 4] = [127, 0, 0, 2];
 pub const VAULT_RESOURCE: &str = "https://vault.azure.net";
 pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
 const MAX_VALUE_BYTES: usize = 25 * 1024;
@@ -237,6 +238,7 @@ pub struct Azure {
     /// The Entra ID authority double (`{login_authority}/{tenant}/discovery/v2.0/keys`).
     pub login_authority: String,
     pub identity_header: String,
+    vault_connect: String,
     handles: Vec<axum_server::Handle<SocketAddr>>,
 }
 
@@ -246,9 +248,15 @@ impl Azure {
         Self::start_on(false).await
     }
 
-    /// The vault double on 127.0.0.2:443 as `https://tb-sdk.vault.azure.net` (needs root).
-    pub async fn start_on_standard_port() -> Self {
+    /// The vault double addressed as `https://tb-sdk.vault.azure.net` (port 443, as the
+    /// Python SDK wants); it listens on a free high port given by [`Azure::vault_connect`].
+    pub async fn start_for_python_sdk() -> Self {
         Self::start_on(true).await
+    }
+
+    /// Where the vault double really listens (`127.0.0.1:{port}`).
+    pub fn vault_connect(&self) -> String {
+        self.vault_connect.clone()
     }
 
     async fn start_on(standard_port: bool) -> Self {
@@ -256,14 +264,11 @@ impl Azure {
         let shared = Arc::new(Shared::default());
         let identity_header = format!("identity-header-{}", random_hex(8));
 
-        let (vault_listener, host) = if standard_port {
-            let listener =
-                std::net::TcpListener::bind((std::net::Ipv4Addr::from(VAULT_IP_443), 443))
-                    .expect("bind 127.0.0.2:443 for the vault double (root is needed)");
-            (listener, VAULT_HOST_443)
+        let vault_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind vault");
+        let host = if standard_port {
+            VAULT_HOST_443
         } else {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind vault");
-            (listener, VAULT_HOST)
+            VAULT_HOST
         };
         vault_listener.set_nonblocking(true).expect("nonblocking");
         let vault_port = vault_listener.local_addr().expect("addr").port();
@@ -335,7 +340,6 @@ impl Azure {
             .handle(login_handle.clone());
         tokio::spawn(server.serve(login.into_make_service()));
 
-        assert_resolves(host, vault_listener_ip(standard_port)).await;
         Self {
             pki,
             shared,
@@ -343,6 +347,7 @@ impl Azure {
             identity_endpoint: format!("http://127.0.0.1:{identity_port}/msi/token"),
             identity_header,
             login_authority: format!("https://{VAULT_HOST}:{login_port}"),
+            vault_connect: format!("127.0.0.1:{vault_port}"),
             handles: vec![vault_handle, identity_handle, login_handle],
         }
     }
@@ -354,6 +359,7 @@ impl Azure {
             ("IDENTITY_ENDPOINT", self.identity_endpoint.clone()),
             ("IDENTITY_HEADER", self.identity_header.clone()),
             ("SSL_CERT_FILE", self.pki.ca_file.display().to_string()),
+            ("BROKER_RESOLVE", format!("{VAULT_HOST}=127.0.0.1")),
         ]
     }
 }
@@ -364,26 +370,6 @@ impl Drop for Azure {
             handle.shutdown();
         }
     }
-}
-
-fn vault_listener_ip(standard_port: bool) -> std::net::IpAddr {
-    if standard_port {
-        VAULT_IP_443.into()
-    } else {
-        [127, 0, 0, 1].into()
-    }
-}
-
-async fn assert_resolves(host: &str, ip: std::net::IpAddr) {
-    let resolved = tokio::net::lookup_host((host, 443))
-        .await
-        .map(|mut addrs| addrs.any(|a| a.ip() == ip))
-        .unwrap_or(false);
-    assert!(
-        resolved,
-        "{host} must resolve to {ip} for the Key Vault tests: \
-         add `{ip} {host}` to /etc/hosts (scripts/test does this when it can)"
-    );
 }
 
 async fn jwks(State(shared): State<Arc<Shared>>, Path(tenant): Path<String>) -> Response {

@@ -48,7 +48,13 @@ client_id = "c"
         ),
     )
     .expect("config");
-    let env = vec![("SSL_CERT_FILE", azure.pki.ca_file.display().to_string())];
+    let env = vec![
+        ("SSL_CERT_FILE", azure.pki.ca_file.display().to_string()),
+        (
+            "BROKER_RESOLVE",
+            format!("{}=127.0.0.1", crate::azure_doubles::VAULT_HOST),
+        ),
+    ];
     let broker =
         BrokerProcess::start_on(free_port(), &config, &env, &dir.path().join("broker.log")).await;
     Setup {

@@ -262,7 +262,7 @@ async fn throttling_on_every_third_vault_request_is_absorbed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_python_sdk_agrees_with_the_doubles() {
-    let azure = Azure::start_on_standard_port().await;
+    let azure = Azure::start_for_python_sdk().await;
     // Throttling on: Microsoft's retry policy must get through it as it would in Azure.
     azure.shared.throttle_every(Some(4));
     let python = std::env::var("TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
@@ -271,6 +271,7 @@ async fn the_official_python_sdk_agrees_with_the_doubles() {
         .arg(script)
         .envs(azure.env())
         .env("REQUESTS_CA_BUNDLE", &azure.pki.ca_file)
+        .env("TEST_VAULT_CONNECT", azure.vault_connect())
         .stdin(Stdio::null())
         .output()
         .await

@@ -2,20 +2,45 @@
 
 If the doubles were not faithful to the real REST contracts (challenge flow, api-version,
 versions, 404 SecretNotFound, name rules, 429 with Retry-After), this official client would
-fail here. Environment: KEY_VAULT_URL, IDENTITY_ENDPOINT, IDENTITY_HEADER, REQUESTS_CA_BUNDLE.
+fail here. Environment: KEY_VAULT_URL, IDENTITY_ENDPOINT, IDENTITY_HEADER, REQUESTS_CA_BUNDLE,
+and TEST_VAULT_CONNECT (host:port the vault's connections really go to: the vault URL names
+port 443, as real vaults do, and nothing may edit /etc/hosts or bind a privileged port).
 Prints one JSON line with what it observed; exits non-zero on the first mismatch.
 """
 
 import json
 import os
 import sys
+from urllib.parse import urlsplit
+
+import urllib3.util.connection
 
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.identity import ManagedIdentityCredential
 from azure.keyvault.secrets import SecretClient
 
 
+def redirect_vault_connections() -> None:
+    """Sends connections for the vault's host and port to TEST_VAULT_CONNECT, in this process
+    only (TLS still checks the vault's name)."""
+    target = os.environ.get("TEST_VAULT_CONNECT")
+    if not target:
+        return
+    vault = urlsplit(os.environ["KEY_VAULT_URL"])
+    vault_address = (vault.hostname, vault.port or 443)
+    host, port = target.rsplit(":", 1)
+    original = urllib3.util.connection.create_connection
+
+    def create_connection(address, *args, **kwargs):
+        if tuple(address) == vault_address:
+            address = (host, int(port))
+        return original(address, *args, **kwargs)
+
+    urllib3.util.connection.create_connection = create_connection
+
+
 def main() -> int:
+    redirect_vault_connections()
     credential = ManagedIdentityCredential()
     client = SecretClient(vault_url=os.environ["KEY_VAULT_URL"], credential=credential)
     seen = {}
