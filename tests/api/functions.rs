@@ -22,10 +22,10 @@ fn read_json(path: &Path) -> Value {
         .unwrap_or_else(|err| panic!("{} is not JSON: {err}", path.display()))
 }
 
-/// Function folder name → function.json, from `functionapp/`.
+/// Function folder name → function.json, from the repository root (which is the app).
 fn functions() -> Vec<(String, Value)> {
     let mut functions = Vec::new();
-    for entry in std::fs::read_dir(root().join("functionapp")).expect("functionapp/") {
+    for entry in std::fs::read_dir(root()).expect("repository root") {
         let path = entry.expect("entry").path();
         let function_json = path.join("function.json");
         if function_json.is_file() {
@@ -122,16 +122,71 @@ fn function_json_files_declare_every_route_and_the_timer() {
     assert_eq!(binding["runOnStartup"], false);
     assert_eq!(timer["bindings"].as_array().expect("bindings").len(), 1);
 
-    let host = read_json(&root().join("functionapp/host.json"));
+    let host = read_json(&root().join("host.json"));
     assert_eq!(host["version"], "2.0");
     assert_eq!(host["extensionBundle"]["version"], "[4.*, 5.0.0)");
     assert_eq!(host["customHandler"]["enableProxyingHttpRequest"], true);
     assert_eq!(host["extensions"]["http"]["routePrefix"], "api");
 }
 
+/// Whether `.funcignore` leaves `name` (an entry of the repository root) out of a publish.
+/// Handles the pattern forms the file uses: `dir/`, `prefix*`, `*suffix` and exact names.
+fn funcignored(patterns: &[String], name: &str, is_dir: bool) -> bool {
+    patterns.iter().any(|pattern| {
+        if let Some(dir) = pattern.strip_suffix('/') {
+            is_dir && name == dir
+        } else if let Some(prefix) = pattern.strip_suffix('*') {
+            name.starts_with(prefix)
+        } else if let Some(suffix) = pattern.strip_prefix('*') {
+            name.ends_with(suffix)
+        } else {
+            name == pattern
+        }
+    })
+}
+
+#[test]
+fn the_repository_root_is_the_function_app_and_funcignore_ships_only_the_app() {
+    assert!(root().join("host.json").is_file());
+    assert!(root().join("local.settings.json.example").is_file());
+    let function_folders: BTreeSet<String> = functions().into_iter().map(|(n, _)| n).collect();
+    let patterns: Vec<String> = std::fs::read_to_string(root().join(".funcignore"))
+        .expect(".funcignore")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    // What the host needs; the binary and broker.toml are placed at the root by the
+    // documented build step.
+    let shipped: BTreeSet<String> = ["host.json", "token-broker", "broker.toml"]
+        .into_iter()
+        .map(String::from)
+        .chain(function_folders.iter().cloned())
+        .collect();
+    for entry in std::fs::read_dir(root()).expect("root") {
+        let entry = entry.expect("entry");
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_dir = entry.path().is_dir();
+        let ignored = funcignored(&patterns, &name, is_dir);
+        if shipped.contains(&name) {
+            assert!(!ignored, "{name} must be published");
+        } else {
+            assert!(ignored, "{name} would be published: add it to .funcignore");
+        }
+    }
+    // The executable host.json names is the one the build step puts at the root.
+    let host = read_json(&root().join("host.json"));
+    assert_eq!(
+        host["customHandler"]["description"]["defaultExecutablePath"],
+        "token-broker"
+    );
+    assert_eq!(host["customHandler"]["description"]["workingDirectory"], "");
+}
+
 /// The app settings named by local.settings.json.example and by the Bicep app settings.
 fn settings() -> (BTreeSet<String>, String) {
-    let local = read_json(&root().join("functionapp/local.settings.json.example"));
+    let local = read_json(&root().join("local.settings.json.example"));
     assert_eq!(local["Values"]["FUNCTIONS_WORKER_RUNTIME"], "Custom");
     let names = local["Values"]
         .as_object()
@@ -224,7 +279,7 @@ fn bicep_grants_what_the_app_needs() {
         azure_yaml.contains("azd-service-name: broker")
             || bicep.contains("'azd-service-name': 'broker'")
     );
-    assert!(azure_yaml.contains("dist: functionapp/dist"));
+    assert!(azure_yaml.contains("dist: dist "));
     assert!(azure_yaml.contains("run: scripts/package"));
 }
 
