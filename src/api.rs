@@ -58,6 +58,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/connections", get(connections))
         .route("/prerefresh", post(prerefresh))
         .fallback(not_found)
+        .layer(axum::middleware::map_response(json_framework_errors))
         .layer(
             // Our own span: method and path only. The default span records the full URI,
             // whose query can hold an authorization code or an admin key.
@@ -89,6 +90,66 @@ async fn health() -> Response {
         Json(json!({"status": "ok"})),
     )
         .into_response()
+}
+
+/// The errors axum answers by itself (405 for a method a route lacks, 413 for a body over
+/// the limit, 400 for a path it cannot decode) come as plain text or an empty body; they
+/// get the broker's JSON error shape here, keeping their headers (`Allow` on a 405). Their
+/// own text is not echoed: it can quote the request.
+async fn json_framework_errors(response: Response) -> Response {
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    // The broker's own errors are JSON; the browser pages are HTML.
+    if !(status.is_client_error() || status.is_server_error())
+        || content_type.starts_with("application/json")
+        || content_type.starts_with("text/html")
+    {
+        return response;
+    }
+    let (mut parts, _) = response.into_parts();
+    let (error, description) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = parts
+                .headers
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            (
+                "method_not_allowed",
+                format!("this route does not accept that method (allowed: {allowed})"),
+            )
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "payload_too_large",
+            "the request body is larger than this route accepts".to_owned(),
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            "unsupported_media_type",
+            "send the body as application/json".to_owned(),
+        ),
+        StatusCode::BAD_REQUEST => (
+            "invalid_request",
+            "the request path or parameters could not be read".to_owned(),
+        ),
+        other => (
+            "http_error",
+            other.canonical_reason().unwrap_or("error").to_owned(),
+        ),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts
+        .headers
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let body = json!({"error": error, "error_description": description}).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -258,6 +319,18 @@ async fn refresh(
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", err.body_text())
     })?;
     if method == Method::POST && !body.iter().all(u8::is_ascii_whitespace) {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
+        // No content type is tolerated (curl -d without -H); another one is not JSON.
+        if content_type.is_some_and(|t| t != "application/json" && !t.ends_with("+json")) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as application/json (or no body)",
+            ));
+        }
         let from_body: RefreshParams = serde_json::from_slice(&body).map_err(|err| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,

@@ -261,3 +261,92 @@ async fn a_provider_outage_is_retried_then_reported_as_502() {
         before + 1
     );
 }
+
+/// Asserts the broker's JSON error shape and returns the `error` code.
+async fn json_error(
+    response: reqwest::Response,
+    status: u16,
+) -> (String, reqwest::header::HeaderMap) {
+    assert_eq!(response.status(), status);
+    let headers = response.headers().clone();
+    assert_eq!(
+        headers
+            .get("content-type")
+            .map(|v| v.to_str().expect("ascii")),
+        Some("application/json"),
+        "{headers:?}"
+    );
+    let body: Value = response.json().await.expect("a JSON body");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty()),
+        "{body}"
+    );
+    (body["error"].as_str().expect("error").to_owned(), headers)
+}
+
+#[tokio::test]
+async fn errors_the_framework_answers_itself_use_the_json_shape() {
+    let app = TestApp::spawn().await;
+    let url = |path: &str| format!("{}{path}", app.base);
+
+    // A method the route lacks: 405 with Allow.
+    let response = app
+        .http
+        .delete(url("/api/refresh/acme"))
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("delete");
+    let (error, headers) = json_error(response, 405).await;
+    assert_eq!(error, "method_not_allowed");
+    let allow = headers
+        .get("allow")
+        .expect("Allow")
+        .to_str()
+        .expect("ascii");
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    let response = app.http.get(url("/prerefresh")).send().await.expect("get");
+    let (error, headers) = json_error(response, 405).await;
+    assert_eq!(error, "method_not_allowed");
+    assert!(headers.contains_key("allow"));
+
+    // A body over the limit: 413.
+    let response = app
+        .http
+        .post(url("/api/refresh/acme"))
+        .header("X-API-Key", CALLER_KEY)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 3 * 1024 * 1024])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(json_error(response, 413).await.0, "payload_too_large");
+
+    // A body that is not JSON: 415.
+    let response = app
+        .http
+        .post(url("/api/refresh/acme"))
+        .header("X-API-Key", CALLER_KEY)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("force=true")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(json_error(response, 415).await.0, "unsupported_media_type");
+
+    // A path segment that does not decode: 400, without echoing it.
+    let response = app
+        .http
+        .get(url("/api/refresh/%FF%FE"))
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(json_error(response, 400).await.0, "invalid_request");
+
+    // No such route: 404.
+    let response = app.http.get(url("/api/nope")).send().await.expect("get");
+    assert_eq!(json_error(response, 404).await.0, "not_found");
+}
