@@ -322,8 +322,15 @@ async fn refresh(
         let content_type = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
-        // No content type is tolerated (curl -d without -H); another one is not JSON.
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_ascii_lowercase()
+            });
+        // No content type is tolerated; any other than JSON is refused (curl -d labels its body
+        // as a form: `curl --json` is the way).
         if content_type.is_some_and(|t| t != "application/json" && !t.ends_with("+json")) {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
