@@ -625,27 +625,16 @@ impl Broker {
         let record = match (cached.unsaved, cached.record) {
             // A refresh token the store has not accepted yet lives only in this process:
             // saving it comes before anything else.
-            (true, Some(_)) => {
-                let mut flight = conn.flight.lock().await;
-                let saved = match self.take_lease(name, &mut flight).await {
-                    Ok(lease) => {
-                        let saved = self.load_locked(name, conn).await;
-                        self.end_flight(name, conn, &mut flight, lease).await;
-                        saved
-                    }
-                    Err(err) => Err(err),
-                };
-                match saved {
-                    Ok(record) => record,
-                    Err(err) => {
-                        return report(
-                            PrerefreshOutcome::Failed,
-                            format!("the pending refresh token could not be saved yet: {err}"),
-                            None,
-                        )
-                    }
+            (true, Some(_)) => match self.save_pending(name, conn).await {
+                Ok(record) => record,
+                Err(err) => {
+                    return report(
+                        PrerefreshOutcome::Failed,
+                        format!("the pending refresh token could not be saved yet: {err}"),
+                        None,
+                    )
                 }
-            }
+            },
             _ => match self.store.load(name).await {
                 Ok(Some(record)) => Arc::new(record),
                 Ok(None) => {
@@ -723,6 +712,20 @@ impl Broker {
         }
     }
 
+    /// Under the flight and the lease, saves the refresh token the store has not accepted
+    /// yet (or re-reads the store if another task saved it meanwhile).
+    async fn save_pending(
+        self: &Arc<Self>,
+        name: &str,
+        conn: &Connection,
+    ) -> Result<Arc<TokenRecord>, BrokerError> {
+        let mut flight = conn.flight.lock().await;
+        let lease = self.take_lease(name, &mut flight).await?;
+        let saved = self.load_locked(name, conn).await;
+        self.end_flight(name, conn, &mut flight, lease).await;
+        saved
+    }
+
     /// Saves every refresh token the store has not accepted yet (at shutdown: an instance
     /// being recycled must not take the newest refresh token with it). Returns how many
     /// could still not be saved.
@@ -732,16 +735,7 @@ impl Broker {
             if !conn.cached().unsaved {
                 continue;
             }
-            let mut flight = conn.flight.lock().await;
-            let saved = match self.take_lease(name, &mut flight).await {
-                Ok(lease) => {
-                    let saved = self.load_locked(name, conn).await;
-                    self.end_flight(name, conn, &mut flight, lease).await;
-                    saved
-                }
-                Err(err) => Err(err),
-            };
-            if let Err(err) = saved {
+            if let Err(err) = self.save_pending(name, conn).await {
                 warn!(connection = %name, error = %err, "a pending refresh token could not be saved before shutdown");
                 failed += 1;
             }

@@ -17,24 +17,9 @@ async fn two_hundred_concurrent_calls_on_an_expired_token_cause_one_refresh() {
     // A slow token endpoint makes sure the calls really overlap the refresh.
     app.upstream.delay(300).await;
 
-    let calls = (0..200).map(|_| {
-        let http = app.http.clone();
-        let url = format!("{}/api/refresh/acme", app.base);
-        tokio::spawn(async move {
-            let response = http
-                .get(url)
-                .header("X-API-Key", crate::helpers::CALLER_KEY)
-                .send()
-                .await
-                .expect("request");
-            let status = response.status().as_u16();
-            let body: serde_json::Value = response.json().await.expect("json");
-            (status, body)
-        })
-    });
+    let (answers, _) = concurrent_refreshes(&app, 200, "").await;
     let mut tokens = HashSet::new();
-    for call in calls.collect::<Vec<_>>() {
-        let (status, body) = call.await.expect("join");
+    for (status, body, _) in answers {
         assert_eq!(status, 200, "{body}");
         tokens.insert(body["access_token"].as_str().expect("token").to_owned());
     }

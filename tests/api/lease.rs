@@ -213,7 +213,9 @@ async fn three_instances_make_one_upstream_refresh_per_expiry_window() {
         tokio::time::sleep(Duration::from_secs(ttl)).await;
         let before = cluster.upstream.token_requests("refresh_token").await;
         let storage_before = cluster.storage_calls();
+        let w0 = Instant::now();
         let answers = spread(&cluster, 100, "?min_validity=1").await;
+        eprintln!("PROBE window took {:?}", w0.elapsed());
         calls += answers.len();
         for (status, body) in &answers {
             assert_eq!(*status, 200, "{body}\n{}", cluster.logs());
