@@ -4,9 +4,8 @@
 //! Per connection there is an in-memory copy of the stored record and a tokio mutex (the
 //! "flight"). A caller whose cached token is good enough never takes the mutex. Everyone else
 //! queues on it; the holder re-reads the store (another instance may have refreshed) and
-//! refreshes only if the token still is not good enough. Each completed refresh bumps a
-//! generation counter, and a caller that sees the generation change while it waited takes
-//! that token: it was obtained after the caller arrived, so it satisfies any `min_validity`
+//! refreshes only if the token still is not good enough. A caller that finds a token obtained
+//! after it arrived (here or by another instance) takes it: it satisfies any `min_validity`
 //! and `force` — a thousand concurrent callers cause one token request, and no caller ever
 //! refreshes twice. Everything behind the cache runs in a task of its own, so a caller that
 //! goes away cannot cancel a refresh between the provider's rotation and the store's write.
@@ -20,7 +19,7 @@
 //! (renewed) until a background save succeeds, so no instance refreshes with the older copy.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -114,10 +113,10 @@ struct Connection {
     flight: tokio::sync::Mutex<Flight>,
     /// The back-off after a failed flight, as this instance knows it.
     backoff: Mutex<Option<Backoff>>,
+    /// When the store last refused a save.
+    save_failed_at: Mutex<Option<DateTime<Utc>>>,
     /// A background task is retrying the save of an unsaved refresh token.
     saver_running: std::sync::atomic::AtomicBool,
-    /// Bumped after every new token is stored.
-    generation: AtomicU64,
     /// The last failed refresh since the last success, for the status page. Kept in memory
     /// only: writing failures to the store would cost a vault write per failing call.
     failure: Mutex<Option<Failure>>,
@@ -224,7 +223,7 @@ impl Broker {
                     flight: tokio::sync::Mutex::new(Flight::default()),
                     backoff: Mutex::new(None),
                     saver_running: std::sync::atomic::AtomicBool::new(false),
-                    generation: AtomicU64::new(0),
+                    save_failed_at: Mutex::new(None),
                     failure: Mutex::new(None),
                 };
                 (name, connection)
@@ -310,7 +309,7 @@ impl Broker {
     ) -> Result<Arc<TokenRecord>, BrokerError> {
         let conn = self.connection(name)?;
         let min_validity = request.min_validity.unwrap_or(self.min_validity);
-        let arrived = conn.generation.load(Ordering::Acquire);
+        let arrived_at = Utc::now();
 
         if !request.force {
             if let Some(record) = conn.cached_if(|r| r.is_valid_for(min_validity, Utc::now())) {
@@ -319,12 +318,11 @@ impl Broker {
             }
         }
 
-        let arrived_at = Utc::now();
         let this = Arc::clone(self);
         let name = name.to_owned();
         tokio::spawn(
             async move {
-                this.token_locked(&name, request, min_validity, (arrived, arrived_at))
+                this.token_locked(&name, request, min_validity, arrived_at)
                     .await
             }
             .in_current_span(),
@@ -339,16 +337,16 @@ impl Broker {
         name: &str,
         request: TokenRequest,
         min_validity: Duration,
-        (arrived, arrived_at): (u64, DateTime<Utc>),
+        arrived_at: DateTime<Utc>,
     ) -> Result<Arc<TokenRecord>, BrokerError> {
         let conn = self.connection(name)?;
         let mut flight = conn.flight.lock().await;
         let now = Utc::now();
-        if conn.generation.load(Ordering::Acquire) != arrived {
-            // Someone refreshed while we waited: that token is newer than this request.
-            if let Some(record) = conn.cached_if(|r| r.is_valid_for(Duration::ZERO, now)) {
-                return Ok(record);
-            }
+        // A token obtained while we waited is newer than this request.
+        if let Some(record) =
+            conn.cached_if(|r| r.obtained_at > arrived_at && r.is_valid_for(Duration::ZERO, now))
+        {
+            return Ok(record);
         }
         if !request.force {
             if let Some(record) = conn.cached_if(|r| r.is_valid_for(min_validity, now)) {
@@ -358,6 +356,13 @@ impl Broker {
         // A flight failed a moment ago: share its outcome rather than try again.
         if let Some(err) = conn.backing_off(now) {
             return Err(err);
+        }
+        // The store refused a save while this caller waited: share that outcome rather than
+        // have every queued caller make an attempt of its own (the background save goes on).
+        if conn.cached().unsaved && conn.save_failed_since(arrived_at) {
+            return Err(BrokerError::Store(StoreError::Unavailable(
+                "the store refused the last write; the new tokens are kept and saved as soon as it accepts them".to_owned(),
+            )));
         }
 
         let mut lease = self.take_lease(name, &mut flight).await?;
@@ -383,7 +388,15 @@ impl Broker {
         flight: &mut Flight,
     ) -> Result<Box<dyn Lease>, BrokerError> {
         if let Some(lease) = flight.held.take() {
-            return Ok(lease);
+            if !lease.lost() {
+                return Ok(lease);
+            }
+            // Another instance may have held it since: take it anew, and the save below
+            // checks the store for a newer record first.
+            tracing::error!(
+                connection = name,
+                "the lease kept for an unsaved refresh token was lost; taking it again"
+            );
         }
         self.lock
             .acquire(name, self.timings.wait)
@@ -803,12 +816,23 @@ impl Broker {
                     record.last_error = Some(format!("post-consent lookup failed: {err}"));
                 }
             }
-            // Under the lease, so a consent never races a refresh on another instance. The
-            // code is spent already: without the lease the tokens are stored regardless.
+            // Under the lease, so a consent never races a refresh on another instance.
             let mut flight = conn.flight.lock().await;
-            let lease = self.take_lease(name, &mut flight).await.inspect_err(|err| {
+            let lease = self.take_lease(name, &mut flight).await;
+            if let Err(BrokerError::Busy(_)) = lease {
+                // Another instance holds the lease (a long refresh, or a refresh token of
+                // the old grant it is still saving): keep the new grant in memory and store
+                // it once the lease is free, over whatever the other wrote (it is older).
+                conn.set_cache(Some(Arc::new(record)), true);
+                drop(flight);
+                self.spawn_saver(name);
+                info!(outcome = "connected", "consent completed; it is stored as soon as another instance releases the refresh lease");
+                return Ok(());
+            }
+            if let Err(err) = &lease {
+                // Storage is down. The code is spent already: store the tokens regardless.
                 warn!(error = %err, "storing the consent without the refresh lease");
-            });
+            }
             let persisted = self.persist_locked(name, conn, record).await;
             if persisted.is_ok() {
                 conn.set_backoff(None);
@@ -849,7 +873,23 @@ impl Broker {
     ) -> Result<Arc<TokenRecord>, BrokerError> {
         let cached = conn.cached();
         if let (true, Some(record)) = (cached.unsaved, cached.record) {
+            // Never over a newer record: if this instance lost the lease at some point,
+            // another may have refreshed (or an admin consented) and saved since.
+            let stored = self.store.load(name).await.inspect_err(|err| {
+                conn.note_save_failure();
+                warn!(connection = name, error = %err, "the store is still unavailable; the pending refresh token waits");
+            })?;
+            if let Some(stored) = stored.filter(|stored| stored.supersedes(&record)) {
+                tracing::error!(
+                    connection = name,
+                    "another instance stored a newer record meanwhile; the unsaved refresh token is dropped (it may have been spent)"
+                );
+                let stored = Arc::new(stored);
+                conn.set_cache(Some(stored.clone()), false);
+                return Ok(stored);
+            }
             self.store.save(name, &record).await.inspect_err(|err| {
+                conn.note_save_failure();
                 warn!(connection = name, error = %err, "saving the pending refresh token failed again");
             })?;
             conn.set_cache(Some(record.clone()), false);
@@ -982,6 +1022,7 @@ impl Broker {
         let record = Arc::new(record);
         conn.set_cache(Some(record.clone()), true);
         if let Err(err) = self.store.save(name, &record).await {
+            conn.note_save_failure();
             warn!(connection = name, error = %err, "saving tokens failed; keeping them in memory until the store accepts them");
             conn.set_failure(Some(Failure {
                 at: Utc::now(),
@@ -992,7 +1033,6 @@ impl Broker {
         conn.set_cache(Some(record.clone()), false);
         conn.set_failure(None);
         conn.set_backoff(None);
-        conn.generation.fetch_add(1, Ordering::AcqRel);
         Ok(record)
     }
 }
@@ -1021,6 +1061,21 @@ impl Connection {
 
     fn set_cache(&self, record: Option<Arc<TokenRecord>>, unsaved: bool) {
         *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Cached { record, unsaved };
+    }
+
+    fn note_save_failure(&self) {
+        *self
+            .save_failed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Utc::now());
+    }
+
+    /// The store refused a save after `since`.
+    fn save_failed_since(&self, since: DateTime<Utc>) -> bool {
+        self.save_failed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at > since)
     }
 
     /// The shared failure while a back-off runs.

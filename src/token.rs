@@ -47,6 +47,16 @@ impl TokenRecord {
         }
     }
 
+    /// True when this record replaces `other`: a later consent, or a later refresh of the
+    /// same grant. A refresh of an older grant never replaces a newer consent.
+    pub fn supersedes(&self, other: &TokenRecord) -> bool {
+        if self.consented_at != other.consented_at {
+            self.consented_at > other.consented_at
+        } else {
+            self.obtained_at > other.obtained_at
+        }
+    }
+
     /// True when the access token has more than `min_validity` left.
     pub fn is_valid_for(&self, min_validity: Duration, now: DateTime<Utc>) -> bool {
         self.status == GrantStatus::Connected
@@ -100,6 +110,22 @@ mod tests {
             consented_at: now,
             last_error: None,
         }
+    }
+
+    #[test]
+    fn a_newer_consent_supersedes_any_refresh_of_the_older_grant() {
+        let old = record(600);
+        let mut refreshed = old.clone();
+        refreshed.obtained_at = old.obtained_at + chrono::Duration::seconds(60);
+        assert!(refreshed.supersedes(&old));
+        assert!(!old.supersedes(&refreshed));
+        let mut consent = old.clone();
+        consent.consented_at = old.consented_at + chrono::Duration::seconds(30);
+        consent.obtained_at = consent.consented_at;
+        // The old grant was refreshed after the consent: the consent still wins.
+        assert!(consent.supersedes(&refreshed));
+        assert!(!refreshed.supersedes(&consent));
+        assert!(!old.supersedes(&old));
     }
 
     #[test]

@@ -104,12 +104,12 @@ impl BlobLock {
         }
     }
 
-    /// Creates an empty blob unless one exists. `false` when it already did.
-    async fn create_blob(&self, blob: &BlobClient) -> Result<bool, LockError> {
+    /// Creates a blob holding `content` unless one exists. `false` when it already did.
+    async fn create_blob(&self, blob: &BlobClient, content: &[u8]) -> Result<bool, LockError> {
         storage_call("create blob");
         let options = BlockBlobClientUploadOptions::default().if_not_exists();
         match blob
-            .upload(RequestContent::from(Vec::new()), Some(options))
+            .upload(RequestContent::from(content.to_vec()), Some(options))
             .await
         {
             Ok(_) => Ok(true),
@@ -125,7 +125,7 @@ impl BlobLock {
             Err(err) if code(&err).as_deref() == Some("ContainerNotFound") => {
                 self.container_ready.store(false, Ordering::Release);
                 self.ensure_container().await?;
-                Box::pin(self.create_blob(blob)).await
+                Box::pin(self.create_blob(blob, content)).await
             }
             Err(err) => Err(unavailable("creating a lease blob", &err)),
         }
@@ -166,7 +166,7 @@ impl RefreshLock for BlobLock {
                         poll = (poll * 2).min(POLL_MAX);
                     }
                     Some("BlobNotFound") => {
-                        self.create_blob(&blob).await?;
+                        self.create_blob(&blob, b"").await?;
                     }
                     Some("ContainerNotFound") => {
                         self.container_ready.store(false, Ordering::Release);
@@ -192,7 +192,7 @@ impl RefreshLock for BlobLock {
         let renewer = tokio::spawn(renew(
             self.container.blob_client(&format!("refresh/{connection}")),
             lease_id.clone(),
-            self.lease_duration / 3,
+            self.lease_duration,
             Arc::clone(&lost),
             connection.to_owned(),
         ));
@@ -208,7 +208,27 @@ impl RefreshLock for BlobLock {
     async fn claim_once(&self, key: &str) -> Result<bool, LockError> {
         self.ensure_container().await?;
         let blob = self.container.blob_client(&format!("state/{key}"));
-        self.create_blob(&blob).await
+        // A random mark of this claim: if the create succeeded but its answer was lost and
+        // the SDK's retry then finds the blob, reading the mark back tells it was ours.
+        let mut mark = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut mark);
+        let mark: Vec<u8> = mark
+            .iter()
+            .flat_map(|b| format!("{b:02x}").into_bytes())
+            .collect();
+        if self.create_blob(&blob, &mark).await? {
+            return Ok(true);
+        }
+        storage_call("read claim");
+        let existing = match blob.download(None).await {
+            Ok(download) => download
+                .body
+                .collect()
+                .await
+                .map_err(|err| unavailable("reading a used state", &err))?,
+            Err(err) => return Err(unavailable("reading a used state", &err)),
+        };
+        Ok(existing.as_ref() == mark.as_slice())
     }
 
     async fn check(&self) -> Result<(), LockError> {
@@ -224,21 +244,45 @@ impl RefreshLock for BlobLock {
     }
 }
 
-/// Renews the lease until aborted; a failed renewal marks it lost and stops.
+/// Renews the lease until aborted. A failed renewal is retried soon: Azure renews a lease
+/// that expired as long as nobody leased the blob since. The lease counts as lost when
+/// another instance holds it, or when no renewal succeeded for a whole lease duration (then
+/// another instance may have taken and released it).
 async fn renew(
     blob: BlobClient,
     lease_id: String,
-    every: Duration,
+    duration: Duration,
     lost: Arc<AtomicBool>,
     connection: String,
 ) {
+    let every = duration / 3;
+    let mut last_renewed = tokio::time::Instant::now();
+    let mut pause = every;
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(pause).await;
         storage_call("renew lease");
-        if let Err(err) = blob.renew_lease(lease_id.clone(), None).await {
-            lost.store(true, Ordering::Release);
-            error!(connection = %connection, error = %describe_error(&err), "the refresh lease was lost while held: another instance may refresh at the same time");
-            return;
+        match blob.renew_lease(lease_id.clone(), None).await {
+            Ok(_) => {
+                last_renewed = tokio::time::Instant::now();
+                pause = every;
+            }
+            Err(err) => {
+                let taken = matches!(
+                    code(&err).as_deref(),
+                    Some(
+                        "LeaseIdMismatchWithLeaseOperation"
+                            | "LeaseNotPresentWithLeaseOperation"
+                            | "LeaseLost"
+                    )
+                );
+                if taken || last_renewed.elapsed() >= duration {
+                    lost.store(true, Ordering::Release);
+                    error!(connection = %connection, error = %describe_error(&err), "the refresh lease was lost while held: another instance may refresh at the same time");
+                    return;
+                }
+                warn!(connection = %connection, error = %describe_error(&err), "renewing the refresh lease failed; retrying");
+                pause = (every / 5).max(Duration::from_secs(1));
+            }
         }
     }
 }

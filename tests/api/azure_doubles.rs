@@ -617,7 +617,13 @@ async fn get_latest(
     Query(query): Query<ApiVersion>,
     headers: HeaderMap,
 ) -> Response {
-    let delay = state.shared.lock().read_delay;
+    let delay = {
+        let mut inner = state.shared.lock();
+        if headers.contains_key(axum::http::header::AUTHORIZATION) {
+            *inner.ops.entry("get_started").or_default() += 1;
+        }
+        inner.read_delay
+    };
     if !delay.is_zero() && headers.contains_key(axum::http::header::AUTHORIZATION) {
         tokio::time::sleep(delay).await;
     }

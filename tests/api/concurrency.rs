@@ -105,7 +105,12 @@ async fn concurrent_refreshes(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn callers_queued_behind_a_failed_refresh_share_its_failure() {
-    let mut app = TestApp::spawn().await;
+    // A back-off long enough that the call below surely lands inside it.
+    let mut app = TestApp::spawn_with(crate::helpers::Options {
+        failure_backoff: 5,
+        ..Default::default()
+    })
+    .await;
     app.consent("acme").await;
     app.stop().await;
     app.edit_stored("acme", |record| {

@@ -239,6 +239,8 @@ pub struct Options {
     pub access_token_ttl: u64,
     /// Extra TOML appended to the generated config.
     pub extra_config: String,
+    /// `lock.failure_backoff`: seconds every caller gets a failed refresh's outcome.
+    pub failure_backoff: u64,
 }
 
 impl Default for Options {
@@ -247,6 +249,7 @@ impl Default for Options {
             auth_method: "client_secret_basic",
             access_token_ttl: 3600,
             extra_config: String::new(),
+            failure_backoff: 1,
         }
     }
 }
@@ -300,7 +303,7 @@ kind = "file"
 path = "{store}"
 
 [lock]
-failure_backoff = 1
+failure_backoff = {failure_backoff}
 
 {acme}
 [connections.deny]
@@ -315,6 +318,7 @@ authorize_params = {{ test_deny = "1" }}
 {extra}
 "#,
             store = store_dir.display(),
+            failure_backoff = options.failure_backoff,
             acme = upstream.connection_toml(
                 "acme",
                 &format!(

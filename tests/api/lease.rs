@@ -199,7 +199,7 @@ async fn spread(cluster: &Cluster, count: usize, query: &str) -> Vec<(u16, Value
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_instances_make_one_upstream_refresh_per_expiry_window() {
-    let ttl = 4;
+    let ttl = 8;
     let cluster = Cluster::start(3, ttl, "").await;
     consent(&cluster.brokers[0].base, "acme").await;
     // Slow token endpoint: the calls really overlap the refresh.
@@ -250,6 +250,18 @@ async fn a_timer_in_its_own_process_never_reuses_a_refresh_token() {
     consent(&cluster.brokers[0].base, "acme").await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     cluster.upstream.delay(200).await;
+    // Alone, the timer's instance refreshes itself.
+    let report = cluster.timer(2).await;
+    assert_eq!(
+        report["ReturnValue"]["connections"][0]["outcome"], "refreshed",
+        "{report}"
+    );
+    assert!(
+        cluster.brokers[2].logs().contains("token refreshed"),
+        "{}",
+        cluster.logs()
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let mut timer_refreshed = 0;
     for _round in 0..4 {
         let calls: Vec<_> = (0..20)
@@ -287,7 +299,8 @@ async fn killing_the_lease_holder_mid_refresh_hands_over_within_the_lease_durati
     let mut cluster = Cluster::start(2, 3600, "").await;
     consent(&cluster.brokers[0].base, "acme").await;
     // Instance 0 takes the lease and re-reads the vault, which is slow; it is killed there.
-    cluster.azure.shared.delay_reads(3000);
+    cluster.azure.shared.delay_reads(5000);
+    let reads = cluster.azure.shared.count("get_started");
     let http = cluster.http.clone();
     let base = cluster.brokers[0].base.clone();
     // Its caller sees the connection drop, nothing more.
@@ -297,7 +310,14 @@ async fn killing_the_lease_holder_mid_refresh_hands_over_within_the_lease_durati
             .send()
             .await
     });
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The vault read starts only once the lease is held.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.azure.shared.count("get_started") == reads {
+        assert!(Instant::now() < deadline, "{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let leased_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     cluster.brokers[0].stop().await; // SIGKILL
     let killed_at = Instant::now();
     let _ = doomed.await;
@@ -307,8 +327,11 @@ async fn killing_the_lease_holder_mid_refresh_hands_over_within_the_lease_durati
     let token = cluster.token(1, "?force=true").await;
     let recovery = killed_at.elapsed();
     eprintln!("kill -9 of the lease holder: instance 1 answered {recovery:?} after the kill");
-    // It had to wait for the dead holder's lease (15 s, taken a second before the kill)…
-    assert!(recovery >= Duration::from_secs(10), "{recovery:?}");
+    // It had to wait for the dead holder's lease (15 s from when it was taken)…
+    assert!(
+        leased_at.elapsed() >= Duration::from_secs(14),
+        "{recovery:?}"
+    );
     // …and not much longer: the lease duration plus one refresh.
     assert!(recovery < Duration::from_secs(15 + 5), "{recovery:?}");
     assert_eq!(
@@ -436,6 +459,7 @@ async fn a_consent_racing_a_refresh_on_another_instance_leaves_one_consistent_re
     consent(&cluster.brokers[0].base, "acme").await;
     cluster.upstream.delay(300).await;
     let browser = consent_until_callback(&cluster.brokers[0].base, "acme").await;
+    let consent_started = chrono::Utc::now();
     let http = cluster.http.clone();
     let base = cluster.brokers[1].base.clone();
     let racing = tokio::spawn(async move { refresh(&http, &base, "?force=true").await });
@@ -444,8 +468,27 @@ async fn a_consent_racing_a_refresh_on_another_instance_leaves_one_consistent_re
     let (status, body, _) = racing.await.expect("join");
     assert_eq!(status, 200, "{body}");
 
-    // Whichever finished last under the lease wrote the record; either way it is whole and
-    // alive: the next refresh uses its refresh token without a revocation.
+    // Whichever ran first, the record now belongs to the new consent: a refresh of the old
+    // grant either finished before it (and was replaced) or found it (and took it).
+    let record: Value = serde_json::from_str(
+        &cluster
+            .azure
+            .shared
+            .value("token-broker-acme")
+            .expect("record"),
+    )
+    .expect("json");
+    let consented_at: chrono::DateTime<chrono::Utc> = record["consented_at"]
+        .as_str()
+        .expect("consented_at")
+        .parse()
+        .expect("time");
+    assert!(
+        consented_at >= consent_started,
+        "{record}\n{}",
+        cluster.logs()
+    );
+    // And it is alive: the next refresh uses its refresh token without a revocation.
     cluster.upstream.delay(0).await;
     let token = cluster.token(1, "?force=true").await;
     assert!(cluster.upstream.is_active(&token).await);
