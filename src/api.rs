@@ -12,7 +12,6 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Ur
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::Utc;
 use serde::Deserialize;
 use serde_json::json;
 use tower_http::trace::TraceLayer;
@@ -368,7 +367,7 @@ async fn refresh(
         .token(&connection, request)
         .await
         .map_err(|err| ApiError::from_broker(err, &state))?;
-    let body = record.to_response(Utc::now()).ok_or_else(|| {
+    let body = record.to_response(state.broker.now()).ok_or_else(|| {
         ApiError::from_broker(
             BrokerError::ConsentRequired {
                 reason: format!("connection `{connection}` has no access token"),
@@ -473,7 +472,9 @@ async fn authorize(
         .filter(|b| StateSigner::is_valid_binding(b))
         .map(str::to_owned)
         .unwrap_or_else(StateSigner::new_binding);
-    let issued = state.signer.issue(&connection, &binding, Utc::now());
+    let issued = state
+        .signer
+        .issue(&connection, &binding, state.broker.now());
     let location = provider.authorize_url(issued.state, &issued.verifier);
 
     let secure = if state.public_url.scheme() == "https" {
@@ -609,7 +610,7 @@ async fn callback(
     let redeemed = match state.signer.redeem(
         params.state.as_deref(),
         cookie(&headers, BINDING_COOKIE),
-        Utc::now(),
+        state.broker.now(),
     ) {
         Ok(redeemed) => redeemed,
         Err(err) => {

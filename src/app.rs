@@ -122,6 +122,7 @@ impl Application {
             (lock, config.lock.timings().clone()),
             http,
             config.refresh.min_validity,
+            Arc::new(crate::clock::SystemClock),
         ));
         let state = Arc::new(AppState {
             broker,

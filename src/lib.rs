@@ -6,6 +6,7 @@
 //! - [`provider`]: a configured provider and its token requests (through the `oauth2` crate).
 //! - [`state`]: signed, browser-bound, single-use `state` and derived PKCE verifiers.
 //! - [`broker`]: refresh coordination: cache, single flight, rotation, dead-grant detection.
+//! - [`clock`]: the time, injected (system clock in production, a manual one in tests).
 //! - [`token`]: the stored record per connection and the `/api/refresh` answer.
 //! - [`store`]: the token store trait, the local file store and the Key Vault store.
 //! - [`lock`]: the refresh lease per connection (in-process, or an Azure Blob lease).
@@ -21,6 +22,7 @@ pub mod app;
 pub mod auth;
 pub mod azure;
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod entra;
 pub mod html;

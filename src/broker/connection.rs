@@ -1,0 +1,150 @@
+//! Per-connection state: the cached record, the flight mutex (which also keeps the lease
+//! while a refresh token waits to be saved), the back-off after a failed flight, and the
+//! last failure for the status page.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::BrokerError;
+use crate::lock::Lease;
+use crate::provider::Provider;
+use crate::token::TokenRecord;
+
+pub(super) struct Connection {
+    pub(super) provider: Provider,
+    /// The last record read or written; a std Mutex because nothing awaits while it is held.
+    pub(super) cache: Mutex<Cached>,
+    /// One upstream token request per connection at a time; holds the connection's lease
+    /// between flights while a refresh token waits to be saved.
+    pub(super) flight: tokio::sync::Mutex<Flight>,
+    /// The back-off after a failed flight, as this instance knows it.
+    pub(super) backoff: Mutex<Option<Backoff>>,
+    /// When the store last refused a save.
+    pub(super) save_failed_at: Mutex<Option<DateTime<Utc>>>,
+    /// A background task is retrying the save of an unsaved refresh token.
+    pub(super) saver_running: AtomicBool,
+    /// The last failed refresh since the last success, for the status page. Kept in memory
+    /// only: writing failures to the store would cost a vault write per failing call.
+    pub(super) failure: Mutex<Option<Failure>>,
+}
+
+#[derive(Default)]
+pub(super) struct Flight {
+    /// The lease, kept while the cache holds a refresh token the store has not accepted.
+    pub(super) held: Option<Box<dyn Lease>>,
+}
+
+#[derive(Clone)]
+pub(super) struct Backoff {
+    pub(super) until: DateTime<Utc>,
+    pub(super) code: &'static str,
+    pub(super) message: String,
+}
+
+#[derive(Clone)]
+pub(super) struct Failure {
+    pub(super) at: DateTime<Utc>,
+    pub(super) message: String,
+}
+
+#[derive(Default, Clone)]
+pub(super) struct Cached {
+    pub(super) record: Option<Arc<TokenRecord>>,
+    /// The record holds a refresh token the store has not accepted yet. It must be saved
+    /// before anything else happens, and the store's older copy must never be used.
+    pub(super) unsaved: bool,
+}
+
+impl Connection {
+    pub(super) fn new(provider: Provider) -> Self {
+        Self {
+            provider,
+            cache: Mutex::new(Cached::default()),
+            flight: tokio::sync::Mutex::new(Flight::default()),
+            backoff: Mutex::new(None),
+            saver_running: AtomicBool::new(false),
+            save_failed_at: Mutex::new(None),
+            failure: Mutex::new(None),
+        }
+    }
+
+    /// True when the provider would refuse a refresh now and the current token still works.
+    pub(super) fn too_soon_to_refresh(&self, record: &TokenRecord, now: DateTime<Utc>) -> bool {
+        let interval = self.provider.min_refresh_interval;
+        !interval.is_zero()
+            && record.is_valid_for(Duration::ZERO, now)
+            && (now - record.obtained_at).to_std().unwrap_or_default() < interval
+    }
+
+    pub(super) fn cached(&self) -> Cached {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The cached record if it is saved and `accept` likes it.
+    pub(super) fn cached_if(
+        &self,
+        accept: impl Fn(&TokenRecord) -> bool,
+    ) -> Option<Arc<TokenRecord>> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        match &cache.record {
+            Some(record) if !cache.unsaved && accept(record) => Some(record.clone()),
+            _ => None,
+        }
+    }
+
+    pub(super) fn set_cache(&self, record: Option<Arc<TokenRecord>>, unsaved: bool) {
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Cached { record, unsaved };
+    }
+
+    pub(super) fn note_save_failure(&self, now: DateTime<Utc>) {
+        *self
+            .save_failed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(now);
+    }
+
+    /// The store refused a save after `since`.
+    pub(super) fn save_failed_since(&self, since: DateTime<Utc>) -> bool {
+        self.save_failed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at > since)
+    }
+
+    /// The shared failure while a back-off runs.
+    pub(super) fn backing_off(&self, now: DateTime<Utc>) -> Option<BrokerError> {
+        let backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let backoff = backoff.as_ref()?;
+        let left = (backoff.until - now)
+            .to_std()
+            .ok()
+            .filter(|d| !d.is_zero())?;
+        Some(BrokerError::RefreshFailed {
+            code: backoff.code,
+            message: format!(
+                "{} (the last refresh failed; the next attempt is in {} s)",
+                backoff.message,
+                left.as_secs().max(1)
+            ),
+            retry_after: left,
+        })
+    }
+
+    pub(super) fn set_backoff(&self, backoff: Option<Backoff>) {
+        *self.backoff.lock().unwrap_or_else(|p| p.into_inner()) = backoff;
+    }
+
+    pub(super) fn set_failure(&self, failure: Option<Failure>) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = failure;
+    }
+
+    pub(super) fn failure(&self) -> Option<Failure> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}

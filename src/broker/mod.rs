@@ -1,0 +1,209 @@
+//! Refresh coordination: serve from cache, refresh once per connection at a time, never lose
+//! a rotated refresh token.
+//!
+//! Per connection there is an in-memory copy of the stored record and a tokio mutex (the
+//! "flight"). A caller whose cached token is good enough never takes the mutex. Everyone else
+//! queues on it; the holder re-reads the store (another instance may have refreshed) and
+//! refreshes only if the token still is not good enough. A caller that finds a token obtained
+//! after it arrived (here or by another instance) takes it: it satisfies any `min_validity`
+//! and `force` — a thousand concurrent callers cause one token request, and no caller ever
+//! refreshes twice. Everything behind the cache runs in a task of its own, so a caller that
+//! goes away cannot cancel a refresh between the provider's rotation and the store's write.
+//!
+//! Across instances, the caller that holds the flight then takes the connection's lease
+//! ([`crate::lock`]) before it re-reads the store, so one instance at a time calls the
+//! provider; a caller that arrived before another instance's refresh takes that token.
+//! A failed flight leaves a back-off in the lease's notes: every caller that queued behind
+//! it, here or on another instance, gets the same failure until the back-off ends, instead of
+//! one retry loop per caller. A refresh token the store has not accepted yet keeps the lease
+//! (renewed) until a background save succeeds, so no instance refreshes with the older copy.
+
+//!
+//! # Layout
+//! - this file: the [`Broker`], its errors, and the cached path of [`Broker::token`];
+//! - `connection`: per-connection state (cache, flight, back-off, failures);
+//! - `flight`: everything behind the cache — the lease, the store re-read, the refresh, the
+//!   persist, the back-off and the background save of an unsaved refresh token;
+//! - `consent`: storing a completed consent, under the same lease;
+//! - `timer`: the pre-refresh pass and the shutdown flush;
+//! - `status`: the status page's view of every connection.
+
+mod connection;
+mod consent;
+mod flight;
+mod status;
+mod timer;
+
+pub use status::{ConnectionState, ConnectionStatus};
+pub use timer::{PrerefreshOutcome, PrerefreshReport};
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tracing::Instrument;
+
+use crate::clock::Clock;
+use crate::config::LeaseTimings;
+use crate::lock::{LockError, RefreshLock};
+use crate::provider::{Provider, UpstreamError, UpstreamHttp};
+use crate::store::{StoreError, TokenStore};
+use crate::token::TokenRecord;
+use connection::Connection;
+
+/// What a caller asks of `/api/refresh`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenRequest {
+    /// Life the token must have left; the broker default when `None`.
+    pub min_validity: Option<Duration>,
+    /// Refresh even if the cached token is good enough.
+    pub force: bool,
+}
+
+/// Why no token could be handed out, by what the caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("unknown connection `{0}`")]
+    UnknownConnection(String),
+    /// No token yet, or the grant is dead: an admin must consent (again).
+    #[error("{reason}")]
+    ConsentRequired { connection: String, reason: String },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The last refresh failed and the connection is backing off; every caller gets this
+    /// until `retry_after` has passed.
+    #[error("{message}")]
+    RefreshFailed {
+        /// `provider_unavailable` or `provider_error`.
+        code: &'static str,
+        message: String,
+        retry_after: Duration,
+    },
+    /// Another instance holds the connection's lease (refreshing, or saving a refresh token).
+    #[error("{0}")]
+    Busy(String),
+    /// The lease store cannot be reached: no refresh without the lease.
+    #[error("{0}")]
+    LockUnavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<LockError> for BrokerError {
+    fn from(err: LockError) -> Self {
+        match err {
+            LockError::Busy { .. } => {
+                BrokerError::Busy(format!("{err}; try again in a few seconds"))
+            }
+            LockError::Unavailable(_) => BrokerError::LockUnavailable(err.to_string()),
+        }
+    }
+}
+
+impl BrokerError {
+    /// How long the caller should wait before trying again, when that is known.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            BrokerError::RefreshFailed { retry_after, .. } => Some(*retry_after),
+            BrokerError::Busy(_) | BrokerError::LockUnavailable(_) | BrokerError::Store(_) => {
+                Some(Duration::from_secs(5))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Hands out access tokens for the configured connections.
+pub struct Broker {
+    connections: BTreeMap<String, Connection>,
+    store: Arc<dyn TokenStore>,
+    lock: Arc<dyn RefreshLock>,
+    timings: LeaseTimings,
+    http: UpstreamHttp,
+    min_validity: Duration,
+    clock: Arc<dyn Clock>,
+}
+
+impl Broker {
+    /// A broker over `providers`, keeping tokens in `store`.
+    pub fn new(
+        providers: BTreeMap<String, Provider>,
+        store: Arc<dyn TokenStore>,
+        lock: (Arc<dyn RefreshLock>, LeaseTimings),
+        http: UpstreamHttp,
+        min_validity: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let (lock, timings) = lock;
+        let connections = providers
+            .into_iter()
+            .map(|(name, provider)| (name, Connection::new(provider)))
+            .collect();
+        Self {
+            connections,
+            store,
+            lock,
+            timings,
+            http,
+            min_validity,
+            clock,
+        }
+    }
+
+    /// The provider of a configured connection.
+    pub fn provider(&self, name: &str) -> Result<&Provider, BrokerError> {
+        Ok(&self.connection(name)?.provider)
+    }
+
+    /// The current time, from the injected clock.
+    pub fn now(&self) -> chrono::DateTime<Utc> {
+        self.clock.now()
+    }
+
+    fn connection(&self, name: &str) -> Result<&Connection, BrokerError> {
+        self.connections
+            .get(name)
+            .ok_or_else(|| BrokerError::UnknownConnection(name.to_owned()))
+    }
+
+    /// A record whose access token satisfies `request`, refreshing if needed.
+    ///
+    /// Everything past the cache runs in its own task: a caller that goes away (an ADF
+    /// timeout, a dropped connection) must not cancel a refresh halfway, between the
+    /// provider rotating the refresh token and the new one being stored.
+    pub async fn token(
+        self: &Arc<Self>,
+        name: &str,
+        request: TokenRequest,
+    ) -> Result<Arc<TokenRecord>, BrokerError> {
+        let conn = self.connection(name)?;
+        let min_validity = request.min_validity.unwrap_or(self.min_validity);
+        let arrived_at = self.clock.now();
+
+        if !request.force {
+            if let Some(record) = conn.cached_if(|r| r.is_valid_for(min_validity, self.clock.now()))
+            {
+                tracing::debug!(connection = name, "served from cache");
+                return Ok(record);
+            }
+        }
+
+        let this = Arc::clone(self);
+        let name = name.to_owned();
+        tokio::spawn(
+            async move {
+                this.token_locked(&name, request, min_validity, arrived_at)
+                    .await
+            }
+            .in_current_span(),
+        )
+        .await
+        .map_err(|err| BrokerError::Internal(format!("refresh task failed: {err}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,218 @@
+//! The broker's time rules, driven by a manual clock (no sleeping): a provider's minimum
+//! refresh interval, the pre-refresh window, idle refresh tokens and the back-off after a
+//! failed refresh. The provider is a tiny local token endpoint that counts requests and
+//! answers `invalid_client`, so every refresh attempt is seen and fails at once.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use oauth2::{AccessToken, RefreshToken};
+
+use super::{Broker, BrokerError, PrerefreshOutcome, TokenRequest};
+use crate::clock::ManualClock;
+use crate::config::{Config, Endpoints, LeaseTimings};
+use crate::lock::LocalLock;
+use crate::provider::{Provider, UpstreamHttp};
+use crate::store::{FileStore, TokenStore};
+use crate::token::{GrantStatus, TokenRecord};
+
+struct Setup {
+    broker: Arc<Broker>,
+    clock: Arc<ManualClock>,
+    store: Arc<FileStore>,
+    token_requests: Arc<AtomicUsize>,
+    start: DateTime<Utc>,
+    _dir: tempfile::TempDir,
+}
+
+/// A broker with one connection `c` (extra TOML lines for it in `connection`), a record
+/// obtained at the clock's start whose access token lives `lifetime` seconds.
+async fn setup(connection: &str, lifetime: i64) -> Setup {
+    let token_requests = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&token_requests);
+    let app = axum::Router::new().route(
+        "/token",
+        axum::routing::post(move || {
+            let counter = Arc::clone(&counter);
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                (
+                    axum::http::StatusCode::BAD_REQUEST,
+                    axum::Json(serde_json::json!({"error": "invalid_client"})),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let text = format!(
+        r#"
+        [auth]
+        api_keys = ["0123456789abcdef-key"]
+        [connections.c]
+        provider = "oauth2"
+        authorize_url = "{base}/auth"
+        token_url = "{base}/token"
+        client_id = "client"
+        client_secret = "secret"
+        scopes = ["offline_access"]
+        {connection}
+        "#
+    );
+    let config = Config::parse(&text, &|_| None).expect("config");
+    let connection = &config.connections["c"];
+    let Endpoints::Static {
+        authorize_url,
+        token_url,
+    } = &connection.endpoints
+    else {
+        panic!("static endpoints")
+    };
+    let redirect = url::Url::parse("http://localhost/api/callback").expect("url");
+    let provider = Provider::new(
+        connection,
+        (authorize_url, token_url),
+        connection.client_secret.as_ref(),
+        &redirect,
+        Duration::from_secs(3600),
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(FileStore::open(dir.path()).expect("store"));
+    let start = DateTime::parse_from_rfc3339("2026-06-01T08:00:00Z")
+        .expect("time")
+        .with_timezone(&Utc);
+    store
+        .save(
+            "c",
+            &TokenRecord {
+                status: GrantStatus::Connected,
+                access_token: Some(AccessToken::new("at".into())),
+                token_type: "Bearer".into(),
+                expires_at: Some(start + chrono::Duration::seconds(lifetime)),
+                refresh_token: Some(RefreshToken::new("rt".into())),
+                scope: None,
+                extra: Default::default(),
+                obtained_at: start,
+                consented_at: start,
+                last_error: None,
+            },
+        )
+        .await
+        .expect("save");
+    let clock = Arc::new(ManualClock::new(start));
+    let broker = Arc::new(Broker::new(
+        BTreeMap::from([("c".to_owned(), provider)]),
+        store.clone(),
+        (
+            Arc::new(LocalLock::default()),
+            LeaseTimings {
+                wait: Duration::from_secs(1),
+                failure_backoff: Duration::from_secs(30),
+            },
+        ),
+        UpstreamHttp::new(Duration::from_secs(5)).expect("http"),
+        Duration::from_secs(300),
+        clock.clone(),
+    ));
+    Setup {
+        broker,
+        clock,
+        store,
+        token_requests,
+        start,
+        _dir: dir,
+    }
+}
+
+impl Setup {
+    fn at(&self, seconds: i64) {
+        self.clock
+            .set(self.start + chrono::Duration::seconds(seconds));
+    }
+
+    fn requests(&self) -> usize {
+        self.token_requests.load(Ordering::SeqCst)
+    }
+
+    async fn forced(&self) -> Result<Arc<TokenRecord>, BrokerError> {
+        let request = TokenRequest {
+            min_validity: None,
+            force: true,
+        };
+        self.broker.token("c", request).await
+    }
+
+    async fn prerefresh(&self, window: u64) -> PrerefreshOutcome {
+        let reports = self.broker.prerefresh(Duration::from_secs(window)).await;
+        reports[0].outcome
+    }
+}
+
+#[tokio::test]
+async fn a_minimum_refresh_interval_serves_the_current_token_until_it_passes() {
+    // Exact Online: 600 s tokens, no refresh within 570 s of the last.
+    let s = setup("min_refresh_interval = 570", 600).await;
+    s.at(569);
+    let record = s.forced().await.expect("the current token");
+    assert_eq!(record.obtained_at, s.start);
+    assert_eq!(s.requests(), 0);
+    s.at(571);
+    assert!(s.forced().await.is_err());
+    assert_eq!(s.requests(), 1, "past the interval the provider is asked");
+    assert!(s.store.load("c").await.expect("load").is_some());
+}
+
+#[tokio::test]
+async fn the_timer_refreshes_only_within_its_window() {
+    let s = setup("", 3600).await;
+    s.at(3600 - 901);
+    assert_eq!(s.prerefresh(900).await, PrerefreshOutcome::Fresh);
+    assert_eq!(s.requests(), 0);
+    s.at(3600 - 899);
+    assert_eq!(s.prerefresh(900).await, PrerefreshOutcome::Failed);
+    assert_eq!(s.requests(), 1);
+}
+
+#[tokio::test]
+async fn idle_refresh_tokens_are_exercised_at_half_their_idle_lifetime() {
+    // 600 s access tokens are left to callers; a 60-day idle refresh token is used at 30.
+    let s = setup("refresh_token_idle_days = 60", 600).await;
+    s.at(29 * 86_400);
+    assert_eq!(s.prerefresh(900).await, PrerefreshOutcome::Fresh);
+    assert_eq!(s.requests(), 0);
+    s.at(30 * 86_400 + 1);
+    assert_eq!(s.prerefresh(900).await, PrerefreshOutcome::Failed);
+    assert_eq!(s.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_refresh_is_shared_until_the_back_off_ends() {
+    let s = setup("", 600).await;
+    s.at(700);
+    assert!(matches!(
+        s.forced().await,
+        Err(BrokerError::RefreshFailed { .. })
+    ));
+    assert_eq!(s.requests(), 1);
+    // Within the 30 s back-off: the same failure, with the time left, and no request.
+    s.at(720);
+    match s.forced().await {
+        Err(BrokerError::RefreshFailed { retry_after, .. }) => {
+            assert_eq!(retry_after, Duration::from_secs(10));
+        }
+        other => panic!("expected the shared failure, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(s.requests(), 1);
+    // After it, the next caller tries again.
+    s.at(731);
+    assert!(s.forced().await.is_err());
+    assert_eq!(s.requests(), 2);
+}
