@@ -9,10 +9,10 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use url::Url;
 
-use crate::api::{self, AppState};
 use crate::auth::CallerAuth;
 use crate::broker::Broker;
 use crate::config::{Config, Endpoints};
+use crate::http::{self as api, AppState};
 use crate::presets;
 use crate::provider::{Provider, UpstreamHttp};
 use crate::state::StateSigner;

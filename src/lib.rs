@@ -12,12 +12,11 @@
 //! - [`lock`]: the refresh lease per connection (in-process, or an Azure Blob lease).
 //! - [`azure`]: Azure credentials and client options for the Azure SDK clients.
 //! - [`auth`]: caller authentication (API keys, Entra ID bearer tokens via [`entra`]).
-//! - [`api`]: routes, handlers and the error-to-response mapping.
+//! - [`http`]: the router, one module per route group, and the error-to-response mapping.
 //! - [`html`]: the small pages a browser sees.
 //! - [`http_client`]: outgoing HTTPS trust (system roots plus `SSL_CERT_FILE`).
 //! - [`app`]: wiring and serving; [`telemetry`]: tracing setup.
 
-pub mod api;
 pub mod app;
 pub mod auth;
 pub mod azure;
@@ -26,6 +25,7 @@ pub mod clock;
 pub mod config;
 pub mod entra;
 pub mod html;
+pub mod http;
 pub mod http_client;
 pub mod lock;
 pub mod presets;

@@ -3,7 +3,7 @@
 //! lookups callers need after consent. Every URL stays overridable in the config (tests,
 //! sovereign clouds, sandboxes).
 //!
-//! Sources are cited per preset; see also `../shared/FACTS.md` in the project workspace.
+//! Sources are cited per preset: each provider's public developer documentation.
 
 use std::time::Duration;
 

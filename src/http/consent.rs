@@ -1,0 +1,215 @@
+//! `GET /api/authorize/{connection}` and `GET /api/callback`: the consent in the admin's
+//! browser, and the provider's redirect back.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use serde::Deserialize;
+
+use super::admin::authenticate_admin;
+use super::{ApiError, AppState};
+use crate::html;
+use crate::state::{StateError, StateSigner, BINDING_COOKIE, STATE_TTL};
+
+pub(super) async fn authorize(
+    State(state): State<Arc<AppState>>,
+    Path(connection): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authenticate_admin(&state, &headers, &query).await?;
+    let provider = state
+        .broker
+        .provider(&connection)
+        .map_err(|err| ApiError::from_broker(err, &state))?;
+
+    let binding = cookie(&headers, BINDING_COOKIE)
+        .filter(|b| StateSigner::is_valid_binding(b))
+        .map(str::to_owned)
+        .unwrap_or_else(StateSigner::new_binding);
+    let issued = state
+        .signer
+        .issue(&connection, &binding, state.broker.now());
+    let location = provider.authorize_url(issued.state, &issued.verifier);
+
+    let secure = if state.public_url.scheme() == "https" {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie = format!(
+        "{BINDING_COOKIE}={binding}; Path=/api; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+        STATE_TTL.as_secs()
+    );
+    tracing::info!(connection = %connection, "redirecting admin to the provider's consent page");
+    Ok((
+        StatusCode::FOUND,
+        [
+            (header::LOCATION, location.to_string()),
+            (header::SET_COOKIE, cookie),
+            (header::CACHE_CONTROL, "no-store".to_owned()),
+            // The authorize URL may carry the admin key in `?key=`.
+            (header::REFERRER_POLICY, "no-referrer".to_owned()),
+        ],
+    )
+        .into_response())
+}
+
+/// The value of cookie `name` in the request, if any.
+pub(super) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+#[derive(Deserialize, Default)]
+pub(super) struct CallbackParams {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// A browser-facing result: an HTML page with a status. `no-referrer`: the callback URL
+/// holds an authorization code, and no link on the page should pass it on.
+pub(super) fn page(status: StatusCode, title: &str, message: &str) -> Response {
+    (
+        status,
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(html::page(title, message)),
+    )
+        .into_response()
+}
+
+pub(super) async fn callback(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let params: CallbackParams = match query.as_deref().map(serde_urlencoded::from_str) {
+        None => CallbackParams::default(),
+        Some(Ok(params)) => params,
+        Some(Err(_)) => {
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Sign-in failed",
+                "The provider's response could not be read.",
+            )
+        }
+    };
+    let redeemed = match state.signer.redeem(
+        params.state.as_deref(),
+        cookie(&headers, BINDING_COOKIE),
+        state.broker.now(),
+    ) {
+        Ok(redeemed) => redeemed,
+        Err(err) => {
+            tracing::warn!(reason = %err, "callback refused: bad state");
+            let hint = match err {
+                StateError::Expired | StateError::Replayed => {
+                    " Open the authorize link again to start over."
+                }
+                _ => "",
+            };
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Sign-in failed",
+                &format!("{}.{hint}", capitalize(&err.to_string())),
+            );
+        }
+    };
+    // Single use across instances too: a replayed callback URL is refused everywhere,
+    // before any code exchange.
+    match state.broker.claim_state(&redeemed.nonce).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!("callback refused: state already used on another instance");
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Sign-in failed",
+                &format!(
+                    "{}. Open the authorize link again to start over.",
+                    capitalize(&StateError::Replayed.to_string())
+                ),
+            );
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "callback refused: the used-state record is unavailable");
+            return page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Sign-in failed",
+                "The broker's storage is unavailable, so this sign-in cannot be checked. Open the authorize link again in a minute.",
+            );
+        }
+    }
+    let connection = redeemed.connection;
+    if let Some(error) = params.error {
+        tracing::warn!(connection = %connection, provider_error = %error, "provider refused consent");
+        let detail = params
+            .error_description
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default();
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Not connected",
+            &format!("The provider did not grant access to `{connection}`: {error}{detail}. Nothing was stored."),
+        );
+    }
+    let Some(code) = params.code.filter(|c| !c.is_empty()) else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Sign-in failed",
+            "The provider's response carries no authorization code.",
+        );
+    };
+    // Provider-specific callback parameters callers need (QuickBooks `realmId`).
+    let mut callback_extra = serde_json::Map::new();
+    if let Ok(provider) = state.broker.provider(&connection) {
+        let pairs: Vec<(String, String)> = query
+            .as_deref()
+            .and_then(|q| serde_urlencoded::from_str(q).ok())
+            .unwrap_or_default();
+        for (param, field) in provider.callback_params {
+            if let Some((_, value)) = pairs.iter().find(|(k, _)| k == param) {
+                callback_extra.insert((*field).to_owned(), value.clone().into());
+            }
+        }
+    }
+    match state
+        .broker
+        .complete_consent(&connection, code, redeemed.verifier, callback_extra)
+        .await
+    {
+        Ok(()) => page(
+            StatusCode::OK,
+            "Connected",
+            &format!("`{connection}` is connected. Pipelines can now get tokens from /api/refresh/{connection}. You can close this window."),
+        ),
+        Err(err) => {
+            let status = ApiError::from_broker(err, &state);
+            page(
+                status.status,
+                "Not connected",
+                &format!("Connecting `{connection}` failed: {}", status.description),
+            )
+        }
+    }
+}
+
+pub(super) fn capitalize(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}

@@ -1,0 +1,169 @@
+//! The HTTP edge: the router, the state the handlers share, and the errors the framework
+//! answers itself, turned into the broker's JSON error shape. One module per route group:
+//! `refresh`, `consent` (authorize and callback), `status`, `timer`; `admin` authenticates
+//! admin callers; `error` maps every failure to a status and a stable JSON body (details are
+//! logged, never echoed beyond a secret-free description).
+
+mod admin;
+mod consent;
+mod error;
+mod refresh;
+mod status;
+mod timer;
+
+pub use error::ApiError;
+
+use consent::{authorize, callback};
+use refresh::refresh;
+use status::connections;
+use timer::prerefresh;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, Method, Request, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tower_http::trace::TraceLayer;
+use url::Url;
+
+use crate::auth::CallerAuth;
+use crate::broker::Broker;
+use crate::state::StateSigner;
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub broker: Arc<Broker>,
+    pub auth: CallerAuth,
+    pub signer: StateSigner,
+    /// Base URL the broker is reached at, without a trailing slash.
+    pub public_url: Url,
+    /// The timer refreshes access tokens expiring within this window.
+    pub prerefresh_window: Duration,
+    /// Under the Functions host, which calls the timer route over loopback without a key.
+    pub functions_host: bool,
+}
+
+impl AppState {
+    fn authorize_url(&self, connection: &str) -> String {
+        format!(
+            "{}/api/authorize/{connection}",
+            self.public_url.as_str().trim_end_matches('/')
+        )
+    }
+}
+
+/// The broker's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(root))
+        .route("/api/health", get(health))
+        .route("/api/authorize/{connection}", get(authorize))
+        .route("/api/callback", get(callback))
+        .route("/api/refresh/{connection}", get(refresh).post(refresh))
+        .route("/api/connections", get(connections))
+        .route("/prerefresh", post(prerefresh))
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(json_framework_errors))
+        .layer(
+            // Our own span: method and path only. The default span records the full URI,
+            // whose query can hold an authorization code or an admin key.
+            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                let invocation = request
+                    .headers()
+                    .get("x-azure-functions-invocationid")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                    invocation_id = invocation,
+                )
+            }),
+        )
+        .with_state(state)
+}
+
+/// The Functions host's readiness probe (it GETs `/` until anything answers).
+async fn root() -> &'static str {
+    "Token Broker\n"
+}
+
+async fn health() -> Response {
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({"status": "ok"})),
+    )
+        .into_response()
+}
+
+/// The errors axum answers by itself (405 for a method a route lacks, 413 for a body over
+/// the limit, 400 for a path it cannot decode) come as plain text or an empty body; they
+/// get the broker's JSON error shape here, keeping their headers (`Allow` on a 405). Their
+/// own text is not echoed: it can quote the request.
+async fn json_framework_errors(response: Response) -> Response {
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    // The broker's own errors are JSON; the browser pages are HTML.
+    if !(status.is_client_error() || status.is_server_error())
+        || content_type.starts_with("application/json")
+        || content_type.starts_with("text/html")
+    {
+        return response;
+    }
+    let (mut parts, _) = response.into_parts();
+    let (error, description) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = parts
+                .headers
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            (
+                "method_not_allowed",
+                format!("this route does not accept that method (allowed: {allowed})"),
+            )
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "payload_too_large",
+            "the request body is larger than this route accepts".to_owned(),
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            "unsupported_media_type",
+            "send the body as application/json".to_owned(),
+        ),
+        StatusCode::BAD_REQUEST => (
+            "invalid_request",
+            "the request path or parameters could not be read".to_owned(),
+        ),
+        other => (
+            "http_error",
+            other.canonical_reason().unwrap_or("error").to_owned(),
+        ),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts
+        .headers
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let body = json!({"error": error, "error_description": description}).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {method} {}", uri.path()),
+    )
+}

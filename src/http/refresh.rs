@@ -1,0 +1,114 @@
+//! `GET`/`POST /api/refresh/{connection}`: a valid access token as a JSON object.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use super::{ApiError, AppState};
+use crate::auth::Role;
+use crate::broker::{BrokerError, TokenRequest};
+
+/// Parameters of `/api/refresh`, from the query or a JSON body. Unknown parameters are
+/// ignored: the Functions host passes its own (`code=`, the function key) through.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RefreshParams {
+    min_validity: Option<u64>,
+    force: Option<bool>,
+    /// An API key in the query is refused below, but named here so the error says why.
+    key: Option<String>,
+}
+
+pub(super) async fn refresh(
+    State(state): State<Arc<AppState>>,
+    Path(connection): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    // Parameters before the key, so that a key sent in the URL gets a helpful 400.
+    let mut params: RefreshParams = Query::try_from_uri(&uri).map(|Query(p)| p).map_err(|err| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", err.body_text())
+    })?;
+    if method == Method::POST && !body.iter().all(u8::is_ascii_whitespace) {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_ascii_lowercase()
+            });
+        // No content type is tolerated; any other than JSON is refused (curl -d labels its body
+        // as a form: `curl --json` is the way).
+        if content_type.is_some_and(|t| t != "application/json" && !t.ends_with("+json")) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as application/json (or no body)",
+            ));
+        }
+        let from_body: RefreshParams = serde_json::from_slice(&body).map_err(|err| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("the body must be a JSON object like {{\"min_validity\": 600, \"force\": false}} ({})", json_problem(&err)),
+            )
+        })?;
+        params.min_validity = from_body.min_validity.or(params.min_validity);
+        params.force = from_body.force.or(params.force);
+    }
+    if params.key.is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "send the API key in the X-API-Key header, not in the URL",
+        ));
+    }
+    state
+        .auth
+        .authenticate(&headers, None, Role::Caller)
+        .await?;
+    let request = TokenRequest {
+        min_validity: params.min_validity.map(Duration::from_secs),
+        force: params.force.unwrap_or(false),
+    };
+    let record = state
+        .broker
+        .token(&connection, request)
+        .await
+        .map_err(|err| ApiError::from_broker(err, &state))?;
+    let body = record.to_response(state.broker.now()).ok_or_else(|| {
+        ApiError::from_broker(
+            BrokerError::ConsentRequired {
+                reason: format!("connection `{connection}` has no access token"),
+                connection: connection.clone(),
+            },
+            &state,
+        )
+    })?;
+    Ok((
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::PRAGMA, "no-cache"),
+        ],
+        Json(body),
+    )
+        .into_response())
+}
+
+/// serde_json messages can quote the input; name only the kind of problem.
+pub(super) fn json_problem(err: &serde_json::Error) -> &'static str {
+    match err.classify() {
+        serde_json::error::Category::Data => "unexpected field or value",
+        _ => "not valid JSON",
+    }
+}

@@ -1,0 +1,50 @@
+//! `GET /api/connections`: every connection's state, as HTML for browsers or JSON.
+
+use std::sync::Arc;
+
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::admin::authenticate_admin;
+use super::{ApiError, AppState};
+use crate::html;
+
+/// Status of every connection: JSON for `Accept: application/json`, else an HTML page.
+pub(super) async fn connections(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authenticate_admin(&state, &headers, &query).await?;
+    let rows: Vec<_> = state
+        .broker
+        .statuses()
+        .await
+        .into_iter()
+        .map(|status| {
+            let url = state.authorize_url(&status.name);
+            (status, url)
+        })
+        .collect();
+    let wants_json = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/json"));
+    let no_store = [(header::CACHE_CONTROL, "no-store")];
+    if wants_json {
+        let list: Vec<_> = rows
+            .into_iter()
+            .map(|(status, url)| {
+                let mut value = serde_json::to_value(status).unwrap_or_default();
+                value["authorize_url"] = url.into();
+                value
+            })
+            .collect();
+        Ok((no_store, Json(json!({ "connections": list }))).into_response())
+    } else {
+        Ok((no_store, Html(html::connections(&rows))).into_response())
+    }
+}

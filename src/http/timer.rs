@@ -1,0 +1,71 @@
+//! `POST /prerefresh`: the Functions host's timer invocation.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::ConnectInfo;
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::admin::authenticate_admin;
+use super::{ApiError, AppState};
+
+/// The timer function (`prerefresh/function.json`): the Functions host POSTs
+/// `{"Data":{"timer":{…}},"Metadata":{…}}` and expects `{"Outputs":{},"Logs":[…],"ReturnValue":…}`.
+/// Outside the Functions host (or from another machine), an admin key is needed.
+pub(super) async fn prerefresh(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if !(state.functions_host && peer.ip().is_loopback()) {
+        authenticate_admin(&state, &headers, &query).await?;
+    }
+    // The payload only informs the log; a missing or odd one does not stop the run.
+    let invocation: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let past_due = invocation["Data"]
+        .as_object()
+        .and_then(|data| data.values().find_map(|timer| timer["IsPastDue"].as_bool()))
+        .unwrap_or(false);
+    tracing::info!(past_due, "prerefresh run started");
+
+    let reports = state.broker.prerefresh(state.prerefresh_window).await;
+    let mut logs: Vec<String> = reports
+        .iter()
+        .map(|r| {
+            let outcome = serde_json::to_value(r.outcome).unwrap_or_default();
+            format!(
+                "{}: {} ({})",
+                r.connection,
+                outcome.as_str().unwrap_or("?"),
+                r.detail
+            )
+        })
+        .collect();
+    let count = |outcome| reports.iter().filter(|r| r.outcome == outcome).count();
+    let failed = count(crate::broker::PrerefreshOutcome::Failed);
+    let refreshed = count(crate::broker::PrerefreshOutcome::Refreshed);
+    logs.insert(
+        0,
+        format!(
+            "prerefresh{}: {} connection(s), {refreshed} refreshed, {failed} failed",
+            if past_due { " (past due)" } else { "" },
+            reports.len()
+        ),
+    );
+    let body = json!({
+        "Outputs": {},
+        "Logs": logs,
+        "ReturnValue": {
+            "refreshed": refreshed,
+            "failed": failed,
+            "connections": reports,
+        },
+    });
+    Ok(Json(body).into_response())
+}
