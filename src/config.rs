@@ -13,7 +13,8 @@ use secrecy::SecretString;
 mod lock;
 pub use lock::{BlobLockConfig, LeaseTimings, LockConfig};
 
-use crate::presets::{Lookup, Preset, PresetSettings};
+pub use crate::presets::{ClientAuth, ProviderKind};
+use crate::presets::{Lookup, Preset, PresetError, PresetSettings};
 use serde::Deserialize;
 use url::Url;
 
@@ -118,16 +119,6 @@ pub struct RefreshConfig {
     pub prerefresh_window: Duration,
 }
 
-/// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ClientAuth {
-    /// HTTP Basic with the form-encoded client id and secret.
-    Basic,
-    /// `client_id` and `client_secret` in the form body.
-    Post,
-}
-
 /// Where a connection's provider has its endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoints {
@@ -176,40 +167,6 @@ pub struct ConnectionConfig {
     pub static_extra: Vec<(&'static str, String)>,
 }
 
-/// Provider kinds: a generic OAuth 2.0 server, or a preset (see [`crate::presets`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ProviderKind {
-    /// Any OAuth 2.0 authorization server described by its endpoints.
-    Oauth2,
-    Xero,
-    Google,
-    ExactOnline,
-    Microsoft,
-    Quickbooks,
-    Salesforce,
-    Hubspot,
-    /// Any OpenID Connect provider, from its issuer by discovery.
-    Oidc,
-}
-
-impl ProviderKind {
-    /// The name used in the config.
-    pub fn name(self) -> &'static str {
-        match self {
-            ProviderKind::Oauth2 => "oauth2",
-            ProviderKind::Xero => "xero",
-            ProviderKind::Google => "google",
-            ProviderKind::ExactOnline => "exact-online",
-            ProviderKind::Microsoft => "microsoft",
-            ProviderKind::Quickbooks => "quickbooks",
-            ProviderKind::Salesforce => "salesforce",
-            ProviderKind::Hubspot => "hubspot",
-            ProviderKind::Oidc => "oidc",
-        }
-    }
-}
-
 /// A configuration error that names the key it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -222,6 +179,12 @@ pub enum ConfigError {
     Syntax { path: PathBuf, message: String },
     #[error("config key `{key}`: {message}")]
     Key { key: String, message: String },
+}
+
+impl From<PresetError> for ConfigError {
+    fn from(err: PresetError) -> Self {
+        ConfigError::key(err.key, err.message)
+    }
 }
 
 impl ConfigError {

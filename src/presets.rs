@@ -9,7 +9,69 @@ use std::time::Duration;
 
 use url::Url;
 
-use crate::config::{ClientAuth, ConfigError, ProviderKind};
+use serde::Deserialize;
+
+/// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// HTTP Basic with the form-encoded client id and secret.
+    Basic,
+    /// `client_id` and `client_secret` in the form body.
+    Post,
+}
+
+/// Provider kinds: a generic OAuth 2.0 server, or a preset (see [`Preset::resolve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProviderKind {
+    /// Any OAuth 2.0 authorization server described by its endpoints.
+    Oauth2,
+    Xero,
+    Google,
+    ExactOnline,
+    Microsoft,
+    Quickbooks,
+    Salesforce,
+    Hubspot,
+    /// Any OpenID Connect provider, from its issuer by discovery.
+    Oidc,
+}
+
+impl ProviderKind {
+    /// The name used in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderKind::Oauth2 => "oauth2",
+            ProviderKind::Xero => "xero",
+            ProviderKind::Google => "google",
+            ProviderKind::ExactOnline => "exact-online",
+            ProviderKind::Microsoft => "microsoft",
+            ProviderKind::Quickbooks => "quickbooks",
+            ProviderKind::Salesforce => "salesforce",
+            ProviderKind::Hubspot => "hubspot",
+            ProviderKind::Oidc => "oidc",
+        }
+    }
+}
+
+/// A preset setting that is missing or wrong, by the config key it is about. The config
+/// turns it into its own error; presets know nothing of the config's types.
+#[derive(Debug, thiserror::Error)]
+#[error("config key `{key}`: {message}")]
+pub struct PresetError {
+    pub key: String,
+    pub message: String,
+}
+
+impl PresetError {
+    fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
 
 /// What the broker does right after consent (and remembers in the record for callers).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,9 +125,9 @@ fn days(n: u64) -> Option<Duration> {
     Some(Duration::from_secs(n * DAY))
 }
 
-fn url(key: &str, value: &str) -> Result<Url, ConfigError> {
+fn url(key: &str, value: &str) -> Result<Url, PresetError> {
     Url::parse(value)
-        .map_err(|err| ConfigError::key(key, format!("`{value}` is not a valid URL: {err}")))
+        .map_err(|err| PresetError::key(key, format!("`{value}` is not a valid URL: {err}")))
 }
 
 fn generic(client_auth: ClientAuth) -> Preset {
@@ -93,7 +155,7 @@ impl Preset {
         kind: ProviderKind,
         settings: &PresetSettings<'_>,
         key: &str,
-    ) -> Result<Preset, ConfigError> {
+    ) -> Result<Preset, PresetError> {
         let allowed: &[&str] = match kind {
             ProviderKind::ExactOnline => &["region", "api_url"],
             ProviderKind::Microsoft => &["tenant"],
@@ -112,7 +174,7 @@ impl Preset {
             ("api_url", settings.api_url),
         ] {
             if value.is_some() && !allowed.contains(&name) {
-                return Err(ConfigError::key(
+                return Err(PresetError::key(
                     format!("{key}.{name}"),
                     format!("does not apply to provider `{}`", kind.name()),
                 ));
@@ -175,7 +237,7 @@ impl Preset {
                     "es" => "es",
                     "fr" => "fr",
                     other => {
-                        return Err(ConfigError::key(
+                        return Err(PresetError::key(
                             format!("{key}.region"),
                             format!(
                             "unknown Exact Online region `{other}` (nl, be, de, uk, us, es, fr)"
@@ -215,7 +277,7 @@ impl Preset {
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
                 {
-                    return Err(ConfigError::key(
+                    return Err(PresetError::key(
                         format!("{key}.tenant"),
                         "a tenant id, domain, `organizations`, `common` or `consumers`",
                     ));
@@ -238,7 +300,7 @@ impl Preset {
                     "production" => "https://quickbooks.api.intuit.com",
                     "sandbox" => "https://sandbox-quickbooks.api.intuit.com",
                     other => {
-                        return Err(ConfigError::key(
+                        return Err(PresetError::key(
                             format!("{key}.environment"),
                             format!("`{other}`: expected `production` or `sandbox`"),
                         ))
@@ -266,7 +328,7 @@ impl Preset {
                     "test" => "https://test.salesforce.com".to_owned(),
                     other if other.starts_with("https://") => other.trim_end_matches('/').to_owned(),
                     other => {
-                        return Err(ConfigError::key(
+                        return Err(PresetError::key(
                             format!("{key}.domain"),
                             format!("`{other}`: expected `login`, `test` or a My Domain URL (https://…my.salesforce.com)"),
                         ))
@@ -295,7 +357,7 @@ impl Preset {
             // OpenID Connect Discovery 1.0 §4: `{issuer}/.well-known/openid-configuration`.
             ProviderKind::Oidc => {
                 let issuer = settings.issuer.ok_or_else(|| {
-                    ConfigError::key(format!("{key}.issuer"), "is required for provider `oidc`")
+                    PresetError::key(format!("{key}.issuer"), "is required for provider `oidc`")
                 })?;
                 Preset {
                     issuer: Some(url(&format!("{key}.issuer"), issuer)?),
