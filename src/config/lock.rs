@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
-use super::{parse_base_url, positive_secs, ConfigError, CredentialKind};
+use super::values::{parse_base_url, positive_secs};
+use super::{ConfigError, CredentialKind};
 
 /// Where refreshes are coordinated across instances.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,327 @@
+//! The configuration file's shape, as `serde` reads it, and the validation of its global
+//! sections (public URL, auth, store, refresh, lock) into the typed [`super::Config`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use super::connection::{validate_connection_name, RawConnection};
+use super::values::*;
+use super::*;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    public_url: Option<String>,
+    state_secret: Option<String>,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    refresh: RawRefresh,
+    #[serde(default)]
+    lock: lock::RawLock,
+    #[serde(default)]
+    connections: BTreeMap<String, RawConnection>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuth {
+    #[serde(default)]
+    api_keys: Vec<String>,
+    #[serde(default)]
+    admin_keys: Vec<String>,
+    #[serde(default)]
+    allow_anonymous: bool,
+    entra: Option<RawEntra>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEntra {
+    tenant_id: String,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default)]
+    allowed_principals: Vec<String>,
+    #[serde(default)]
+    admin_principals: Vec<String>,
+    authority: Option<String>,
+}
+
+impl RawEntra {
+    pub(super) fn validate(self) -> Result<EntraConfig, ConfigError> {
+        let tenant_ok = !self.tenant_id.is_empty()
+            && self
+                .tenant_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        if !tenant_ok {
+            return Err(ConfigError::key(
+                "auth.entra.tenant_id",
+                "must be the tenant's id (a GUID) or domain",
+            ));
+        }
+        if self.audiences.iter().all(|a| a.is_empty()) {
+            return Err(ConfigError::key(
+                "auth.entra.audiences",
+                "name at least one audience: the broker app's Application ID URI and/or client id",
+            ));
+        }
+        if self.allowed_principals.is_empty() && self.admin_principals.is_empty() {
+            return Err(ConfigError::key(
+                "auth.entra.allowed_principals",
+                "name the object ids (e.g. Data Factory's managed identity) that may call the broker",
+            ));
+        }
+        let authority = parse_base_url(
+            "auth.entra.authority",
+            self.authority
+                .as_deref()
+                .unwrap_or("https://login.microsoftonline.com"),
+        )?;
+        if authority.scheme() != "https" {
+            return Err(ConfigError::key("auth.entra.authority", "must be https"));
+        }
+        Ok(EntraConfig {
+            tenant_id: self.tenant_id,
+            audiences: self
+                .audiences
+                .into_iter()
+                .filter(|a| !a.is_empty())
+                .collect(),
+            allowed_principals: self.allowed_principals,
+            admin_principals: self.admin_principals,
+            authority,
+        })
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStore {
+    kind: Option<String>,
+    path: Option<PathBuf>,
+    vault_url: Option<String>,
+    secret_prefix: Option<String>,
+    credential: Option<CredentialKind>,
+    managed_identity_client_id: Option<String>,
+    retry_budget: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRefresh {
+    min_validity: Option<u64>,
+    default_lifetime: Option<u64>,
+    upstream_timeout: Option<u64>,
+    prerefresh_window: Option<u64>,
+}
+
+impl RawConfig {
+    pub(super) fn validate(
+        self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        // The environment wins over the file for the public URL: the same config file serves
+        // local runs and every deployment slot.
+        let public_url = match env("BROKER_PUBLIC_URL").filter(|v| !v.is_empty()) {
+            Some(url) => Some(parse_base_url("BROKER_PUBLIC_URL", &url)?),
+            None => self
+                .public_url
+                .as_deref()
+                .map(|url| parse_base_url("public_url", url))
+                .transpose()?,
+        };
+        let state_secret = match self.state_secret {
+            Some(secret) if secret.len() < 32 => {
+                return Err(ConfigError::key(
+                    "state_secret",
+                    "must be at least 32 characters (it signs OAuth `state`)",
+                ))
+            }
+            other => other.map(SecretString::from),
+        };
+
+        let auth = AuthConfig {
+            api_keys: secrets("auth.api_keys", self.auth.api_keys)?,
+            admin_keys: secrets("auth.admin_keys", self.auth.admin_keys)?,
+            allow_anonymous: self.auth.allow_anonymous,
+            entra: self.auth.entra.map(RawEntra::validate).transpose()?,
+        };
+        if auth.api_keys.is_empty()
+            && auth.admin_keys.is_empty()
+            && auth.entra.is_none()
+            && !auth.allow_anonymous
+        {
+            return Err(ConfigError::key(
+                "auth",
+                "no caller authentication configured: set auth.api_keys / auth.admin_keys or \
+                 [auth.entra], or auth.allow_anonymous = true to serve without it (never in production)",
+            ));
+        }
+
+        let store = self.store.validate(env)?;
+        let lock = self.lock.validate(env)?;
+
+        let refresh = RefreshConfig {
+            min_validity: Duration::from_secs(self.refresh.min_validity.unwrap_or(300)),
+            default_lifetime: positive_secs(
+                "refresh.default_lifetime",
+                self.refresh.default_lifetime.unwrap_or(3600),
+            )?,
+            upstream_timeout: positive_secs(
+                "refresh.upstream_timeout",
+                self.refresh.upstream_timeout.unwrap_or(30),
+            )?,
+            prerefresh_window: positive_secs(
+                "refresh.prerefresh_window",
+                self.refresh.prerefresh_window.unwrap_or(900),
+            )?,
+        };
+
+        let mut warnings = Vec::new();
+        // The timer must reach a token before callers do, or both refresh at the same moment
+        // (and the timer's run is wasted): its window must exceed what callers ask for plus
+        // the time between two runs.
+        if refresh.prerefresh_window <= refresh.min_validity + DEFAULT_TIMER_PERIOD {
+            warnings.push(format!(
+                "refresh.prerefresh_window ({} s) should exceed refresh.min_validity ({} s) plus the \
+                 timer's period (default {} s), so the timer refreshes tokens before callers need to",
+                refresh.prerefresh_window.as_secs(),
+                refresh.min_validity.as_secs(),
+                DEFAULT_TIMER_PERIOD.as_secs()
+            ));
+        }
+
+        let mut connections = BTreeMap::new();
+        let mut secret_names: BTreeMap<String, String> = BTreeMap::new();
+        for (name, raw) in self.connections {
+            let key = format!("connections.{name}");
+            validate_connection_name(&key, &name)?;
+            let connection = raw.validate(&key)?;
+            let mut claim = |secret: String, by: String| match secret_names.get(&secret) {
+                Some(other) => Err(ConfigError::key(
+                    by.clone(),
+                    format!("Key Vault secret name `{secret}` is already used by `{other}`"),
+                )),
+                None => {
+                    secret_names.insert(secret, by);
+                    Ok(())
+                }
+            };
+            match &store {
+                StoreConfig::KeyVault(vault) => {
+                    claim(vault.secret_name(&name), key.clone())?;
+                    if let Some(mirror) = &connection.mirror_refresh_token_secret {
+                        claim(mirror.clone(), format!("{key}.mirror_refresh_token_secret"))?;
+                    }
+                }
+                StoreConfig::File { .. } => {
+                    for (field, set) in [
+                        (
+                            "client_secret_name",
+                            connection.client_secret_name.is_some(),
+                        ),
+                        (
+                            "mirror_refresh_token_secret",
+                            connection.mirror_refresh_token_secret.is_some(),
+                        ),
+                    ] {
+                        if set {
+                            return Err(ConfigError::key(
+                                format!("{key}.{field}"),
+                                "needs the Key Vault store (set KEY_VAULT_URL or store.kind = \"key-vault\")",
+                            ));
+                        }
+                    }
+                }
+            }
+            connections.insert(name, connection);
+        }
+
+        Ok(Config {
+            public_url,
+            state_secret,
+            auth,
+            store,
+            refresh,
+            lock,
+            connections,
+            functions_host: env("FUNCTIONS_CUSTOMHANDLER_PORT").is_some_and(|p| !p.is_empty()),
+            warnings,
+        })
+    }
+}
+
+impl RawStore {
+    pub(super) fn validate(
+        self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<StoreConfig, ConfigError> {
+        let env_vault = env("KEY_VAULT_URL").filter(|v| !v.is_empty());
+        // An explicit kind wins; without one, KEY_VAULT_URL selects the vault.
+        let kind = match (self.kind.as_deref(), &env_vault, &self.vault_url) {
+            (Some(kind), _, _) => kind.to_owned(),
+            (None, Some(_), _) | (None, None, Some(_)) => "key-vault".to_owned(),
+            (None, None, None) => "file".to_owned(),
+        };
+        match kind.as_str() {
+            "file" => Ok(StoreConfig::File {
+                dir: self.path.unwrap_or_else(|| PathBuf::from(".tokens")),
+            }),
+            "key-vault" => {
+                let (key, url) = match (env_vault, self.vault_url) {
+                    (Some(url), _) => ("KEY_VAULT_URL", url),
+                    (None, Some(url)) => ("store.vault_url", url),
+                    (None, None) => return Err(ConfigError::key(
+                        "store.vault_url",
+                        "the Key Vault store needs a vault URL (store.vault_url or KEY_VAULT_URL)",
+                    )),
+                };
+                let vault_url = parse_base_url(key, &url)?;
+                if vault_url.scheme() != "https" {
+                    return Err(ConfigError::key(
+                        key,
+                        "Key Vault is only reachable over https",
+                    ));
+                }
+                let secret_prefix = self
+                    .secret_prefix
+                    .unwrap_or_else(|| "token-broker-".to_owned());
+                if !secret_prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    || !secret_prefix.starts_with(|c: char| c.is_ascii_alphabetic())
+                    || secret_prefix.len() > 60
+                {
+                    return Err(ConfigError::key(
+                        "store.secret_prefix",
+                        "must start with a letter and hold only 0-9, a-z, A-Z and `-` (at most 60)",
+                    ));
+                }
+                Ok(StoreConfig::KeyVault(KeyVaultConfig {
+                    vault_url,
+                    secret_prefix,
+                    credential: self.credential.unwrap_or(CredentialKind::Auto),
+                    managed_identity_client_id: self
+                        .managed_identity_client_id
+                        .filter(|id| !id.is_empty()),
+                    retry_budget: positive_secs(
+                        "store.retry_budget",
+                        self.retry_budget.unwrap_or(20),
+                    )?,
+                }))
+            }
+            other => Err(ConfigError::key(
+                "store.kind",
+                format!("unknown store kind `{other}` (expected `file` or `key-vault`)"),
+            )),
+        }
+    }
+}

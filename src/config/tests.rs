@@ -1,0 +1,209 @@
+//! Configuration parsing and validation: every error names its key.
+
+use super::*;
+
+fn env_of(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+    move |name| {
+        vars.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
+const MINIMAL: &str = r#"
+    [auth]
+    api_keys = ["${API_KEY}"]
+
+    [connections.acme]
+    provider = "oauth2"
+    authorize_url = "https://id.acme.example/auth"
+    token_url = "https://id.acme.example/token"
+    client_id = "${ACME_CLIENT_ID}"
+    client_secret = "${ACME_CLIENT_SECRET}"
+    client_auth = "post"
+    scopes = ["openid", "offline_access"]
+    authorize_params = { prompt = "consent" }
+"#;
+
+const ENV: &[(&str, &str)] = &[
+    ("API_KEY", "0123456789abcdef-key"),
+    ("ACME_CLIENT_ID", "client-1"),
+    ("ACME_CLIENT_SECRET", "sec"),
+];
+
+fn parse_err(text: &str, vars: &'static [(&'static str, &'static str)]) -> String {
+    Config::parse(text, &env_of(vars))
+        .expect_err("config should be rejected")
+        .to_string()
+}
+
+#[test]
+fn the_defaults_leave_the_timer_ahead_of_callers_and_a_tie_is_warned_about() {
+    let config = Config::parse(MINIMAL, &env_of(ENV)).expect("valid config");
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    let tie = format!("[refresh]\nmin_validity = 900\nprerefresh_window = 900\n{MINIMAL}");
+    let config = Config::parse(&tie, &env_of(ENV)).expect("valid config");
+    assert_eq!(config.warnings.len(), 1);
+    assert!(config.warnings[0].contains("refresh.prerefresh_window"));
+}
+
+#[test]
+fn expands_environment_and_applies_defaults() {
+    let config = Config::parse(MINIMAL, &env_of(ENV)).expect("valid config");
+    let acme = &config.connections["acme"];
+    assert_eq!(acme.client_id, "client-1");
+    assert_eq!(acme.client_auth, ClientAuth::Post);
+    assert_eq!(acme.authorize_params["prompt"], "consent");
+    assert_eq!(config.refresh.min_validity, Duration::from_secs(300));
+    assert_eq!(
+        config.store,
+        StoreConfig::File {
+            dir: PathBuf::from(".tokens")
+        }
+    );
+    assert!(config.public_url.is_none());
+}
+
+#[test]
+fn unset_variable_names_key_and_variable() {
+    let err = parse_err(MINIMAL, &[("API_KEY", "0123456789abcdef-key")]);
+    assert!(err.contains("connections.acme.client_id"), "{err}");
+    assert!(err.contains("ACME_CLIENT_ID"), "{err}");
+}
+
+#[test]
+fn unknown_provider_names_key() {
+    let err = parse_err(&MINIMAL.replace("\"oauth2\"", "\"oauth3\""), ENV);
+    assert!(err.contains("connections.acme.provider"), "{err}");
+}
+
+#[test]
+fn misspelt_field_names_key() {
+    let err = parse_err(&MINIMAL.replace("client_auth", "client_ath"), ENV);
+    assert!(err.contains("client_ath"), "{err}");
+}
+
+#[test]
+fn malformed_url_names_key() {
+    let err = parse_err(
+        &MINIMAL.replace("https://id.acme.example/token", "not a url"),
+        ENV,
+    );
+    assert!(err.contains("connections.acme.token_url"), "{err}");
+}
+
+#[test]
+fn missing_client_id_names_key() {
+    let text = MINIMAL.replace("client_id = \"${ACME_CLIENT_ID}\"", "");
+    let err = parse_err(&text, ENV);
+    assert!(err.contains("connections.acme.client_id"), "{err}");
+}
+
+#[test]
+fn refuses_to_run_without_auth_unless_anonymous_is_explicit() {
+    let text = MINIMAL.replace("api_keys = [\"${API_KEY}\"]", "");
+    let err = parse_err(&text, ENV);
+    assert!(err.contains("`auth`"), "{err}");
+    let text = MINIMAL.replace("api_keys = [\"${API_KEY}\"]", "allow_anonymous = true");
+    assert!(Config::parse(&text, &env_of(ENV)).is_ok());
+}
+
+#[test]
+fn reserved_authorize_params_are_rejected() {
+    let text = MINIMAL.replace("prompt = \"consent\"", "state = \"x\"");
+    let err = parse_err(&text, ENV);
+    assert!(err.contains("authorize_params.state"), "{err}");
+}
+
+#[test]
+fn public_url_from_environment_wins() {
+    let text = format!("public_url = \"https://file.example/\"\n{MINIMAL}");
+    let mut vars = ENV.to_vec();
+    vars.push(("BROKER_PUBLIC_URL", "https://env.example/"));
+    let vars: &'static [(&str, &str)] = Box::leak(vars.into_boxed_slice());
+    let config = Config::parse(&text, &env_of(vars)).expect("valid");
+    assert_eq!(
+        config.public_url.map(|u| u.to_string()),
+        Some("https://env.example/".into())
+    );
+}
+
+#[test]
+fn bad_connection_name_is_rejected() {
+    let err = parse_err(
+        &MINIMAL.replace("connections.acme", "connections.\"a b\""),
+        ENV,
+    );
+    assert!(err.contains("connections.a b"), "{err}");
+}
+
+#[test]
+fn key_vault_url_selects_the_vault_store() {
+    let mut vars = ENV.to_vec();
+    vars.push(("KEY_VAULT_URL", "https://my-vault.vault.azure.net/"));
+    let vars: &'static [(&str, &str)] = Box::leak(vars.into_boxed_slice());
+    let config = Config::parse(MINIMAL, &env_of(vars)).expect("valid");
+    let StoreConfig::KeyVault(vault) = config.store else {
+        panic!("expected the Key Vault store");
+    };
+    assert_eq!(
+        vault.vault_url.as_str(),
+        "https://my-vault.vault.azure.net/"
+    );
+    assert_eq!(vault.secret_name("my_conn"), "token-broker-my-conn");
+    assert_eq!(vault.credential, CredentialKind::Auto);
+}
+
+#[test]
+fn key_vault_names_are_checked() {
+    let vault = "[store]\nkind = \"key-vault\"\nvault_url = \"https://v.vault.azure.net\"\n";
+    let text = format!("{vault}{MINIMAL}").replace(
+        "client_auth = \"post\"",
+        "client_auth = \"post\"\nmirror_refresh_token_secret = \"bad_name\"",
+    );
+    let err = parse_err(&text, ENV);
+    assert!(
+        err.contains("connections.acme.mirror_refresh_token_secret"),
+        "{err}"
+    );
+
+    let text = format!("{vault}{MINIMAL}\n[connections.a_b]\nprovider = \"oauth2\"\nauthorize_url = \"https://x.example/a\"\ntoken_url = \"https://x.example/t\"\nclient_id = \"c\"\n[connections.a-b]\nprovider = \"oauth2\"\nauthorize_url = \"https://x.example/a\"\ntoken_url = \"https://x.example/t\"\nclient_id = \"c\"\n");
+    let err = parse_err(&text, ENV);
+    assert!(err.contains("already used"), "{err}");
+
+    let err = parse_err(&format!("[store]\nkind = \"key-vault\"\n{MINIMAL}"), ENV);
+    assert!(err.contains("store.vault_url"), "{err}");
+}
+
+#[test]
+fn vault_features_need_the_vault_store() {
+    let text = MINIMAL.replace(
+        "client_secret = \"${ACME_CLIENT_SECRET}\"",
+        "client_secret_name = \"acme-secret\"",
+    );
+    let err = parse_err(&text, ENV);
+    assert!(err.contains("connections.acme.client_secret_name"), "{err}");
+    assert!(err.contains("Key Vault"), "{err}");
+}
+
+#[test]
+fn errors_do_not_quote_values_from_the_environment() {
+    let text = MINIMAL.replace(
+        "client_auth = \"post\"",
+        "client_auth = \"${ACME_CLIENT_SECRET}\"",
+    );
+    let vars: &'static [(&str, &str)] = &[
+        ("API_KEY", "0123456789abcdef-key"),
+        ("ACME_CLIENT_ID", "client-1"),
+        ("ACME_CLIENT_SECRET", "very-secret-value"),
+    ];
+    let err = parse_err(&text, vars);
+    assert!(err.contains("connections.acme.client_auth"), "{err}");
+    assert!(!err.contains("very-secret-value"), "{err}");
+}
+
+#[test]
+fn unterminated_reference_is_rejected() {
+    let err = parse_err(&MINIMAL.replace("${ACME_CLIENT_ID}", "${ACME"), ENV);
+    assert!(err.contains("unterminated"), "{err}");
+}

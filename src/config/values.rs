@@ -1,0 +1,87 @@
+//! Parsers shared by the sections: URLs, durations, secrets and names, each error naming
+//! the key.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+use url::Url;
+
+use super::*;
+
+/// Key Vault secret names: 1-127 of `0-9a-zA-Z-`, starting with a letter.
+pub(super) fn validate_secret_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let valid = (1..=127).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if valid {
+        Ok(())
+    } else {
+        Err(ConfigError::key(
+            key,
+            format!("`{name}` is not a valid Key Vault secret name (1-127 of 0-9, a-z, A-Z and `-`, starting with a letter)"),
+        ))
+    }
+}
+
+pub(super) fn secrets(key: &str, values: Vec<String>) -> Result<Vec<SecretString>, ConfigError> {
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            if v.len() < 16 {
+                Err(ConfigError::key(
+                    format!("{key}[{i}]"),
+                    "keys must be at least 16 characters",
+                ))
+            } else {
+                Ok(SecretString::from(v))
+            }
+        })
+        .collect()
+}
+
+pub(super) fn positive_secs(key: &str, secs: u64) -> Result<Duration, ConfigError> {
+    if secs == 0 {
+        Err(ConfigError::key(
+            key,
+            "must be a positive number of seconds",
+        ))
+    } else {
+        Ok(Duration::from_secs(secs))
+    }
+}
+
+pub(super) fn parse_http_url(key: &str, value: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(value)
+        .map_err(|err| ConfigError::key(key, format!("`{value}` is not a valid URL: {err}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(ConfigError::key(
+            key,
+            format!("`{value}` must be an http(s) URL with a host"),
+        ));
+    }
+    Ok(url)
+}
+
+pub(super) fn parse_endpoint(key: &str, value: &str) -> Result<Url, ConfigError> {
+    let url = parse_http_url(key, value)?;
+    if url.fragment().is_some() {
+        return Err(ConfigError::key(
+            key,
+            "an endpoint URL cannot have a fragment",
+        ));
+    }
+    Ok(url)
+}
+
+/// A base URL: no query or fragment, no trailing slash (so `{base}/api/...` is exact).
+pub(super) fn parse_base_url(key: &str, value: &str) -> Result<Url, ConfigError> {
+    let url = parse_http_url(key, value.trim_end_matches('/'))?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ConfigError::key(
+            key,
+            "a base URL cannot have a query or fragment",
+        ));
+    }
+    Ok(url)
+}
