@@ -7,7 +7,7 @@ use oauth2::{PkceCodeVerifier, TokenResponse};
 use serde_json::{Map, Value};
 use tracing::{info, warn, Instrument};
 
-use super::flight::new_record;
+use super::refresh::new_record;
 use super::{Broker, BrokerError};
 use crate::lock::LeaseNotes;
 

@@ -22,8 +22,9 @@
 //! # Layout
 //! - this file: the [`Broker`], its errors, and the cached path of [`Broker::token`];
 //! - `connection`: per-connection state (cache, flight, back-off, failures);
-//! - `flight`: everything behind the cache — the lease, the store re-read, the refresh, the
-//!   persist, the back-off and the background save of an unsaved refresh token;
+//! - `flight`: everything behind the cache — the lease, the store re-read, the persist, the
+//!   back-off and the background save of an unsaved refresh token;
+//! - `refresh`: the provider call and what its answer means (rotation, lost race, dead grant);
 //! - `consent`: storing a completed consent, under the same lease;
 //! - `timer`: the pre-refresh pass and the shutdown flush;
 //! - `status`: the status page's view of every connection.
@@ -31,6 +32,7 @@
 mod connection;
 mod consent;
 mod flight;
+mod refresh;
 mod status;
 mod timer;
 
