@@ -5,7 +5,8 @@
 //! - [`presets`]: what `provider = "xero"` etc. mean: endpoints, auth style, quirks.
 //! - [`provider`]: a configured provider and its token requests (through the `oauth2` crate).
 //! - [`state`]: signed, browser-bound, single-use `state` and derived PKCE verifiers.
-//! - [`broker`]: refresh coordination: cache, single flight, rotation, dead-grant detection.
+//! - [`broker`]: refresh coordination: cache, single flight, the lease protocol, rotation,
+//!   dead-grant detection, back-off, consent, the timer pass.
 //! - [`clock`]: the time, injected (system clock in production, a manual one in tests).
 //! - [`token`]: the stored record per connection and the `/api/refresh` answer.
 //! - [`store`]: the token store trait, the local file store and the Key Vault store.
@@ -14,8 +15,12 @@
 //! - [`auth`]: caller authentication (API keys, Entra ID bearer tokens via [`entra`]).
 //! - [`http`]: the router, one module per route group, and the error-to-response mapping.
 //! - [`html`]: the small pages a browser sees.
-//! - [`http_client`]: outgoing HTTPS trust (system roots plus `SSL_CERT_FILE`).
+//! - [`http_client`]: outgoing HTTPS trust (system roots plus `SSL_CERT_FILE`) and `BROKER_RESOLVE`.
 //! - [`app`]: wiring and serving; [`telemetry`]: tracing setup.
+//!
+//! Dependencies point one way: `app → http → {auth, html} → broker → {store, lock, provider,
+//! entra, state} → {azure, http_client, token, clock} → config → presets` (ARCHITECTURE.md;
+//! checked by `tests/api/architecture.rs`).
 
 pub mod app;
 pub mod auth;
