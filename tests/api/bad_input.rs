@@ -1,6 +1,6 @@
 //! Refusals: bad state, provider errors, unknown connections, bad keys, malformed responses.
 
-use crate::helpers::{TestApp, ADMIN_KEY, CALLER_KEY, STATE_SECRET};
+use crate::support::{TestApp, ADMIN_KEY, CALLER_KEY, STATE_SECRET};
 use serde_json::Value;
 use token_broker::state::{StateSigner, BINDING_COOKIE};
 
@@ -207,7 +207,7 @@ async fn malformed_token_responses_are_502_and_keep_the_refresh_token() {
         app.upstream.fail_next(1, status, body, content_type).await;
         let response = app.refresh("acme", "?force=true").await;
         assert_eq!(response.status(), 502, "for {body}");
-        crate::helpers::wait_retry_after(&response).await;
+        crate::support::wait_retry_after(&response).await;
         let error: Value = response.json().await.expect("json");
         assert_eq!(error["error"], "provider_error");
         let description = error["error_description"].as_str().expect("description");
@@ -244,7 +244,7 @@ async fn a_provider_outage_is_retried_then_reported_as_502() {
     app.upstream.fail_next(3, 503, "busy", "text/plain").await;
     let response = app.refresh("acme", "?force=true").await;
     assert_eq!(response.status(), 502);
-    crate::helpers::wait_retry_after(&response).await;
+    crate::support::wait_retry_after(&response).await;
     let error: Value = response.json().await.expect("json");
     assert_eq!(error["error"], "provider_unavailable");
     app.token("acme", "?force=true").await;

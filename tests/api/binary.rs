@@ -4,8 +4,10 @@
 use std::path::Path;
 use std::process::Stdio;
 
-use crate::azure_doubles::Azure;
-use crate::helpers::{free_port, random, wait_ready, BrokerProcess, Upstream, ADMIN_KEY};
+use crate::support::azure_doubles::Azure;
+use crate::support::{
+    free_port, random, wait_ready, BrokerConfig, BrokerProcess, Upstream, ADMIN_KEY,
+};
 use reqwest::redirect::Policy;
 use tokio::process::Command;
 
@@ -126,23 +128,12 @@ async fn full_flow_logs_no_secret(azure: Option<&Azure>) {
             "client_secret = \"${ACME_SECRET}\"".to_owned(),
         ),
     };
-    let config = dir.path().join("broker.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-state_secret = "{state_secret}"
-[auth]
-api_keys = ["${{CALLER_KEY}}"]
-admin_keys = ["{ADMIN_KEY}"]
-[store]
-path = "{tokens}"
-{acme}"#,
-            tokens = dir.path().join("tokens").display(),
-            acme = upstream.connection_toml("acme", &format!("{client_secret}\n{store}")),
-        ),
-    )
-    .expect("write config");
+    let config = BrokerConfig::default()
+        .top("state_secret", state_secret.clone())
+        .auth("api_keys", vec!["${CALLER_KEY}".to_owned()])
+        .store("path", dir.path().join("tokens").display().to_string())
+        .tables(&upstream.connection_toml("acme", &format!("{client_secret}\n{store}")))
+        .write(dir.path());
     let mut env = vec![
         ("RUST_LOG", "trace".to_owned()),
         ("CALLER_KEY", caller_key.clone()),

@@ -1,6 +1,6 @@
 //! Single flight: many concurrent callers, one upstream refresh.
 
-use crate::helpers::TestApp;
+use crate::support::TestApp;
 use std::collections::HashSet;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -42,7 +42,7 @@ async fn concurrent_forced_refreshes_share_one_token_request() {
             let url = format!("{}/api/refresh/acme?force=true", app.base);
             tokio::spawn(async move {
                 http.get(url)
-                    .header("X-API-Key", crate::helpers::CALLER_KEY)
+                    .header("X-API-Key", crate::support::CALLER_KEY)
                     .send()
                     .await
                     .expect("request")
@@ -79,7 +79,7 @@ async fn concurrent_refreshes(
             tokio::spawn(async move {
                 let response = http
                     .get(url)
-                    .header("X-API-Key", crate::helpers::CALLER_KEY)
+                    .header("X-API-Key", crate::support::CALLER_KEY)
                     .send()
                     .await
                     .expect("request");
@@ -106,7 +106,7 @@ async fn concurrent_refreshes(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn callers_queued_behind_a_failed_refresh_share_its_failure() {
     // A back-off long enough that the call below surely lands inside it.
-    let mut app = TestApp::spawn_with(crate::helpers::Options {
+    let mut app = TestApp::spawn_with(crate::support::Options {
         failure_backoff: 5,
         ..Default::default()
     })
@@ -150,7 +150,7 @@ async fn callers_queued_behind_a_failed_refresh_share_its_failure() {
         3
     );
     app.upstream.fail_next(0, 503, "", "text/plain").await;
-    crate::helpers::wait_retry_after(&during).await;
+    crate::support::wait_retry_after(&during).await;
     let body = app.token("acme", "").await;
     assert!(
         app.upstream
@@ -162,7 +162,7 @@ async fn callers_queued_behind_a_failed_refresh_share_its_failure() {
 
 #[tokio::test]
 async fn a_refresh_token_that_may_be_spent_is_not_resent_within_the_flight() {
-    let app = TestApp::spawn_with(crate::helpers::Options {
+    let app = TestApp::spawn_with(crate::support::Options {
         extra_config: "[refresh]\nupstream_timeout = 1\n".into(),
         ..Default::default()
     })

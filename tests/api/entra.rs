@@ -4,8 +4,8 @@
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use crate::azure_doubles::{Azure, TENANT};
-use crate::helpers::{free_port, BrokerProcess, ADMIN_KEY};
+use crate::support::azure_doubles::{Azure, TENANT};
+use crate::support::{free_port, BrokerConfig, BrokerProcess};
 
 const AUDIENCE: &str = "api://token-broker-test";
 const ADF: &str = "6a1f2c3d-0000-4000-8000-00000000adf1";
@@ -22,37 +22,32 @@ struct Setup {
 async fn setup() -> Setup {
     let azure = Azure::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("broker.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[auth]
-admin_keys = ["{ADMIN_KEY}"]
-[auth.entra]
+    // Callers authenticate with Entra ID tokens only: no API keys.
+    let config = BrokerConfig::default()
+        .without_auth("api_keys")
+        .auth_table(&format!(
+            r#"[auth.entra]
 tenant_id = "{TENANT}"
 audiences = ["{AUDIENCE}"]
 allowed_principals = ["{ADF}"]
 admin_principals = ["{ADMIN}"]
-authority = "{authority}"
-[store]
-path = "{tokens}"
-[connections.acme]
+authority = "{authority}""#,
+            authority = azure.login_authority,
+        ))
+        .file_store(&dir.path().join("tokens"))
+        .tables(
+            r#"[connections.acme]
 provider = "oauth2"
 authorize_url = "https://id.example.com/auth"
 token_url = "https://id.example.com/token"
-client_id = "c"
-"#,
-            authority = azure.login_authority,
-            tokens = dir.path().join("tokens").display(),
-        ),
-    )
-    .expect("config");
+client_id = "c""#,
+        )
+        .write(dir.path());
     let env = vec![
         ("SSL_CERT_FILE", azure.pki.ca_file.display().to_string()),
         (
             "BROKER_RESOLVE",
-            format!("{}=127.0.0.1", crate::azure_doubles::VAULT_HOST),
+            format!("{}=127.0.0.1", crate::support::azure_doubles::VAULT_HOST),
         ),
     ];
     let broker =

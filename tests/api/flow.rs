@@ -1,6 +1,6 @@
 //! The happy path: consent once, then tokens; cache, force, restart, dead grants.
 
-use crate::helpers::{TestApp, CALLER_KEY};
+use crate::support::{TestApp, CALLER_KEY};
 use serde_json::Value;
 
 fn access_token(body: &Value) -> String {
@@ -102,7 +102,7 @@ async fn post_with_a_json_body_forces_a_refresh() {
 
 #[tokio::test]
 async fn client_secret_post_is_supported() {
-    let app = TestApp::spawn_with(crate::helpers::Options {
+    let app = TestApp::spawn_with(crate::support::Options {
         auth_method: "client_secret_post",
         ..Default::default()
     })
@@ -165,7 +165,7 @@ async fn a_dead_grant_answers_409_and_stops_calling_the_provider() {
 
 #[tokio::test]
 async fn connections_page_shows_each_state_without_secrets() {
-    use crate::helpers::ADMIN_KEY;
+    use crate::support::ADMIN_KEY;
     let app = TestApp::spawn().await;
     let url = format!("{}/api/connections", app.base);
     let statuses = || async {
@@ -211,7 +211,7 @@ async fn connections_page_shows_each_state_without_secrets() {
         acme["last_error"].as_str().expect("error").contains("503"),
         "{acme}"
     );
-    crate::helpers::wait_retry_after(&failed).await;
+    crate::support::wait_retry_after(&failed).await;
     let token = app.token("acme", "?force=true").await;
     assert_eq!(state_of(&statuses().await, "acme"), "connected");
 

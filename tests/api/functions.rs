@@ -9,7 +9,9 @@ use std::process::Stdio;
 use serde_json::{json, Value};
 use tokio::process::Command;
 
-use crate::helpers::{consent, free_port, wait_ready, Upstream, ADMIN_KEY, CALLER_KEY};
+use crate::support::{
+    consent, free_port, wait_ready, BrokerConfig, Upstream, ADMIN_KEY, CALLER_KEY,
+};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -400,26 +402,17 @@ async fn the_packaged_app_speaks_the_functions_host_protocol() {
     let upstream =
         Upstream::start(&format!("{base}/api/callback"), "client_secret_basic", 3600).await;
     let tokens = dir.path().join("tokens");
-    let config = dir.path().join("broker.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-state_secret = "${{BROKER_STATE_SECRET}}"
-[auth]
-api_keys = ["${{BROKER_API_KEY}}"]
-admin_keys = ["${{BROKER_ADMIN_KEY}}"]
-[store]
-path = "{tokens}"
-{acme}"#,
-            tokens = tokens.display(),
-            acme = upstream.connection_toml(
-                "acme",
-                &format!("client_secret = \"{}\"", upstream.client_secret)
-            ),
-        ),
-    )
-    .expect("config");
+    // Secrets from app settings, as in Azure.
+    let config = BrokerConfig::default()
+        .top("state_secret", "${BROKER_STATE_SECRET}")
+        .auth("api_keys", vec!["${BROKER_API_KEY}".to_owned()])
+        .auth("admin_keys", vec!["${BROKER_ADMIN_KEY}".to_owned()])
+        .store("path", tokens.display().to_string())
+        .tables(&upstream.connection_toml(
+            "acme",
+            &format!("client_secret = \"{}\"", upstream.client_secret),
+        ))
+        .write(dir.path());
 
     // Package it the way azd does (with the test build instead of a release build).
     let app = dir.path().join("app");
@@ -463,7 +456,7 @@ path = "{tokens}"
     assert!(app.join("broker.toml").is_file());
 
     let settings = vec![
-        ("BROKER_STATE_SECRET", crate::helpers::random("state")),
+        ("BROKER_STATE_SECRET", crate::support::random("state")),
         ("BROKER_API_KEY", CALLER_KEY.to_owned()),
         ("BROKER_ADMIN_KEY", ADMIN_KEY.to_owned()),
         ("BROKER_PUBLIC_URL", base.clone()),

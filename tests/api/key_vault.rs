@@ -6,8 +6,8 @@ use std::process::Stdio;
 
 use serde_json::Value;
 
-use crate::azure_doubles::Azure;
-use crate::helpers::{consent, random, BrokerProcess, Upstream, ADMIN_KEY, CALLER_KEY};
+use crate::support::azure_doubles::Azure;
+use crate::support::{consent, BrokerConfig, BrokerProcess, Upstream, ADMIN_KEY, CALLER_KEY};
 
 const RECORD: &str = "token-broker-acme";
 const MIRROR: &str = "acme-refresh-token";
@@ -30,35 +30,22 @@ impl VaultSetup {
         let dir = tempfile::tempdir().expect("tempdir");
         // The broker's port is only known once it starts, and the upstream needs the
         // redirect URI first: reserve a port the broker will then be told to use.
-        let port = crate::helpers::free_port();
+        let port = crate::support::free_port();
         let base = format!("http://127.0.0.1:{port}");
         let upstream =
             Upstream::start(&format!("{base}/api/callback"), "client_secret_basic", 3600).await;
         // The client secret lives in the vault, not in the config.
         azure.shared.put(CLIENT_SECRET, &upstream.client_secret);
-        let config = dir.path().join("broker.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-state_secret = "{state}"
-[auth]
-api_keys = ["{CALLER_KEY}"]
-admin_keys = ["{ADMIN_KEY}"]
-[store]
-retry_budget = 3
-managed_identity_client_id = "{MI_CLIENT_ID}"
-{acme}"#,
-                state = random("state-secret"),
-                acme = upstream.connection_toml(
-                    "acme",
-                    &format!(
-                        "client_secret_name = \"{CLIENT_SECRET}\"\nmirror_refresh_token_secret = \"{MIRROR}\""
-                    )
+        let config = BrokerConfig::default()
+            .store("retry_budget", 3)
+            .store("managed_identity_client_id", MI_CLIENT_ID)
+            .tables(&upstream.connection_toml(
+                "acme",
+                &format!(
+                    "client_secret_name = \"{CLIENT_SECRET}\"\nmirror_refresh_token_secret = \"{MIRROR}\""
                 ),
-            ),
-        )
-        .expect("write config");
+            ))
+            .write(dir.path());
         before_broker(&azure);
         let mut env = azure.env();
         env.push(("RUST_LOG", "info,token_broker=debug".to_owned()));

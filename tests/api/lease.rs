@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::azure_doubles::Azure;
-use crate::azurite::Azurite;
-use crate::helpers::{
-    consent, consent_until_callback, random, BrokerProcess, Upstream, ADMIN_KEY, CALLER_KEY,
+use crate::support::azure_doubles::Azure;
+use crate::support::azurite::Azurite;
+use crate::support::{
+    consent, consent_until_callback, BrokerConfig, BrokerProcess, Upstream, ADMIN_KEY, CALLER_KEY,
 };
 
 /// The shared peers and `n` broker processes using them.
@@ -25,18 +25,13 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// `n` brokers; the upstream issues access tokens living `ttl` seconds; `extra` is
-    /// appended to the config (top-level sections only).
-    async fn start(n: usize, ttl: u64, extra: &str) -> Self {
-        Self::start_with_backoff(n, ttl, extra, 1).await
-    }
-
-    /// As [`Cluster::start`], with `lock.failure_backoff` seconds after a failed refresh.
-    async fn start_with_backoff(n: usize, ttl: u64, extra: &str, backoff: u64) -> Self {
+    /// `n` brokers; the upstream issues access tokens living `ttl` seconds; `extra` adds to
+    /// the shared configuration.
+    async fn start(n: usize, ttl: u64, extra: impl FnOnce(BrokerConfig) -> BrokerConfig) -> Self {
         let azure = Azure::start().await;
         let azurite = Azurite::start(&azure.pki).await;
         let dir = tempfile::tempdir().expect("tempdir");
-        let ports: Vec<u16> = (0..n).map(|_| crate::helpers::free_port()).collect();
+        let ports: Vec<u16> = (0..n).map(|_| crate::support::free_port()).collect();
         // Consents go through the first instance: its callback is the redirect URI.
         let upstream = Upstream::start(
             &format!("http://127.0.0.1:{}/api/callback", ports[0]),
@@ -44,30 +39,17 @@ impl Cluster {
             ttl,
         )
         .await;
-        let config = dir.path().join("broker.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-state_secret = "{state}"
-[auth]
-api_keys = ["{CALLER_KEY}"]
-admin_keys = ["{ADMIN_KEY}"]
-[store]
-retry_budget = 3
-[lock]
-lease_duration = 15
-failure_backoff = {backoff}
-{extra}
-{acme}"#,
-                state = random("state-secret"),
-                acme = upstream.connection_toml(
-                    "acme",
-                    &format!("client_secret = \"{}\"", upstream.client_secret)
-                ),
-            ),
+        let config = extra(
+            BrokerConfig::default()
+                .store("retry_budget", 3)
+                .lock("lease_duration", 15)
+                .lock("failure_backoff", 1),
         )
-        .expect("write config");
+        .tables(&upstream.connection_toml(
+            "acme",
+            &format!("client_secret = \"{}\"", upstream.client_secret),
+        ))
+        .write(dir.path());
         let mut env = azure.env();
         env.extend(azurite.env());
         env.push(("RUST_LOG", "info,token_broker=debug".to_owned()));
@@ -200,7 +182,7 @@ async fn spread(cluster: &Cluster, count: usize, query: &str) -> Vec<(u16, Value
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_instances_make_one_upstream_refresh_per_expiry_window() {
     let ttl = 8;
-    let cluster = Cluster::start(3, ttl, "").await;
+    let cluster = Cluster::start(3, ttl, |c| c).await;
     consent(&cluster.brokers[0].base, "acme").await;
     // Slow token endpoint: the calls really overlap the refresh.
     cluster.upstream.delay(300).await;
@@ -246,7 +228,7 @@ async fn three_instances_make_one_upstream_refresh_per_expiry_window() {
 async fn a_timer_in_its_own_process_never_reuses_a_refresh_token() {
     // Tokens living 60 s, a 59 s window: every timer run refreshes, as callers force
     // refreshes on the other two instances at the same moments.
-    let cluster = Cluster::start(3, 60, "[refresh]\nprerefresh_window = 59\n").await;
+    let cluster = Cluster::start(3, 60, |c| c.refresh("prerefresh_window", 59)).await;
     consent(&cluster.brokers[0].base, "acme").await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     cluster.upstream.delay(200).await;
@@ -296,7 +278,7 @@ async fn a_timer_in_its_own_process_never_reuses_a_refresh_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_lease_holder_mid_refresh_hands_over_within_the_lease_duration() {
-    let mut cluster = Cluster::start(2, 3600, "").await;
+    let mut cluster = Cluster::start(2, 3600, |c| c).await;
     consent(&cluster.brokers[0].base, "acme").await;
     // Instance 0 takes the lease and re-reads the vault, which is slow; it is killed there.
     cluster.azure.shared.delay_reads(5000);
@@ -345,7 +327,7 @@ async fn killing_the_lease_holder_mid_refresh_hands_over_within_the_lease_durati
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn storage_down_refuses_refreshes_but_serves_cached_tokens() {
-    let mut cluster = Cluster::start(1, 3600, "").await;
+    let mut cluster = Cluster::start(1, 3600, |c| c).await;
     consent(&cluster.brokers[0].base, "acme").await;
     let cached = cluster.token(0, "").await;
     let before = cluster.upstream.token_requests("refresh_token").await;
@@ -376,7 +358,7 @@ async fn storage_down_refuses_refreshes_but_serves_cached_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unsaved_refresh_token_keeps_the_lease_until_the_vault_accepts_it() {
     // The timer wants to refresh any token older than a second.
-    let mut cluster = Cluster::start(2, 3600, "[refresh]\nprerefresh_window = 3599\n").await;
+    let mut cluster = Cluster::start(2, 3600, |c| c.refresh("prerefresh_window", 3599)).await;
     consent(&cluster.brokers[0].base, "acme").await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
@@ -455,7 +437,7 @@ async fn an_unsaved_refresh_token_keeps_the_lease_until_the_vault_accepts_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_consent_racing_a_refresh_on_another_instance_leaves_one_consistent_record() {
-    let cluster = Cluster::start(2, 3600, "").await;
+    let cluster = Cluster::start(2, 3600, |c| c).await;
     consent(&cluster.brokers[0].base, "acme").await;
     cluster.upstream.delay(300).await;
     let browser = consent_until_callback(&cluster.brokers[0].base, "acme").await;
@@ -514,7 +496,7 @@ async fn a_consent_racing_a_refresh_on_another_instance_leaves_one_consistent_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_provider_costs_one_flight_across_all_instances() {
-    let cluster = Cluster::start_with_backoff(3, 3600, "", 30).await;
+    let cluster = Cluster::start(3, 3600, |c| c.lock("failure_backoff", 30)).await;
     consent(&cluster.brokers[0].base, "acme").await;
     let before = cluster.upstream.token_requests("refresh_token").await;
     cluster
@@ -540,7 +522,7 @@ async fn a_failing_provider_costs_one_flight_across_all_instances() {
 
 #[tokio::test]
 async fn check_reports_whether_the_lease_store_is_reachable() {
-    let mut cluster = Cluster::start(1, 3600, "").await;
+    let mut cluster = Cluster::start(1, 3600, |c| c).await;
     let output = cluster.check().await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
@@ -554,7 +536,7 @@ async fn check_reports_whether_the_lease_store_is_reachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refresh_longer_than_the_lease_keeps_it_by_renewing() {
-    let cluster = Cluster::start(2, 3600, "").await;
+    let cluster = Cluster::start(2, 3600, |c| c).await;
     consent(&cluster.brokers[0].base, "acme").await;
     let before = cluster.upstream.token_requests("refresh_token").await;
     // Longer than the 15 s lease; the upstream timeout (30 s) lets it finish.

@@ -4,18 +4,15 @@
 //! PKCE required, refresh tokens rotate on every use, reuse revokes the grant).
 
 mod architecture;
-mod azure_doubles;
-mod azurite;
 mod bad_input;
 mod binary;
 mod concurrency;
 mod entra;
 mod flow;
 mod functions;
-mod helpers;
 mod key_vault;
 mod lease;
 mod presets;
-mod provider_double;
 mod storage;
+mod support;
 mod timer;

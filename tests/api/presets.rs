@@ -9,8 +9,8 @@ use reqwest::header::LOCATION;
 use serde_json::{json, Value};
 use url::Url;
 
-use crate::helpers::{Options, TestApp, ADMIN_KEY};
-use crate::provider_double::{Behaviour, ProviderDouble};
+use crate::support::provider_double::{Behaviour, ProviderDouble};
+use crate::support::{Options, TestApp, ADMIN_KEY};
 
 fn query(url: &Url) -> HashMap<String, String> {
     url.query_pairs()
@@ -255,7 +255,7 @@ async fn token_requests_follow(
     } else {
         &["client_id", "client_secret"]
     };
-    let fields = |call: &crate::provider_double::TokenCall| -> Vec<String> {
+    let fields = |call: &crate::support::provider_double::TokenCall| -> Vec<String> {
         let mut keys: Vec<String> = call
             .form
             .keys()
@@ -564,7 +564,7 @@ scopes = ["offline_access", "api:read"]
 
 #[tokio::test]
 async fn oidc_discovery_refuses_a_document_for_another_issuer() {
-    let upstream = crate::helpers::Upstream::start(
+    let upstream = crate::support::Upstream::start(
         "http://127.0.0.1:9/api/callback",
         "client_secret_basic",
         3600,
@@ -607,7 +607,7 @@ async fn a_malformed_answer_that_names_a_new_refresh_token_keeps_it() {
     double.malform_next_refresh();
     let response = app.refresh("xero", "?force=true").await;
     assert_eq!(response.status(), 502);
-    crate::helpers::wait_retry_after(&response).await;
+    crate::support::wait_retry_after(&response).await;
     let body: Value = response.json().await.expect("json");
     assert!(
         body["error_description"]

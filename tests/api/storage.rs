@@ -22,8 +22,8 @@ use rand::Rng;
 use serde_json::{json, Value};
 use tokio::sync::{Mutex, MutexGuard};
 
-use crate::azure_doubles::{Azure, TENANT};
-use crate::azurite::{sdk_client_options, Azurite};
+use crate::support::azure_doubles::{Azure, TENANT};
+use crate::support::azurite::{sdk_client_options, Azurite};
 
 const CONTAINER: &str = "token-broker";
 

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{Options, TestApp, ADMIN_KEY};
+use crate::support::{Options, TestApp, ADMIN_KEY};
 
 /// A second connection to the same upstream, with per-connection timer settings.
 fn beta(settings: &str) -> Options {

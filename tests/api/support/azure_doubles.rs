@@ -382,7 +382,7 @@ async fn jwks(State(shared): State<Arc<Shared>>, Path(tenant): Path<String>) -> 
             .into_response();
     }
     let keys: Value =
-        serde_json::from_str(include_str!("../fixtures/entra-jwks.json")).expect("fixture JWKS");
+        serde_json::from_str(include_str!("../../fixtures/entra-jwks.json")).expect("fixture JWKS");
     Json(keys).into_response()
 }
 

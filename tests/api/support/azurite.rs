@@ -20,8 +20,8 @@ use azure_core::http::{ClientOptions, RetryOptions, Transport};
 use azure_storage_blob::{BlobServiceClient, BlobServiceClientOptions};
 use tokio::process::{Child, Command};
 
-use crate::azure_doubles::Pki;
-use crate::helpers::free_port;
+use crate::support::azure_doubles::Pki;
+use crate::support::free_port;
 
 /// Azurite's built-in account (path-style URLs: the account is the first path segment).
 pub const ACCOUNT: &str = "devstoreaccount1";

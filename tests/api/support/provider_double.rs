@@ -17,7 +17,7 @@ use axum::{Form, Json, Router};
 use base64::Engine;
 use serde_json::{json, Value};
 
-use crate::helpers::random;
+use crate::support::random;
 
 /// How the provider behaves.
 #[derive(Clone, Default)]

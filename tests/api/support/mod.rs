@@ -1,0 +1,51 @@
+//! Test support: the peers (a strict `oidc-provider` upstream, Azurite, Azure doubles, a
+//! provider double), one configuration builder for every harness, and the two ways to run the
+//! broker — in process ([`TestApp`]) and as the real binary ([`BrokerProcess`]).
+
+pub mod azure_doubles;
+pub mod azurite;
+pub mod provider_double;
+
+mod app;
+mod browser;
+mod config;
+mod process;
+mod upstream;
+
+pub use app::{Options, TestApp};
+pub use browser::{consent, consent_until_callback, Browser};
+pub use config::BrokerConfig;
+pub use process::{wait_ready, BrokerProcess};
+pub use upstream::Upstream;
+
+use rand::Rng;
+
+pub const CALLER_KEY: &str = "test-caller-key-0123456789";
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
+pub const STATE_SECRET: &str = "test-state-secret-0123456789abcdef";
+
+/// A random string, for secrets that the leak tests look for.
+pub fn random(prefix: &str) -> String {
+    let n: u128 = rand::thread_rng().gen();
+    format!("{prefix}-{n:032x}")
+}
+
+/// A port that was free a moment ago (for the tests that start the binary).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// Waits out the back-off a failed refresh answer announces in `Retry-After` (which it
+/// must carry).
+pub async fn wait_retry_after(response: &reqwest::Response) {
+    let secs: u64 = response
+        .headers()
+        .get("retry-after")
+        .expect("a failed refresh says when to try again")
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("whole seconds");
+    tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+}

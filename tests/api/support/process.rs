@@ -1,0 +1,115 @@
+//! The real `token-broker` binary, started as a deployment would start it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+/// The real `token-broker` binary, started as a deployment would start it. Killed on drop.
+pub struct BrokerProcess {
+    pub port: u16,
+    pub base: String,
+    config: PathBuf,
+    env: Vec<(String, String)>,
+    log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl BrokerProcess {
+    /// Starts the binary with `config` on `port`, logging (appending) to `log_path`.
+    pub async fn start_on(
+        port: u16,
+        config: &Path,
+        env: &[(&str, String)],
+        log_path: &Path,
+    ) -> Self {
+        let mut process = Self {
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            config: config.to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            log_path: log_path.to_owned(),
+            child: None,
+        };
+        process.spawn().await;
+        process
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_token-broker"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("BROKER_CONFIG", &self.config)
+            .env("PORT", self.port.to_string())
+            .env("BROKER_BIND", "127.0.0.1")
+            .env("BROKER_PUBLIC_URL", &self.base)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::from(log.try_clone().expect("clone log")))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("start the broker binary");
+        wait_ready(self.port, &mut child, &self.log_path).await;
+        self.child = Some(child);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Stops the process the way a platform does (SIGTERM) and waits for it to exit.
+    pub async fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().expect("running").to_string();
+            let status = Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .await
+                .expect("kill");
+            assert!(status.success());
+            let exited = tokio::time::timeout(Duration::from_secs(20), child.wait())
+                .await
+                .expect("the broker did not exit within 20 s of SIGTERM")
+                .expect("wait");
+            assert!(exited.success(), "exit status {exited}");
+        }
+    }
+
+    /// Stops the process and starts a new one with the same config, port and environment.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.spawn().await;
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+/// Waits until `GET /` answers, as the Functions host does.
+pub async fn wait_ready(port: u16, child: &mut Child, log_path: &Path) {
+    let client = reqwest::Client::new();
+    for _ in 0..300 {
+        if let Ok(response) = client.get(format!("http://127.0.0.1:{port}/")).send().await {
+            assert_eq!(response.status(), 200);
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let logs = std::fs::read_to_string(log_path).unwrap_or_default();
+            panic!("the broker exited early ({status}):\n{logs}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the broker did not answer GET / within 15 s");
+}
