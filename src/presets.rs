@@ -4,6 +4,9 @@
 //! sovereign clouds, sandboxes).
 //!
 //! Sources are cited per preset: each provider's public developer documentation.
+//!
+//! Longer than the house's ~500 lines on purpose: it is the one table where providers are
+//! compared, one arm each with its sources, and a third of it is that table's tests.
 
 use std::time::Duration;
 

@@ -1,6 +1,8 @@
 //! The Azure Functions app: the packaged app started and spoken to as the Functions host does
 //! (Core Tools cannot be installed here), and the static contract between function.json,
 //! host.json, the settings, the infrastructure and the Data Factory example.
+//!
+//! Long on purpose: the static contract checks and the host-protocol run share helpers.
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -2,6 +2,8 @@
 //! real Azurite (the blob lease, over HTTPS with bearer tokens from the managed-identity
 //! double), one Key Vault double and the strict upstream (rotation on every use, reuse
 //! revokes the grant).
+//!
+//! Long on purpose: one cluster harness and the scenarios the lease protocol must survive.
 
 use std::time::{Duration, Instant};
 

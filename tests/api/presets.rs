@@ -2,6 +2,8 @@
 //! compared with the providers' documented formats, and end-to-end runs against local
 //! doubles that behave like Xero, Exact Online, QuickBooks and Salesforce (and the real
 //! `oidc-provider` for discovery).
+//!
+//! Long on purpose: one documented request format per preset, side by side.
 
 use std::collections::HashMap;
 

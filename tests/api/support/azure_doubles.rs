@@ -15,6 +15,8 @@
 //! The vault accepts only tokens the identity endpoint issued for the vault resource.
 //! `tests/keyvault/sdk_check.py` drives both with Microsoft's Python SDK to show they behave
 //! as the real services do for an independent official client.
+//!
+//! Long on purpose: two REST contracts, each with the rules and faults the tests rely on.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
