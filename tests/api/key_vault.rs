@@ -7,7 +7,7 @@ use std::process::Stdio;
 use serde_json::Value;
 
 use crate::support::azure_doubles::Azure;
-use crate::support::{consent, BrokerConfig, BrokerProcess, Upstream, ADMIN_KEY, CALLER_KEY};
+use crate::support::{consent, BrokerConfig, BrokerProcess, Upstream, CALLER_KEY};
 
 const RECORD: &str = "token-broker-acme";
 const MIRROR: &str = "acme-refresh-token";
@@ -287,15 +287,12 @@ async fn the_timer_and_a_graceful_shutdown_save_a_pending_refresh_token() {
     assert_eq!(setup.refresh("?force=true").await.0, 503);
     setup.azure.shared.fail_writes(0);
     // No caller comes; the timer runs (an admin key stands in for the host's loopback).
-    let response = setup
-        .http
-        .post(format!("{}/prerefresh", setup.broker.base))
-        .header("X-API-Key", ADMIN_KEY)
-        .json(&serde_json::json!({"Data": {"timer": {"IsPastDue": false}}, "Metadata": {}}))
-        .send()
-        .await
-        .expect("timer");
-    assert_eq!(response.status(), 200);
+    crate::support::invoke_timer(
+        &setup.http,
+        &setup.broker.base,
+        &crate::support::timer_payload(),
+    )
+    .await;
     setup.assert_newest_refresh_token_stored().await;
 
     // Again, and this time the instance is shut down before anyone calls.

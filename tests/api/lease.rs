@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::support::azure_doubles::Azure;
 use crate::support::azurite::Azurite;
 use crate::support::{
-    consent, consent_until_callback, BrokerConfig, BrokerProcess, Upstream, ADMIN_KEY, CALLER_KEY,
+    consent, consent_until_callback, BrokerConfig, BrokerProcess, Upstream, CALLER_KEY,
 };
 
 /// The shared peers and `n` broker processes using them.
@@ -83,16 +83,12 @@ impl Cluster {
 
     /// The timer's invocation, as the host sends it (an admin key stands in for loopback).
     async fn timer(&self, instance: usize) -> Value {
-        let response = self
-            .http
-            .post(format!("{}/prerefresh", self.brokers[instance].base))
-            .header("X-API-Key", ADMIN_KEY)
-            .json(&serde_json::json!({"Data": {"timer": {"IsPastDue": false}}, "Metadata": {}}))
-            .send()
-            .await
-            .expect("timer");
-        assert_eq!(response.status(), 200);
-        response.json().await.expect("json")
+        crate::support::invoke_timer(
+            &self.http,
+            &self.brokers[instance].base,
+            &crate::support::timer_payload(),
+        )
+        .await
     }
 
     fn stored_refresh_token(&self) -> String {

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::support::{Options, TestApp, ADMIN_KEY};
+use crate::support::{Options, TestApp};
 
 /// A second connection to the same upstream, with per-connection timer settings.
 fn beta(settings: &str) -> Options {
@@ -28,16 +28,7 @@ fn in_seconds(secs: i64) -> String {
 }
 
 async fn timer(app: &TestApp, payload: Value) -> Value {
-    let response = app
-        .http
-        .post(format!("{}/prerefresh", app.base))
-        .header("X-API-Key", ADMIN_KEY)
-        .json(&payload)
-        .send()
-        .await
-        .expect("prerefresh");
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.expect("json");
+    let body = crate::support::invoke_timer(&app.http, &app.base, &payload).await;
     assert_eq!(body["Outputs"], json!({}), "{body}");
     assert!(body["Logs"]
         .as_array()

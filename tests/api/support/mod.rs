@@ -49,3 +49,26 @@ pub async fn wait_retry_after(response: &reqwest::Response) {
         .expect("whole seconds");
     tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
 }
+
+/// Invokes the timer function at `base` as the Functions host would (an admin key stands in
+/// for the host's loopback); its JSON answer, after checking it succeeded.
+pub async fn invoke_timer(
+    http: &reqwest::Client,
+    base: &str,
+    payload: &serde_json::Value,
+) -> serde_json::Value {
+    let response = http
+        .post(format!("{base}/prerefresh"))
+        .header("X-API-Key", ADMIN_KEY)
+        .json(payload)
+        .send()
+        .await
+        .expect("prerefresh");
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("json")
+}
+
+/// The host's payload for an on-time timer run.
+pub fn timer_payload() -> serde_json::Value {
+    serde_json::json!({"Data": {"timer": {"IsPastDue": false}}, "Metadata": {}})
+}
