@@ -35,12 +35,24 @@ pub enum AuthError {
     Invalid,
     #[error("this key may not use admin routes")]
     NotAdmin,
-    #[error(transparent)]
-    Token(#[from] TokenError),
+    #[error("invalid bearer token: {0}")]
+    InvalidToken(String),
+    /// The tenant's signing keys could not be fetched: nobody can be checked right now.
+    #[error("the signing keys of the tenant could not be fetched: {0}")]
+    KeysUnavailable(String),
     #[error("bearer tokens are not accepted: no [auth.entra] is configured")]
     NoEntra,
     #[error("the principal {0} is not allowed{1}")]
     PrincipalNotAllowed(String, &'static str),
+}
+
+impl From<TokenError> for AuthError {
+    fn from(err: TokenError) -> Self {
+        match err {
+            TokenError::Invalid(why) => AuthError::InvalidToken(why),
+            TokenError::KeysUnavailable(why) => AuthError::KeysUnavailable(why),
+        }
+    }
 }
 
 /// The configured ways in.

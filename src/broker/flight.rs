@@ -13,7 +13,6 @@ use tracing::{info, warn, Instrument};
 use super::connection::{Backoff, Connection, Failure, Flight};
 use super::{Broker, BrokerError, TokenRequest};
 use crate::lock::{instance_name, Lease, LeaseNotes};
-use crate::provider::UpstreamError;
 use crate::store::StoreError;
 use crate::token::TokenRecord;
 
@@ -242,12 +241,7 @@ impl Broker {
                 // until the back-off ends.
                 let until = self.clock.now()
                     + chrono::Duration::from_std(self.timings.failure_backoff).unwrap_or_default();
-                let code = match err {
-                    UpstreamError::Unavailable { .. }
-                    | UpstreamError::Unreachable(_)
-                    | UpstreamError::Transport(_) => "provider_unavailable",
-                    _ => "provider_error",
-                };
+                let code = err.code();
                 let message = err.to_string();
                 let notes = LeaseNotes {
                     backoff_until: Some(until),

@@ -106,6 +106,15 @@ impl From<LockError> for BrokerError {
 }
 
 impl BrokerError {
+    /// For a provider failure, its stable code (`provider_unavailable` or `provider_error`).
+    pub fn provider_code(&self) -> Option<&'static str> {
+        match self {
+            BrokerError::Upstream(err) => Some(err.code()),
+            BrokerError::RefreshFailed { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
     /// How long the caller should wait before trying again, when that is known.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {

@@ -9,8 +9,6 @@ use serde_json::json;
 use super::AppState;
 use crate::auth::AuthError;
 use crate::broker::BrokerError;
-use crate::entra::TokenError;
-use crate::provider::UpstreamError;
 
 /// An error answered as `{"error": …, "error_description": …}` (plus `authorize_url` for
 /// `consent_required`).
@@ -58,18 +56,11 @@ impl ApiError {
                 authorize_url: Some(state.authorize_url(connection)),
                 ..Self::new(StatusCode::CONFLICT, "consent_required", err.to_string())
             },
-            BrokerError::Upstream(ref upstream) => {
-                let error = match upstream {
-                    UpstreamError::Unavailable { .. }
-                    | UpstreamError::Unreachable(_)
-                    | UpstreamError::Transport(_) => "provider_unavailable",
-                    _ => "provider_error",
-                };
-                Self::new(StatusCode::BAD_GATEWAY, error, err.to_string())
-            }
-            BrokerError::RefreshFailed { code, .. } => {
-                Self::new(StatusCode::BAD_GATEWAY, code, err.to_string())
-            }
+            BrokerError::Upstream(_) | BrokerError::RefreshFailed { .. } => Self::new(
+                StatusCode::BAD_GATEWAY,
+                err.provider_code().unwrap_or("provider_error"),
+                err.to_string(),
+            ),
             BrokerError::Busy(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "refresh_in_progress",
@@ -100,7 +91,7 @@ impl From<AuthError> for ApiError {
             AuthError::NotAdmin | AuthError::PrincipalNotAllowed(..) => {
                 Self::new(StatusCode::FORBIDDEN, "forbidden", err.to_string())
             }
-            AuthError::Token(TokenError::KeysUnavailable(_)) => Self::new(
+            AuthError::KeysUnavailable(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "auth_unavailable",
                 err.to_string(),
@@ -108,7 +99,7 @@ impl From<AuthError> for ApiError {
             AuthError::Missing
             | AuthError::Invalid
             | AuthError::NoEntra
-            | AuthError::Token(TokenError::Invalid(_)) => {
+            | AuthError::InvalidToken(_) => {
                 let mut error =
                     Self::new(StatusCode::UNAUTHORIZED, "unauthorized", err.to_string());
                 error.challenge = true;

@@ -56,6 +56,17 @@ pub(super) fn describe(description: &Option<String>) -> String {
 }
 
 impl UpstreamError {
+    /// The stable error code a caller sees: `provider_unavailable` when the provider is down,
+    /// unreachable or gave no answer, `provider_error` for anything it answered.
+    pub fn code(&self) -> &'static str {
+        match self {
+            UpstreamError::Unavailable { .. }
+            | UpstreamError::Unreachable(_)
+            | UpstreamError::Transport(_) => "provider_unavailable",
+            _ => "provider_error",
+        }
+    }
+
     /// True when the request did not reach the provider's grant logic, so trying again
     /// cannot present a spent refresh token: no connection, or 429/503 (refused before
     /// processing). A 500/502/504 may come after the provider rotated the token, so it is
