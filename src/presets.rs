@@ -24,7 +24,7 @@ pub enum ClientAuth {
     Post,
 }
 
-/// Provider kinds: a generic OAuth 2.0 server, or a preset (see [`Preset::resolve`]).
+/// Provider kinds: a generic OAuth 2.0 server, or a preset (see [`ProviderProfile::resolve`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProviderKind {
@@ -87,9 +87,11 @@ pub enum Lookup {
     ExactDivision { url: Url },
 }
 
-/// A preset, resolved for one connection's settings.
+/// Everything that describes a provider, as a preset resolves it for one connection's
+/// settings: endpoints, client authentication, required scopes and parameters, lifetimes,
+/// the minimum refresh interval, and what callers need besides the token.
 #[derive(Debug, Clone)]
-pub struct Preset {
+pub struct ProviderProfile {
     pub authorize_url: Option<String>,
     pub token_url: Option<String>,
     /// OIDC discovery: the issuer whose `/.well-known/openid-configuration` gives the
@@ -133,8 +135,8 @@ fn url(key: &str, value: &str) -> Result<Url, PresetError> {
         .map_err(|err| PresetError::key(key, format!("`{value}` is not a valid URL: {err}")))
 }
 
-fn generic(client_auth: ClientAuth) -> Preset {
-    Preset {
+fn generic(client_auth: ClientAuth) -> ProviderProfile {
+    ProviderProfile {
         authorize_url: None,
         token_url: None,
         issuer: None,
@@ -151,14 +153,14 @@ fn generic(client_auth: ClientAuth) -> Preset {
     }
 }
 
-impl Preset {
+impl ProviderProfile {
     /// The preset for `kind`, given the connection's preset settings. `key` is the
     /// connection's config key, for errors.
     pub fn resolve(
         kind: ProviderKind,
         settings: &PresetSettings<'_>,
         key: &str,
-    ) -> Result<Preset, PresetError> {
+    ) -> Result<ProviderProfile, PresetError> {
         let allowed: &[&str] = match kind {
             ProviderKind::ExactOnline => &["region", "api_url"],
             ProviderKind::Microsoft => &["tenant"],
@@ -193,7 +195,7 @@ impl Preset {
             // tenants from GET https://api.xero.com/connections.
             ProviderKind::Xero => {
                 let api = settings.api_url.unwrap_or("https://api.xero.com");
-                Preset {
+                ProviderProfile {
                     authorize_url: Some("https://login.xero.com/identity/connect/authorize".into()),
                     token_url: Some("https://identity.xero.com/connect/token".into()),
                     required_scopes: &["offline_access"],
@@ -216,7 +218,7 @@ impl Preset {
             // dies (https://developers.google.com/identity/protocols/oauth2#expiration). Apps
             // in "Testing" status get refresh tokens that die 7 days after consent whatever
             // is done with them: only publishing the app avoids that.
-            ProviderKind::Google => Preset {
+            ProviderKind::Google => ProviderProfile {
                 authorize_url: Some("https://accounts.google.com/o/oauth2/v2/auth".into()),
                 token_url: Some("https://oauth2.googleapis.com/token".into()),
                 authorize_params: &[("access_type", "offline"), ("prompt", "consent")],
@@ -253,7 +255,7 @@ impl Preset {
                 let api = settings
                     .api_url
                     .map_or(base.as_str(), |u| u.trim_end_matches('/'));
-                Preset {
+                ProviderProfile {
                     authorize_url: Some(format!("{base}/api/oauth2/auth")),
                     token_url: Some(format!("{base}/api/oauth2/token")),
                     default_lifetime: Some(Duration::from_secs(600)),
@@ -286,7 +288,7 @@ impl Preset {
                     ));
                 }
                 let base = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
-                Preset {
+                ProviderProfile {
                     authorize_url: Some(format!("{base}/authorize")),
                     token_url: Some(format!("{base}/token")),
                     required_scopes: &["offline_access"],
@@ -309,7 +311,7 @@ impl Preset {
                         ))
                     }
                 };
-                Preset {
+                ProviderProfile {
                     authorize_url: Some("https://appcenter.intuit.com/connect/oauth2".into()),
                     token_url: Some(
                         "https://oauth.platform.intuit.com/oauth2/v1/tokens/bearer".into(),
@@ -337,7 +339,7 @@ impl Preset {
                         ))
                     }
                 };
-                Preset {
+                ProviderProfile {
                     authorize_url: Some(format!("{base}/services/oauth2/authorize")),
                     token_url: Some(format!("{base}/services/oauth2/token")),
                     required_scopes: &["refresh_token"],
@@ -349,7 +351,7 @@ impl Preset {
 
             // https://developers.hubspot.com/docs/api/oauth-quickstart-guide :
             // credentials in the body, 30-minute access tokens.
-            ProviderKind::Hubspot => Preset {
+            ProviderKind::Hubspot => ProviderProfile {
                 authorize_url: Some("https://app.hubspot.com/oauth/authorize".into()),
                 token_url: Some("https://api.hubapi.com/oauth/v3/token".into()),
                 default_lifetime: Some(Duration::from_secs(1800)),
@@ -362,7 +364,7 @@ impl Preset {
                 let issuer = settings.issuer.ok_or_else(|| {
                     PresetError::key(format!("{key}.issuer"), "is required for provider `oidc`")
                 })?;
-                Preset {
+                ProviderProfile {
                     issuer: Some(url(&format!("{key}.issuer"), issuer)?),
                     required_scopes: &["openid"],
                     ..generic(ClientAuth::Basic)
@@ -412,8 +414,8 @@ pub async fn discover(http: &reqwest::Client, issuer: &Url) -> anyhow::Result<(U
 mod tests {
     use super::*;
 
-    fn resolve(kind: ProviderKind, settings: PresetSettings<'_>) -> Preset {
-        Preset::resolve(kind, &settings, "connections.t").expect("valid preset")
+    fn resolve(kind: ProviderKind, settings: PresetSettings<'_>) -> ProviderProfile {
+        ProviderProfile::resolve(kind, &settings, "connections.t").expect("valid preset")
     }
 
     /// The documented production token endpoints (sources on each preset above).
@@ -502,7 +504,7 @@ mod tests {
     #[test]
     fn settings_are_checked() {
         let err = |kind, settings| {
-            Preset::resolve(kind, &settings, "connections.t")
+            ProviderProfile::resolve(kind, &settings, "connections.t")
                 .expect_err("must be refused")
                 .to_string()
         };

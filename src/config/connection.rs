@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::values::*;
 use super::*;
-use crate::presets::{Preset, PresetSettings};
+use crate::presets::{PresetSettings, ProviderProfile};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,7 +50,7 @@ pub(super) const RESERVED_AUTHORIZE_PARAMS: &[&str] = &[
 
 impl RawConnection {
     pub(super) fn validate(self, key: &str) -> Result<ConnectionConfig, ConfigError> {
-        let preset = Preset::resolve(
+        let preset = ProviderProfile::resolve(
             self.provider,
             &PresetSettings {
                 region: self.region.as_deref(),
