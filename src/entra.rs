@@ -107,6 +107,9 @@ impl EntraVerifier {
 
         let mut validation = Validation::new(Algorithm::RS256);
         validation.leeway = 300;
+        // RFC 7519 §4.1.5: a token that is not yet valid must be refused (jsonwebtoken leaves
+        // `nbf` unchecked unless asked).
+        validation.validate_nbf = true;
         validation.set_audience(&self.audiences);
         validation.set_issuer(&self.issuers);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);

@@ -56,15 +56,12 @@ pub(super) struct RawEntra {
 
 impl RawEntra {
     pub(super) fn validate(self) -> Result<EntraConfig, ConfigError> {
-        let tenant_ok = !self.tenant_id.is_empty()
-            && self
-                .tenant_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
-        if !tenant_ok {
+        // Every token's issuer carries the tenant's GUID: a domain would refuse everyone.
+        if !is_guid(&self.tenant_id) {
             return Err(ConfigError::key(
                 "auth.entra.tenant_id",
-                "must be the tenant's id (a GUID) or domain",
+                "must be the tenant's id, a GUID like 72f988bf-86f1-41af-91ab-2d7cd011db47 \
+                 (a domain name never matches a token's issuer)",
             ));
         }
         if self.audiences.iter().all(|a| a.is_empty()) {

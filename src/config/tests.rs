@@ -207,3 +207,23 @@ fn unterminated_reference_is_rejected() {
     let err = parse_err(&MINIMAL.replace("${ACME_CLIENT_ID}", "${ACME"), ENV);
     assert!(err.contains("unterminated"), "{err}");
 }
+
+#[test]
+fn an_entra_tenant_must_be_its_guid() {
+    let with_tenant = |tenant: &str| {
+        format!(
+            "[auth.entra]\ntenant_id = \"{tenant}\"\naudiences = [\"api://x\"]\nallowed_principals = [\"00000000-0000-0000-0000-0000000000a1\"]\n{MINIMAL}"
+        )
+    };
+    let err = Config::parse(&with_tenant("contoso.com"), &env_of(ENV))
+        .expect_err("a domain is refused")
+        .to_string();
+    assert!(err.contains("auth.entra.tenant_id"), "{err}");
+    assert!(err.contains("GUID"), "{err}");
+    let config = Config::parse(
+        &with_tenant("72f988bf-86f1-41af-91ab-2d7cd011db47"),
+        &env_of(ENV),
+    )
+    .expect("a GUID is accepted");
+    assert!(config.auth.entra.is_some());
+}

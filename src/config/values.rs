@@ -8,6 +8,16 @@ use url::Url;
 
 use super::*;
 
+/// A GUID in its usual 8-4-4-4-12 hexadecimal form.
+pub(super) fn is_guid(value: &str) -> bool {
+    let groups: Vec<&str> = value.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, len)| g.len() == len && g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
 /// Key Vault secret names: 1-127 of `0-9a-zA-Z-`, starting with a letter.
 pub(super) fn validate_secret_name(key: &str, name: &str) -> Result<(), ConfigError> {
     let valid = (1..=127).contains(&name.len())

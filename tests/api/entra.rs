@@ -165,7 +165,12 @@ async fn bad_tokens_are_refused() {
     tenant["tid"] = "00000000-0000-0000-0000-000000000000".into();
     let mut no_oid = claims(ADF);
     no_oid.as_object_mut().expect("object").remove("oid");
+    // Not valid for another hour (beyond the 5 minutes of clock skew allowed).
+    let mut not_yet = claims(ADF);
+    not_yet["nbf"] = (now + 3600).into();
+    not_yet["iat"] = (now + 3600).into();
     for (what, claims) in [
+        ("not yet valid", not_yet),
         ("expired", expired),
         ("wrong audience", audience),
         ("wrong issuer", issuer),
