@@ -126,7 +126,18 @@ impl RawConnection {
                 validate_secret_name(&format!("{key}.{field}"), name)?;
             }
         }
-        let client_secret = self.client_secret.filter(|s| !s.is_empty());
+        if self
+            .client_secret
+            .as_deref()
+            .is_some_and(|s| s.trim().is_empty())
+        {
+            // Most likely `${NAME}` of an empty app setting: refuse rather than send no secret.
+            return Err(ConfigError::key(
+                format!("{key}.client_secret"),
+                "is empty: set the client secret, or remove the key for a public client",
+            ));
+        }
+        let client_secret = self.client_secret;
         if client_secret.is_some() && self.client_secret_name.is_some() {
             return Err(ConfigError::key(
                 format!("{key}.client_secret_name"),

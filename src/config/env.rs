@@ -11,7 +11,12 @@ pub(super) fn expand_env(
     expanded: &mut Vec<String>,
 ) -> Result<(), ConfigError> {
     match value {
-        toml::Value::String(s) => *s = expand_str(s, path, env, expanded)?,
+        toml::Value::String(s) => {
+            *s = expand_str(s, path, env, expanded)?;
+            if is_unresolved_reference(s) {
+                return Err(unresolved(path, "the value"));
+            }
+        }
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
                 let len = path.len();
@@ -64,10 +69,33 @@ pub(super) fn expand_str(
         let value = env(name).ok_or_else(|| {
             ConfigError::key(key, format!("environment variable {name} is not set"))
         })?;
+        if is_unresolved_reference(&value) {
+            return Err(unresolved(key, &format!("environment variable {name}")));
+        }
         out.push_str(&value);
         expanded.push(value);
         rest = &after[end + 1..];
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// True for the literal text App Service leaves in an app setting whose Key Vault or App
+/// Configuration reference it could not resolve (Azure App Service documentation, "Use Key
+/// Vault references"): never a credential.
+pub(super) fn is_unresolved_reference(value: &str) -> bool {
+    let value = value.trim_start().to_ascii_lowercase();
+    value.starts_with("@microsoft.keyvault(") || value.starts_with("@microsoft.appconfiguration(")
+}
+
+/// The error for an unresolved reference, naming where it was found but never its text.
+pub(super) fn unresolved(key: &str, what: &str) -> ConfigError {
+    ConfigError::key(
+        key,
+        format!(
+            "{what} is an unresolved Key Vault or App Configuration reference: the platform could \
+             not read the secret it names. Give the app's identity access to it (Key Vault \
+             Secrets User), then restart the app"
+        ),
+    )
 }

@@ -56,6 +56,16 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
+/// Environment variables the configuration reads directly (all others come in as `${NAME}`).
+const DIRECT_SETTINGS: &[&str] = &[
+    "BROKER_PUBLIC_URL",
+    "KEY_VAULT_URL",
+    "AzureWebJobsStorage__blobServiceUri",
+    "AzureWebJobsStorage__accountName",
+    "AzureWebJobsStorage__credential",
+    "AzureWebJobsStorage__clientId",
+];
+
 /// The timer's default period (`PREREFRESH_SCHEDULE`, every 5 minutes).
 const DEFAULT_TIMER_PERIOD: Duration = Duration::from_secs(300);
 
@@ -230,6 +240,15 @@ impl Config {
 
     /// Parses configuration text (see [`Config::load`]).
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        // Settings read straight from the environment, not through `${NAME}`.
+        for name in DIRECT_SETTINGS {
+            if env(name).is_some_and(|v| env::is_unresolved_reference(&v)) {
+                return Err(env::unresolved(
+                    name,
+                    &format!("environment variable {name}"),
+                ));
+            }
+        }
         let mut tree: toml::Value = toml::from_str(text).map_err(|err| ConfigError::Syntax {
             path: PathBuf::new(),
             message: err.message().to_owned(),

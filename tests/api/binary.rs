@@ -240,3 +240,74 @@ async fn full_flow_logs_no_secret(azure: Option<&Azure>) {
         );
     }
 }
+
+#[tokio::test]
+async fn unresolved_references_and_empty_secrets_stop_startup_without_echoing_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("broker.toml");
+    // What App Service leaves in a setting whose reference it could not resolve.
+    let reference =
+        "@Microsoft.KeyVault(SecretUri=https://kv-tb-leak.vault.azure.net/secrets/broker-api-key/)";
+    let app_config = "@Microsoft.AppConfiguration(Endpoint=https://appcs-leak.azconfig.io; Key=k)";
+    let connection = "[connections.a]\nprovider = \"oauth2\"\nauthorize_url = \"https://x.example/a\"\ntoken_url = \"https://x.example/t\"\nclient_id = \"c\"\n";
+    // (config text, environment, the key the error must name)
+    type Case<'a> = (String, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "[auth]\napi_keys = [\"${BROKER_API_KEY}\"]\n".into(),
+            vec![("BROKER_API_KEY", reference)],
+            "auth.api_keys[0]",
+        ),
+        (
+            "[auth]\nadmin_keys = [\"${BROKER_ADMIN_KEY}\"]\n".into(),
+            vec![("BROKER_ADMIN_KEY", app_config)],
+            "auth.admin_keys[0]",
+        ),
+        (
+            "state_secret = \"${BROKER_STATE_SECRET}\"\n[auth]\nallow_anonymous = true\n".into(),
+            vec![("BROKER_STATE_SECRET", reference)],
+            "state_secret",
+        ),
+        (
+            format!(
+                "[auth]\nallow_anonymous = true\n{connection}client_secret = \"${{SECRET}}\"\n"
+            ),
+            vec![("SECRET", reference)],
+            "connections.a.client_secret",
+        ),
+        (
+            format!(
+                "[auth]\nallow_anonymous = true\n{connection}client_secret = \"${{SECRET}}\"\n"
+            ),
+            vec![("SECRET", "")],
+            "connections.a.client_secret",
+        ),
+        (
+            "[auth]\nallow_anonymous = true\n".into(),
+            vec![("KEY_VAULT_URL", reference)],
+            "KEY_VAULT_URL",
+        ),
+        (
+            // Written literally into the file.
+            format!("[auth]\napi_keys = [\"{reference}\"]\n"),
+            vec![],
+            "auth.api_keys[0]",
+        ),
+    ];
+    for (text, env, key) in cases {
+        std::fs::write(&config, &text).expect("write");
+        let output = broker(&config)
+            .env("PORT", free_port().to_string())
+            .envs(env.iter().copied())
+            .output()
+            .await
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "for {text}: {stderr}");
+        assert!(stderr.contains(key), "expected {key} in: {stderr}");
+        assert!(
+            !stderr.contains("leak"),
+            "the reference is never echoed: {stderr}"
+        );
+    }
+}
