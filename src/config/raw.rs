@@ -197,26 +197,38 @@ impl RawConfig {
         }
 
         let mut connections = BTreeMap::new();
+        // Secret names the broker writes (records, mirrors), by their lower-case form: Key
+        // Vault names are case-insensitive, so `Acme` and `acme` would share one secret.
         let mut secret_names: BTreeMap<String, String> = BTreeMap::new();
+        // Client secrets the broker reads: shared between connections is fine, but never one
+        // of the names it writes.
+        let mut read_names: Vec<(String, String)> = Vec::new();
         for (name, raw) in self.connections {
             let key = format!("connections.{name}");
             validate_connection_name(&key, &name)?;
             let connection = raw.validate(&key)?;
-            let mut claim = |secret: String, by: String| match secret_names.get(&secret) {
-                Some(other) => Err(ConfigError::key(
-                    by.clone(),
-                    format!("Key Vault secret name `{secret}` is already used by `{other}`"),
-                )),
-                None => {
-                    secret_names.insert(secret, by);
-                    Ok(())
-                }
-            };
+            let mut claim =
+                |secret: String, by: String| match secret_names.get(&secret.to_ascii_lowercase()) {
+                    Some(other) => Err(ConfigError::key(
+                        by.clone(),
+                        format!(
+                            "Key Vault secret name `{secret}` is already used by `{other}` \
+                             (Key Vault names are case-insensitive)"
+                        ),
+                    )),
+                    None => {
+                        secret_names.insert(secret.to_ascii_lowercase(), by);
+                        Ok(())
+                    }
+                };
             match &store {
                 StoreConfig::KeyVault(vault) => {
                     claim(vault.secret_name(&name), key.clone())?;
                     if let Some(mirror) = &connection.mirror_refresh_token_secret {
                         claim(mirror.clone(), format!("{key}.mirror_refresh_token_secret"))?;
+                    }
+                    if let Some(read) = &connection.client_secret_name {
+                        read_names.push((read.clone(), format!("{key}.client_secret_name")));
                     }
                 }
                 StoreConfig::File { .. } => {
@@ -240,6 +252,17 @@ impl RawConfig {
                 }
             }
             connections.insert(name, connection);
+        }
+        for (read, by) in read_names {
+            if let Some(owner) = secret_names.get(&read.to_ascii_lowercase()) {
+                return Err(ConfigError::key(
+                    by,
+                    format!(
+                        "Key Vault secret `{read}` is one the broker writes for `{owner}`; \
+                         a client secret must have a name of its own"
+                    ),
+                ));
+            }
         }
 
         Ok(Config {

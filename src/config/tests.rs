@@ -227,3 +227,43 @@ fn an_entra_tenant_must_be_its_guid() {
     .expect("a GUID is accepted");
     assert!(config.auth.entra.is_some());
 }
+
+#[test]
+fn key_vault_names_collide_case_insensitively_and_client_secrets_never_name_a_written_secret() {
+    let vault = "[store]\nkind = \"key-vault\"\nvault_url = \"https://v.vault.azure.net\"\n";
+    let other = |name: &str, extra: &str| {
+        format!("\n[connections.{name}]\nprovider = \"oauth2\"\nauthorize_url = \"https://x.example/a\"\ntoken_url = \"https://x.example/t\"\nclient_id = \"c\"\n{extra}")
+    };
+    // `Acme` and `acme`: one secret in Key Vault.
+    let err = parse_err(&format!("{vault}{MINIMAL}{}", other("Acme", "")), ENV);
+    assert!(err.contains("case-insensitive"), "{err}");
+    // A mirror named like another connection's record, in another case.
+    let err = parse_err(
+        &format!(
+            "{vault}{MINIMAL}{}",
+            other("b", "mirror_refresh_token_secret = \"TOKEN-BROKER-ACME\"")
+        ),
+        ENV,
+    );
+    assert!(
+        err.contains("connections.b.mirror_refresh_token_secret"),
+        "{err}"
+    );
+    // A client secret read from another connection's record.
+    let err = parse_err(
+        &format!(
+            "{vault}{MINIMAL}{}",
+            other("b", "client_secret_name = \"token-broker-Acme\"")
+        ),
+        ENV,
+    );
+    assert!(err.contains("connections.b.client_secret_name"), "{err}");
+    // Two connections of one OAuth app may share a client secret.
+    let shared = format!(
+        "{vault}{}{}",
+        other("b", "client_secret_name = \"app-secret\""),
+        other("c", "client_secret_name = \"app-secret\"")
+    );
+    let shared = format!("[auth]\napi_keys = [\"0123456789abcdef-key\"]\n{shared}");
+    Config::parse(&shared, &env_of(ENV)).expect("a shared client secret is fine");
+}
