@@ -130,9 +130,29 @@ fn days(n: u64) -> Option<Duration> {
     Some(Duration::from_secs(n * DAY))
 }
 
+/// True when `url` points at this machine (`localhost`, 127.0.0.0/8, `::1`): the only
+/// place a provider URL may use plain `http`.
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// A URL from a preset setting (`api_url`, `domain`, `issuer`): it will carry tokens, so
+/// plain `http` only to this machine.
 fn url(key: &str, value: &str) -> Result<Url, PresetError> {
-    Url::parse(value)
-        .map_err(|err| PresetError::key(key, format!("`{value}` is not a valid URL: {err}")))
+    let url = Url::parse(value)
+        .map_err(|err| PresetError::key(key, format!("`{value}` is not a valid URL: {err}")))?;
+    if url.scheme() != "https" && !is_loopback(&url) {
+        return Err(PresetError::key(
+            key,
+            "must use https (http is accepted only for localhost / 127.0.0.1)",
+        ));
+    }
+    Ok(url)
 }
 
 fn generic(client_auth: ClientAuth) -> ProviderProfile {

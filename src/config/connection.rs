@@ -69,9 +69,12 @@ impl RawConnection {
         };
         // Configured endpoints win over the preset's (tests, sandboxes, sovereign clouds).
         let endpoints = match (&preset.issuer, &self.authorize_url, &self.token_url) {
-            (Some(issuer), None, None) => Endpoints::Discover {
-                issuer: issuer.clone(),
-            },
+            (Some(issuer), None, None) => {
+                require_https_off_loopback(&format!("{key}.issuer"), issuer)?;
+                Endpoints::Discover {
+                    issuer: issuer.clone(),
+                }
+            }
             _ => {
                 let authorize_url = required(
                     "authorize_url",

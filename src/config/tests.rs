@@ -267,3 +267,22 @@ fn key_vault_names_collide_case_insensitively_and_client_secrets_never_name_a_wr
     let shared = format!("[auth]\napi_keys = [\"0123456789abcdef-key\"]\n{shared}");
     Config::parse(&shared, &env_of(ENV)).expect("a shared client secret is fine");
 }
+
+#[test]
+fn plain_http_provider_endpoints_are_refused_off_loopback() {
+    let http = MINIMAL.replace(
+        "https://id.acme.example/token",
+        "http://id.acme.example/token",
+    );
+    let err = parse_err(&http, ENV);
+    assert!(err.contains("connections.acme.token_url"), "{err}");
+    assert!(err.contains("https"), "{err}");
+    for local in [
+        "http://127.0.0.1:8080/token",
+        "http://localhost:8080/token",
+        "http://[::1]:8080/token",
+    ] {
+        let text = MINIMAL.replace("https://id.acme.example/token", local);
+        Config::parse(&text, &env_of(ENV)).expect("loopback http is fine");
+    }
+}

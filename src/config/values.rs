@@ -75,6 +75,7 @@ pub(super) fn parse_http_url(key: &str, value: &str) -> Result<Url, ConfigError>
 
 pub(super) fn parse_endpoint(key: &str, value: &str) -> Result<Url, ConfigError> {
     let url = parse_http_url(key, value)?;
+    require_https_off_loopback(key, &url)?;
     if url.fragment().is_some() {
         return Err(ConfigError::key(
             key,
@@ -82,6 +83,20 @@ pub(super) fn parse_endpoint(key: &str, value: &str) -> Result<Url, ConfigError>
         ));
     }
     Ok(url)
+}
+
+/// Provider endpoints carry client secrets, codes and tokens: plain `http` only to this
+/// machine (local providers, tests).
+pub(super) fn require_https_off_loopback(key: &str, url: &Url) -> Result<(), ConfigError> {
+    if url.scheme() == "https" || crate::presets::is_loopback(url) {
+        Ok(())
+    } else {
+        Err(ConfigError::key(
+            key,
+            "must use https: over plain http the client secret, codes and tokens travel in clear \
+             text (http is accepted only for localhost / 127.0.0.1)",
+        ))
+    }
 }
 
 /// A base URL: no query or fragment, no trailing slash (so `{base}/api/...` is exact).
