@@ -22,6 +22,12 @@ struct Cli {
         default_value = "broker.toml"
     )]
     config: PathBuf,
+    /// Address to listen on: default 127.0.0.1 under the Functions host (only the host
+    /// talks to the handler), else 0.0.0.0. The port comes from
+    /// FUNCTIONS_CUSTOMHANDLER_PORT, else PORT, else 7071. A top-level option, so that
+    /// BROKER_BIND applies whether or not `serve` is named.
+    #[arg(long, global = true, env = "BROKER_BIND")]
+    bind: Option<IpAddr>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -29,13 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the HTTP API (the default).
-    Serve {
-        /// Address to listen on: default 127.0.0.1 under the Functions host (only the host
-        /// talks to the handler), else 0.0.0.0. The port comes from
-        /// FUNCTIONS_CUSTOMHANDLER_PORT, else PORT, else 7071.
-        #[arg(long, env = "BROKER_BIND")]
-        bind: Option<IpAddr>,
-    },
+    Serve,
     /// Validate the configuration and show each connection's stored status.
     Check,
 }
@@ -58,9 +58,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command.unwrap_or(Command::Serve { bind: None }) {
-            Command::Serve { bind } => {
-                let bind = bind.unwrap_or(if config.functions_host {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => {
+                let bind = cli.bind.unwrap_or(if config.functions_host {
                     IpAddr::from([127, 0, 0, 1])
                 } else {
                     IpAddr::from([0, 0, 0, 0])
@@ -92,6 +92,13 @@ fn port() -> anyhow::Result<u16> {
 }
 
 async fn serve(config: Config, bind: IpAddr) -> anyhow::Result<()> {
+    // Anonymous access only where nobody else can reach it: before binding anything wider.
+    if config.auth.allow_anonymous && !bind.is_loopback() {
+        anyhow::bail!(
+            "config key `auth.allow_anonymous`: only allowed when the broker listens on loopback \
+             (BROKER_BIND=127.0.0.1); it would listen on {bind}"
+        );
+    }
     let addr = SocketAddr::new(bind, port()?);
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -14,6 +14,10 @@ use super::{ApiError, AppState};
 use crate::auth::Role;
 use crate::broker::{BrokerError, TokenRequest};
 
+/// The most life a caller may ask a token to have left: an hour, what most providers' access
+/// tokens live at most.
+const MAX_MIN_VALIDITY: u64 = 3600;
+
 /// Parameters of `/api/refresh`, from the query or a JSON body. Unknown parameters are
 /// ignored: the Functions host passes its own (`code=`, the function key) through.
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +75,18 @@ pub(super) async fn refresh(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "send the API key in the X-API-Key header, not in the URL",
+        ));
+    }
+    if params
+        .min_validity
+        .is_some_and(|secs| secs > MAX_MIN_VALIDITY)
+    {
+        // More life than access tokens have would make every call a token request and a new
+        // vault version.
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("min_validity is at most {MAX_MIN_VALIDITY} seconds"),
         ));
     }
     state

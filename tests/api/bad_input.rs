@@ -350,3 +350,26 @@ async fn errors_the_framework_answers_itself_use_the_json_shape() {
     let response = app.http.get(url("/api/nope")).send().await.expect("get");
     assert_eq!(json_error(response, 404).await.0, "not_found");
 }
+
+#[tokio::test]
+async fn min_validity_is_capped_at_an_hour() {
+    let app = TestApp::spawn().await;
+    app.consent("acme").await;
+    let response = app.refresh("acme", "?min_validity=3601").await;
+    let (error, _) = json_error(response, 400).await;
+    assert_eq!(error, "invalid_request");
+    let response = app
+        .http
+        .post(format!("{}/api/refresh/acme", app.base))
+        .header("X-API-Key", CALLER_KEY)
+        .json(&serde_json::json!({"min_validity": 86_400}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(json_error(response, 400).await.0, "invalid_request");
+    // The bound itself is fine (and refreshes once, since the token lives an hour).
+    assert_eq!(
+        app.refresh("acme", "?min_validity=3600").await.status(),
+        200
+    );
+}

@@ -311,3 +311,42 @@ async fn unresolved_references_and_empty_secrets_stop_startup_without_echoing_th
         );
     }
 }
+
+#[tokio::test]
+async fn anonymous_access_is_refused_unless_the_broker_listens_on_loopback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nallow_anonymous = true\n[store]\npath = \"{}\"\n",
+            dir.path().join("tokens").display()
+        ),
+    )
+    .expect("write");
+    // Refused before it binds anything.
+    let output = broker(&config)
+        .env("PORT", free_port().to_string())
+        .env("BROKER_BIND", "0.0.0.0")
+        .output()
+        .await
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("auth.allow_anonymous"), "{stderr}");
+
+    // On loopback it starts (with its loud warning).
+    let port = free_port();
+    let log = dir.path().join("broker.log");
+    let mut child = broker(&config)
+        .env("PORT", port.to_string())
+        .env("BROKER_BIND", "127.0.0.1")
+        .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))
+        .spawn()
+        .expect("start");
+    wait_ready(port, &mut child, &log).await;
+    child.kill().await.expect("kill");
+    assert!(std::fs::read_to_string(&log)
+        .expect("log")
+        .contains("allow_anonymous = true"));
+}

@@ -62,11 +62,15 @@ async fn consent_then_cached_forced_and_restarted_refreshes() {
 
 #[tokio::test]
 async fn min_validity_beyond_the_lifetime_refreshes_once_and_answers() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(crate::support::Options {
+        access_token_ttl: 1800,
+        ..Default::default()
+    })
+    .await;
     app.consent("acme").await;
-    // The provider issues one-hour tokens; asking for two hours cannot be satisfied, so the
+    // The provider issues half-hour tokens; asking for an hour cannot be satisfied, so the
     // broker refreshes once and hands out the new token rather than looping.
-    let body = app.token("acme", "?min_validity=7200").await;
+    let body = app.token("acme", "?min_validity=3600").await;
     assert!(app.upstream.is_active(&access_token(&body)).await);
     assert_eq!(app.upstream.token_requests("refresh_token").await, 1);
     // A modest min_validity is served from cache.
