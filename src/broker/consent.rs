@@ -9,7 +9,6 @@ use tracing::{info, warn, Instrument};
 
 use super::refresh::new_record;
 use super::{Broker, BrokerError};
-use crate::lock::LeaseNotes;
 
 impl Broker {
     /// Records a redeemed `state` nonce as used on every instance; `false` if it already was
@@ -90,21 +89,11 @@ impl Broker {
                 warn!(error = %err, "storing the consent without the refresh lease");
             }
             let persisted = self.persist_locked(name, conn, record).await;
-            if persisted.is_ok() {
-                conn.set_backoff(None);
-            }
             match lease {
-                Ok(mut lease) => {
-                    if persisted.is_ok() && lease.notes().backoff_until.is_some() {
-                        let notes = LeaseNotes {
-                            backoff_until: None,
-                            failure: None,
-                            failure_code: None,
-                            ..lease.notes().clone()
-                        };
-                        let _ = lease.set_notes(notes).await;
-                    }
-                    self.end_flight(name, conn, &mut flight, lease).await;
+                Ok(lease) => {
+                    let stored = persisted.is_ok();
+                    self.end_flight(name, conn, &mut flight, lease, stored)
+                        .await
                 }
                 Err(_) if persisted.is_err() => {
                     // Nothing holds the lease for the unsaved tokens: retry the save anyway.

@@ -62,7 +62,11 @@ impl Broker {
                 arrived_at,
             )
             .await;
-        self.end_flight(name, conn, &mut flight, lease).await;
+        // A record obtained after this caller arrived was stored by this flight (or by
+        // another instance, which cleared the back-off already).
+        let stored = matches!(&result, Ok(record) if record.obtained_at > arrived_at);
+        self.end_flight(name, conn, &mut flight, lease, stored)
+            .await;
         result
     }
 
@@ -92,13 +96,15 @@ impl Broker {
     }
 
     /// After work under the lease: keep it while a refresh token waits to be saved (and
-    /// retry the save in the background), give it back otherwise.
+    /// retry the save in the background), give it back otherwise. `stored`: the flight
+    /// stored a new record, which ends any back-off.
     pub(super) async fn end_flight(
         self: &Arc<Self>,
         name: &str,
         conn: &Connection,
         flight: &mut Flight,
         mut lease: Box<dyn Lease>,
+        stored: bool,
     ) {
         if lease.lost() {
             tracing::error!(
@@ -106,32 +112,36 @@ impl Broker {
                 "the refresh lease was lost during the flight; its result was persisted regardless"
             );
         }
-        if conn.cached().unsaved {
-            if lease.notes().pending_since.is_none() {
-                let notes = LeaseNotes {
-                    pending_since: Some(self.clock.now()),
-                    holder: Some(instance_name()),
-                    ..lease.notes().clone()
-                };
-                if let Err(err) = lease.set_notes(notes).await {
-                    warn!(connection = name, error = %err, "could not mark the refresh lease as holding an unsaved refresh token");
-                }
+        // The notes follow this instance's state, in one write when anything changed: the
+        // pending mark while a refresh token waits to be saved (none otherwise, which also
+        // clears a dead holder's), and no back-off once the flight stored a new record.
+        let unsaved = conn.cached().unsaved;
+        let mut notes = lease.notes().clone();
+        match (unsaved, notes.pending_since) {
+            (true, None) => {
+                notes.pending_since = Some(self.clock.now());
+                notes.holder = Some(instance_name());
             }
+            (false, Some(_)) => {
+                notes.pending_since = None;
+                notes.holder = None;
+            }
+            _ => {}
+        }
+        if stored {
+            notes.backoff_until = None;
+            notes.failure = None;
+            notes.failure_code = None;
+        }
+        if let Err(err) = lease.set_notes(notes).await {
+            warn!(connection = name, error = %err, "could not update the refresh lease's notes");
+        }
+        if unsaved {
             flight.held = Some(lease);
             self.spawn_saver(name);
-            return;
+        } else {
+            lease.release().await;
         }
-        if lease.notes().pending_since.is_some() {
-            let notes = LeaseNotes {
-                pending_since: None,
-                holder: None,
-                ..lease.notes().clone()
-            };
-            if let Err(err) = lease.set_notes(notes).await {
-                warn!(connection = name, error = %err, "could not clear the refresh lease's pending mark");
-            }
-        }
-        lease.release().await;
     }
 
     /// Retries saving an unsaved refresh token with back-off until the store accepts it.
@@ -161,7 +171,8 @@ impl Broker {
                     Err(_) => continue,
                 };
                 let saved = this.load_locked(&name, conn).await.is_ok();
-                this.end_flight(&name, conn, &mut flight, lease).await;
+                this.end_flight(&name, conn, &mut flight, lease, false)
+                    .await;
                 if saved {
                     break;
                 }
@@ -191,12 +202,7 @@ impl Broker {
                 pending_since = %since,
                 "a refresh token may have been lost: the instance holding one the store had not accepted stopped; if the next refresh answers invalid_grant, consent again"
             );
-            let cleared = LeaseNotes {
-                pending_since: None,
-                holder: None,
-                ..notes.clone()
-            };
-            lease.set_notes(cleared).await?;
+            // `end_flight` clears the mark.
         }
 
         let record = self.load_locked(name, conn).await?;
@@ -263,20 +269,7 @@ impl Broker {
                     retry_after: self.timings.failure_backoff,
                 })
             }
-            other => {
-                if other.is_ok() && lease.notes().backoff_until.is_some() {
-                    let notes = LeaseNotes {
-                        backoff_until: None,
-                        failure: None,
-                        failure_code: None,
-                        ..lease.notes().clone()
-                    };
-                    if let Err(err) = lease.set_notes(notes).await {
-                        warn!(connection = name, error = %err, "could not clear the back-off");
-                    }
-                }
-                other
-            }
+            other => other,
         }
     }
 
@@ -290,7 +283,7 @@ impl Broker {
         let mut flight = conn.flight.lock().await;
         let lease = self.take_lease(name, &mut flight).await?;
         let saved = self.load_locked(name, conn).await;
-        self.end_flight(name, conn, &mut flight, lease).await;
+        self.end_flight(name, conn, &mut flight, lease, false).await;
         saved
     }
 

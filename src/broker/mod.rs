@@ -195,8 +195,7 @@ impl Broker {
         let arrived_at = self.clock.now();
 
         if !request.force {
-            if let Some(record) = conn.cached_if(|r| r.is_valid_for(min_validity, self.clock.now()))
-            {
+            if let Some(record) = conn.cached_if(|r| r.is_valid_for(min_validity, arrived_at)) {
                 tracing::debug!(connection = name, "served from cache");
                 return Ok(record);
             }
