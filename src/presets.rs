@@ -111,6 +111,21 @@ pub struct ProviderProfile {
     pub require_refresh_token: bool,
     /// Fixed fields for callers (QuickBooks' API base for the chosen environment).
     pub static_extra: Vec<(&'static str, String)>,
+    /// Whether the provider replaces the refresh token on use.
+    pub rotation: Rotation,
+}
+
+/// Whether a provider replaces the refresh token when it is used. A copy of a rotating
+/// refresh token held by anyone else is spent the moment either side refreshes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    /// Every refresh returns a new refresh token and retires the old one.
+    Always,
+    /// The refresh token stays the same.
+    Never,
+    /// The provider's or app's settings decide (Salesforce's rotation option, generic
+    /// providers): the broker cannot know.
+    Configurable,
 }
 
 /// Settings only some presets take.
@@ -170,6 +185,7 @@ fn generic(client_auth: ClientAuth) -> ProviderProfile {
         callback_params: &[],
         require_refresh_token: false,
         static_extra: Vec::new(),
+        rotation: Rotation::Configurable,
     }
 }
 
@@ -228,6 +244,7 @@ impl ProviderProfile {
                         )?,
                     }),
                     require_refresh_token: true,
+                    rotation: Rotation::Always,
                     ..generic(ClientAuth::Basic)
                 }
             }
@@ -244,6 +261,7 @@ impl ProviderProfile {
                 authorize_params: &[("access_type", "offline"), ("prompt", "consent")],
                 idle_lifetime: days(180),
                 require_refresh_token: true,
+                rotation: Rotation::Never,
                 ..generic(ClientAuth::Post)
             },
 
@@ -288,6 +306,7 @@ impl ProviderProfile {
                         )?,
                     }),
                     require_refresh_token: true,
+                    rotation: Rotation::Always,
                     ..generic(ClientAuth::Post)
                 }
             }
@@ -314,12 +333,14 @@ impl ProviderProfile {
                     required_scopes: &["offline_access"],
                     idle_lifetime: days(90),
                     require_refresh_token: true,
+                    rotation: Rotation::Always,
                     ..generic(ClientAuth::Post)
                 }
             }
 
             // https://developer.intuit.com/app/developer/qbo/docs/develop/authentication-and-authorization/oauth-2.0 :
-            // Basic auth, `realmId` on the redirect, refresh tokens roll over 100 days.
+            // Basic auth, `realmId` on the redirect, refresh tokens roll over (a new one at
+            // least every 24 hours) and die after 100 days.
             ProviderKind::Quickbooks => {
                 let api_base = match settings.environment.unwrap_or("production") {
                     "production" => "https://quickbooks.api.intuit.com",
@@ -340,6 +361,7 @@ impl ProviderProfile {
                     callback_params: &[("realmId", "realm_id")],
                     require_refresh_token: true,
                     static_extra: vec![("api_base_url", api_base.to_owned())],
+                    rotation: Rotation::Always,
                     ..generic(ClientAuth::Basic)
                 }
             }
@@ -370,12 +392,13 @@ impl ProviderProfile {
             }
 
             // https://developers.hubspot.com/docs/api/oauth-quickstart-guide :
-            // credentials in the body, 30-minute access tokens.
+            // credentials in the body, 30-minute access tokens; the refresh token stays the same.
             ProviderKind::Hubspot => ProviderProfile {
                 authorize_url: Some("https://app.hubspot.com/oauth/authorize".into()),
                 token_url: Some("https://api.hubapi.com/oauth/v3/token".into()),
                 default_lifetime: Some(Duration::from_secs(1800)),
                 require_refresh_token: true,
+                rotation: Rotation::Never,
                 ..generic(ClientAuth::Post)
             },
 

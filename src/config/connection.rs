@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::values::*;
 use super::*;
-use crate::presets::{PresetSettings, ProviderProfile};
+use crate::presets::{PresetSettings, ProviderProfile, Rotation};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -128,6 +128,19 @@ impl RawConnection {
             if let Some(name) = name {
                 validate_secret_name(&format!("{key}.{field}"), name)?;
             }
+        }
+        if self.mirror_refresh_token_secret.is_some() && preset.rotation == Rotation::Always {
+            // Whichever side refreshes second would spend a retired token, and strict
+            // providers then revoke the grant.
+            return Err(ConfigError::key(
+                format!("{key}.mirror_refresh_token_secret"),
+                format!(
+                    "provider `{}` rotates refresh tokens, so a copy for another consumer \
+                     is spent at the next refresh (and reusing it can revoke the grant): \
+                     let the consumer call /api/refresh instead",
+                    self.provider.name()
+                ),
+            ));
         }
         if self
             .client_secret

@@ -286,3 +286,29 @@ fn plain_http_provider_endpoints_are_refused_off_loopback() {
         Config::parse(&text, &env_of(ENV)).expect("loopback http is fine");
     }
 }
+
+#[test]
+fn a_refresh_token_mirror_is_refused_for_providers_that_rotate_refresh_tokens() {
+    let vault = "[store]\nkind = \"key-vault\"\nvault_url = \"https://v.vault.azure.net\"\n";
+    let with = |provider: &str| {
+        format!(
+            "{vault}{MINIMAL}\n[connections.b]\nprovider = \"{provider}\"\nclient_id = \"c\"\nclient_secret = \"s\"\nmirror_refresh_token_secret = \"b-refresh-token\"\n"
+        )
+    };
+    for rotating in ["xero", "exact-online", "quickbooks", "microsoft"] {
+        let err = parse_err(&with(rotating), ENV);
+        assert!(
+            err.contains("connections.b.mirror_refresh_token_secret")
+                && err.contains("rotates refresh tokens"),
+            "{rotating}: {err}"
+        );
+    }
+    // Refresh tokens that stay the same, and providers whose settings decide.
+    for steady in ["google", "hubspot", "salesforce"] {
+        let config = Config::parse(&with(steady), &env_of(ENV))
+            .unwrap_or_else(|err| panic!("{steady}: {err}"));
+        assert!(config.connections["b"]
+            .mirror_refresh_token_secret
+            .is_some());
+    }
+}

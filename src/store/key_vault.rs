@@ -182,7 +182,10 @@ impl TokenStore for KeyVaultStore {
         }
         self.put(&name, &value, "application/json", tags).await?;
 
-        // The mirror follows the record: written only when the refresh token changed.
+        // The mirror follows the record: written only when the refresh token differs from
+        // the last value written (`put` skips identical writes). It is a courtesy copy for
+        // another consumer: the record is saved, so a failed mirror write must not fail the
+        // refresh; the next save tries again.
         if let (Some(mirror), Some(refresh_token)) =
             (self.mirrors.get(connection), &record.refresh_token)
         {
@@ -190,8 +193,16 @@ impl TokenStore for KeyVaultStore {
                 ("connection".to_owned(), connection.to_owned()),
                 ("mirror-of".to_owned(), name.clone()),
             ]);
-            self.put(mirror, refresh_token.secret(), "text/plain", tags)
-                .await?;
+            if let Err(err) = self
+                .put(mirror, refresh_token.secret(), "text/plain", tags)
+                .await
+            {
+                tracing::warn!(
+                    connection,
+                    secret = mirror.as_str(),
+                    "the refresh-token mirror was not updated (retried at the next refresh): {err}"
+                );
+            }
         }
         Ok(())
     }

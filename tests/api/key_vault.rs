@@ -228,6 +228,51 @@ async fn vault_write_failures_after_a_rotation_never_lose_the_refresh_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_cannot_be_written_never_fails_a_refresh() {
+    let setup = VaultSetup::start(|azure| azure.shared.forbid_writes(MIRROR)).await;
+    consent(&setup.broker.base, "acme").await;
+    setup.assert_newest_refresh_token_stored().await;
+    assert_eq!(setup.azure.shared.value(MIRROR), None);
+
+    // The record is saved, so the refresh succeeds and the connection stays connected.
+    let token = setup.token("?force=true").await;
+    assert!(setup.upstream.is_active(&token).await);
+    setup.assert_newest_refresh_token_stored().await;
+    assert_eq!(setup.azure.shared.value(MIRROR), None);
+    assert!(setup.azure.shared.count("forbidden") >= 2);
+    let connections: Value = setup
+        .http
+        .get(format!("{}/api/connections", setup.broker.base))
+        .header("X-API-Key", crate::support::ADMIN_KEY)
+        .header("Accept", "application/json")
+        .send()
+        .await
+        .expect("connections")
+        .json()
+        .await
+        .expect("json");
+    let acme = connections["connections"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["name"] == "acme"))
+        .unwrap_or_else(|| panic!("acme listed: {connections}"));
+    assert_eq!(acme["state"], "connected", "{connections}");
+    let logs = setup.broker.logs();
+    assert!(
+        logs.contains("the refresh-token mirror was not updated") && logs.contains(MIRROR),
+        "{logs}"
+    );
+
+    // Once writable, the next refresh brings the mirror up to date.
+    setup.azure.shared.allow_writes(MIRROR);
+    setup.token("?force=true").await;
+    assert_eq!(
+        setup.azure.shared.value(MIRROR),
+        Some(setup.stored_refresh_token())
+    );
+    assert_eq!(setup.upstream.grants_revoked().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_on_every_third_vault_request_is_absorbed() {
     let setup = VaultSetup::start(|azure| azure.shared.throttle_every(Some(3))).await;
     consent(&setup.broker.base, "acme").await;

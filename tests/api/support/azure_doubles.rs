@@ -122,6 +122,8 @@ struct Inner {
     /// Operation → count ("get", "set", "challenge", "throttled", "failed", "identity").
     ops: HashMap<&'static str, u64>,
     fail_writes: u32,
+    /// Lower-cased names of secrets the identity may not write (403).
+    forbidden_writes: std::collections::HashSet<String>,
     throttle_every: Option<u64>,
     /// `client_id` of the last identity request (a user-assigned identity), if any.
     identity_client_id: Option<String>,
@@ -143,14 +145,28 @@ impl Shared {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The next `n` PUTs fail with 503.
     /// Authenticated secret reads wait `ms` first (a slow vault).
     pub fn delay_reads(&self, ms: u64) {
         self.lock().read_delay = std::time::Duration::from_millis(ms);
     }
 
+    /// The next `n` PUTs fail with 503.
     pub fn fail_writes(&self, n: u32) {
         self.lock().fail_writes = n;
+    }
+
+    /// Writes to secret `name` are refused with 403 (a role assignment scoped to other
+    /// secrets), until [`Shared::allow_writes`].
+    pub fn forbid_writes(&self, name: &str) {
+        self.lock()
+            .forbidden_writes
+            .insert(name.to_ascii_lowercase());
+    }
+
+    pub fn allow_writes(&self, name: &str) {
+        self.lock()
+            .forbidden_writes
+            .remove(&name.to_ascii_lowercase());
     }
 
     /// Every `k`-th vault request (counting all) is answered 429 with `Retry-After: 1`.
@@ -691,6 +707,19 @@ async fn set_secret(
 ) -> Response {
     if let Err(response) = admit(&state, &query, &headers, true) {
         return response;
+    }
+    if state
+        .shared
+        .lock()
+        .forbidden_writes
+        .contains(&name.to_ascii_lowercase())
+    {
+        *state.shared.lock().ops.entry("forbidden").or_default() += 1;
+        return kv_error(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "Caller is not authorized to perform action on resource. Action: 'Microsoft.KeyVault/vaults/secrets/setSecret/action'",
+        );
     }
     if !valid_name(&name) {
         return kv_error(
