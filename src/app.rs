@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use url::Url;
 
 use crate::auth::CallerAuth;
-use crate::broker::Broker;
+use crate::broker::{Broker, ForceLimit};
 use crate::config::{Config, Endpoints};
 use crate::http::{self as api, AppState};
 use crate::presets;
@@ -121,7 +121,13 @@ impl Application {
             store,
             (lock, config.lock.timings().clone()),
             http,
-            config.refresh.min_validity,
+            (
+                config.refresh.min_validity,
+                ForceLimit {
+                    burst: config.refresh.force_burst,
+                    interval: config.refresh.force_interval,
+                },
+            ),
             Arc::new(crate::clock::SystemClock),
         ));
         let state = Arc::new(AppState {

@@ -29,6 +29,53 @@ pub(super) struct Connection {
     /// The last failed refresh since the last success, for the status page. Kept in memory
     /// only: writing failures to the store would cost a vault write per failing call.
     pub(super) failure: Mutex<Option<Failure>>,
+    /// Forced refreshes this instance may still make (see [`ForceLimit`]).
+    pub(super) forced: Mutex<ForceBudget>,
+}
+
+/// How many forced refreshes a connection allows: `burst` at once, then one per `interval`.
+/// Each is a token request (providers rate-limit them: Exact Online allows ~200 a day) and a
+/// new vault version, so a caller looping on `force=true` must not turn into either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForceLimit {
+    pub burst: u32,
+    pub interval: Duration,
+}
+
+/// The generic cell rate algorithm over the injected clock: `ready_at` is when the budget
+/// is full again. Written here rather than taken from a rate-limit crate because it is a
+/// dozen lines and must run on the broker's clock, which time-rule tests move by hand.
+#[derive(Default)]
+pub(super) struct ForceBudget {
+    ready_at: Option<DateTime<Utc>>,
+}
+
+impl ForceBudget {
+    /// Whether a forced refresh is available now, or how long until one is.
+    pub(super) fn check(&self, limit: ForceLimit, now: DateTime<Utc>) -> Result<(), Duration> {
+        let (next_free, _) = self.next(limit, now);
+        match (next_free - now).to_std() {
+            Ok(wait) if !wait.is_zero() => Err(wait),
+            _ => Ok(()),
+        }
+    }
+
+    /// Takes one forced refresh, or says how long until one is available.
+    pub(super) fn take(&mut self, limit: ForceLimit, now: DateTime<Utc>) -> Result<(), Duration> {
+        self.check(limit, now)?;
+        let (_, ready_at) = self.next(limit, now);
+        self.ready_at = Some(ready_at);
+        Ok(())
+    }
+
+    /// When the next forced refresh is free, and when the budget would be full again after
+    /// taking it.
+    fn next(&self, limit: ForceLimit, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+        let interval = chrono::Duration::from_std(limit.interval).unwrap_or(chrono::TimeDelta::MAX);
+        let tolerance = interval * (limit.burst.max(1) as i32 - 1);
+        let ready_at = self.ready_at.filter(|t| *t > now).unwrap_or(now);
+        (ready_at - tolerance, ready_at + interval)
+    }
 }
 
 #[derive(Default)]
@@ -68,6 +115,7 @@ impl Connection {
             saver_running: AtomicBool::new(false),
             save_failed_at: Mutex::new(None),
             failure: Mutex::new(None),
+            forced: Mutex::new(ForceBudget::default()),
         }
     }
 

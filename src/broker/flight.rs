@@ -43,6 +43,16 @@ impl Broker {
         if let Some(err) = conn.backing_off(now) {
             return Err(err);
         }
+        // Out of forced refreshes, and only the force would refresh: say so before waiting
+        // for the lease (the budget is spent below, when the provider is actually asked).
+        if request.force
+            && !request.internal
+            && conn
+                .cached_if(|r| r.is_valid_for(min_validity, now))
+                .is_some()
+        {
+            self.force_budget(name, conn, now, false)?;
+        }
         // The store refused a save while this caller waited: share that outcome rather than
         // have every queued caller make an attempt of its own (the background save goes on).
         if conn.cached().unsaved && conn.save_failed_since(arrived_at) {
@@ -68,6 +78,34 @@ impl Broker {
         self.end_flight(name, conn, &mut flight, lease, stored)
             .await;
         result
+    }
+
+    /// A caller's forced refresh of a token that would otherwise do: within the
+    /// connection's [`super::ForceLimit`], or refused with the time until the next one.
+    /// `take` spends one.
+    fn force_budget(
+        &self,
+        name: &str,
+        conn: &Connection,
+        now: DateTime<Utc>,
+        take: bool,
+    ) -> Result<(), BrokerError> {
+        let mut budget = conn.forced.lock().unwrap_or_else(|p| p.into_inner());
+        let result = if take {
+            budget.take(self.force_limit, now)
+        } else {
+            budget.check(self.force_limit, now)
+        };
+        result.map_err(|retry_after| {
+            warn!(
+                connection = name,
+                "forced refresh refused: over the connection's force limit"
+            );
+            BrokerError::ForceLimited {
+                connection: name.to_owned(),
+                retry_after,
+            }
+        })
     }
 
     /// The connection's lease: the one this instance keeps for an unsaved refresh token, or
@@ -236,6 +274,9 @@ impl Broker {
                 "refreshed too recently for this provider; serving the current token"
             );
             return Ok(record);
+        }
+        if request.force && !request.internal && record.is_valid_for(min_validity, now) {
+            self.force_budget(name, conn, now, true)?;
         }
         let result = self
             .refresh_locked(name, conn, record, min_validity)

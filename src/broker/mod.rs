@@ -53,14 +53,18 @@ use crate::provider::{Provider, UpstreamError, UpstreamHttp};
 use crate::store::{StoreError, TokenStore};
 use crate::token::TokenRecord;
 use connection::Connection;
+pub use connection::ForceLimit;
 
 /// What a caller asks of `/api/refresh`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TokenRequest {
     /// Life the token must have left; the broker default when `None`.
     pub min_validity: Option<Duration>,
-    /// Refresh even if the cached token is good enough.
+    /// Refresh even if the cached token is good enough. Callers' forced refreshes are
+    /// rate-limited per connection ([`ForceLimit`]).
     pub force: bool,
+    /// The broker's own request (the timer): not subject to the forced-refresh limit.
+    pub internal: bool,
 }
 
 /// Why no token could be handed out, by what the caller should do about it.
@@ -87,6 +91,12 @@ pub enum BrokerError {
     /// Another instance holds the connection's lease (refreshing, or saving a refresh token).
     #[error("{0}")]
     Busy(String),
+    /// The caller forced refreshes faster than the connection allows.
+    #[error("too many forced refreshes of `{connection}`: the next is allowed in {} s; call without force=true for the current token", retry_after.as_secs().max(1))]
+    ForceLimited {
+        connection: String,
+        retry_after: Duration,
+    },
     /// The lease store cannot be reached: no refresh without the lease.
     #[error("{0}")]
     LockUnavailable(String),
@@ -118,7 +128,8 @@ impl BrokerError {
     /// How long the caller should wait before trying again, when that is known.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            BrokerError::RefreshFailed { retry_after, .. } => Some(*retry_after),
+            BrokerError::RefreshFailed { retry_after, .. }
+            | BrokerError::ForceLimited { retry_after, .. } => Some(*retry_after),
             BrokerError::Busy(_) | BrokerError::LockUnavailable(_) | BrokerError::Store(_) => {
                 Some(Duration::from_secs(5))
             }
@@ -135,6 +146,7 @@ pub struct Broker {
     timings: LeaseTimings,
     http: UpstreamHttp,
     min_validity: Duration,
+    force_limit: ForceLimit,
     clock: Arc<dyn Clock>,
 }
 
@@ -145,7 +157,7 @@ impl Broker {
         store: Arc<dyn TokenStore>,
         lock: (Arc<dyn RefreshLock>, LeaseTimings),
         http: UpstreamHttp,
-        min_validity: Duration,
+        (min_validity, force_limit): (Duration, ForceLimit),
         clock: Arc<dyn Clock>,
     ) -> Self {
         let (lock, timings) = lock;
@@ -160,6 +172,7 @@ impl Broker {
             timings,
             http,
             min_validity,
+            force_limit,
             clock,
         }
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use oauth2::{AccessToken, RefreshToken};
 
-use super::{Broker, BrokerError, PrerefreshOutcome, TokenRequest};
+use super::{Broker, BrokerError, ForceLimit, PrerefreshOutcome, TokenRequest};
 use crate::clock::ManualClock;
 use crate::config::{Config, Endpoints, LeaseTimings};
 use crate::lock::LocalLock;
@@ -119,7 +119,13 @@ async fn setup(connection: &str, lifetime: i64) -> Setup {
             },
         ),
         UpstreamHttp::new(Duration::from_secs(5)).expect("http"),
-        Duration::from_secs(300),
+        (
+            Duration::from_secs(300),
+            ForceLimit {
+                burst: 3,
+                interval: Duration::from_secs(600),
+            },
+        ),
         clock.clone(),
     ));
     Setup {
@@ -143,9 +149,14 @@ impl Setup {
     }
 
     async fn forced(&self) -> Result<Arc<TokenRecord>, BrokerError> {
+        self.forced_by(false).await
+    }
+
+    async fn forced_by(&self, internal: bool) -> Result<Arc<TokenRecord>, BrokerError> {
         let request = TokenRequest {
             min_validity: None,
             force: true,
+            internal,
         };
         self.broker.token("c", request).await
     }
@@ -215,4 +226,48 @@ async fn a_failed_refresh_is_shared_until_the_back_off_ends() {
     s.at(731);
     assert!(s.forced().await.is_err());
     assert_eq!(s.requests(), 2);
+}
+
+#[tokio::test]
+async fn forced_refreshes_beyond_the_burst_wait_for_the_interval_and_the_timer_is_exempt() {
+    // Burst 3, then one per 600 s. The provider refuses every refresh here, with a 30 s
+    // back-off after each: calls within a back-off get its failure and cost nothing.
+    let s = setup("", 3600).await;
+    for (i, at) in [0, 31, 62].into_iter().enumerate() {
+        s.at(at);
+        assert!(matches!(
+            s.forced().await,
+            Err(BrokerError::RefreshFailed { .. })
+        ));
+        assert_eq!(s.requests(), i + 1);
+    }
+    s.at(93);
+    match s.forced().await {
+        Err(BrokerError::ForceLimited { retry_after, .. }) => {
+            // The first of the burst was at 0: the budget has one again at 600.
+            assert_eq!(retry_after, Duration::from_secs(600 - 93));
+        }
+        other => panic!("expected the force limit, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(s.requests(), 3, "a limited call never reaches the provider");
+    // The broker's own forced refresh (the timer) is not limited.
+    assert!(matches!(
+        s.forced_by(true).await,
+        Err(BrokerError::RefreshFailed { .. })
+    ));
+    assert_eq!(s.requests(), 4);
+    // A caller without force still gets the cached token.
+    let request = TokenRequest::default();
+    assert!(s.broker.token("c", request).await.is_ok());
+    s.at(601);
+    assert!(matches!(
+        s.forced().await,
+        Err(BrokerError::RefreshFailed { .. })
+    ));
+    assert_eq!(s.requests(), 5);
+    s.at(640);
+    assert!(matches!(
+        s.forced().await,
+        Err(BrokerError::ForceLimited { .. })
+    ));
 }

@@ -148,6 +148,7 @@ impl Broker {
         let request = TokenRequest {
             min_validity: Some(window),
             force: remaining > window,
+            internal: true,
         };
         match self.token(name, request).await {
             Ok(record) => report(PrerefreshOutcome::Refreshed, reason, record.expires_at),

@@ -143,6 +143,10 @@ pub struct RefreshConfig {
     pub upstream_timeout: Duration,
     /// The timer refreshes access tokens that expire within this window.
     pub prerefresh_window: Duration,
+    /// Forced refreshes a connection allows at once (per instance)…
+    pub force_burst: u32,
+    /// …and then one per this interval.
+    pub force_interval: Duration,
 }
 
 /// Where a connection's provider has its endpoints.

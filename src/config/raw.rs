@@ -118,6 +118,8 @@ pub(super) struct RawRefresh {
     default_lifetime: Option<u64>,
     upstream_timeout: Option<u64>,
     prerefresh_window: Option<u64>,
+    force_burst: Option<u32>,
+    force_interval: Option<u64>,
 }
 
 impl RawConfig {
@@ -180,6 +182,24 @@ impl RawConfig {
                 "refresh.prerefresh_window",
                 self.refresh.prerefresh_window.unwrap_or(900),
             )?,
+            force_burst: match self.refresh.force_burst.unwrap_or(5) {
+                burst @ 1..=100 => burst,
+                _ => {
+                    return Err(ConfigError::key(
+                        "refresh.force_burst",
+                        "must be 1-100 forced refreshes",
+                    ))
+                }
+            },
+            force_interval: match self.refresh.force_interval.unwrap_or(60) {
+                secs @ 1..=86_400 => Duration::from_secs(secs),
+                _ => {
+                    return Err(ConfigError::key(
+                        "refresh.force_interval",
+                        "must be 1-86400 seconds",
+                    ))
+                }
+            },
         };
 
         let mut warnings = Vec::new();

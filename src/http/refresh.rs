@@ -96,6 +96,7 @@ pub(super) async fn refresh(
     let request = TokenRequest {
         min_validity: params.min_validity.map(Duration::from_secs),
         force: params.force.unwrap_or(false),
+        internal: false,
     };
     let record = state
         .broker

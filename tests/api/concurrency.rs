@@ -191,3 +191,54 @@ async fn a_refresh_token_that_may_be_spent_is_not_resent_within_the_flight() {
     assert_eq!(error["error"], "consent_required", "{error}");
     assert!(error["authorize_url"].is_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_refreshes_beyond_the_connections_limit_get_429_with_retry_after() {
+    let app = TestApp::spawn_with(crate::support::Options {
+        extra_config: "[refresh]\nforce_burst = 2\nforce_interval = 3600\n".into(),
+        ..Default::default()
+    })
+    .await;
+    app.consent("acme").await;
+    let call = |query: &'static str| {
+        let http = app.http.clone();
+        let url = format!("{}/api/refresh/acme{query}", app.base);
+        async move {
+            http.get(url)
+                .header("X-API-Key", crate::support::CALLER_KEY)
+                .send()
+                .await
+                .expect("request")
+        }
+    };
+    for _ in 0..2 {
+        assert_eq!(call("?force=true").await.status(), 200);
+    }
+    assert_eq!(app.upstream.token_requests("refresh_token").await, 2);
+
+    let limited = call("?force=true").await;
+    assert_eq!(limited.status(), 429);
+    let retry_after: u64 = limited
+        .headers()
+        .get("retry-after")
+        .expect("Retry-After")
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=3600).contains(&retry_after), "{retry_after}");
+    let body: serde_json::Value = limited.json().await.expect("json");
+    assert_eq!(body["error"], "force_rate_limited", "{body}");
+    assert_eq!(app.upstream.token_requests("refresh_token").await, 2);
+
+    // The current token is still there for callers that do not force.
+    let current = call("").await;
+    assert_eq!(current.status(), 200);
+    let body: serde_json::Value = current.json().await.expect("json");
+    assert!(
+        app.upstream
+            .is_active(body["access_token"].as_str().expect("token"))
+            .await
+    );
+    assert_eq!(app.upstream.token_requests("refresh_token").await, 2);
+}
