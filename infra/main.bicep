@@ -16,10 +16,18 @@ param location string
 @description('Object id of the deploying user (azd sets it): gets "Key Vault Secrets Officer" to create client-secret secrets. Empty to skip.')
 param principalId string = ''
 
-@description('Object id of the Data Factory managed identity allowed to call /api/refresh (ADF_PRINCIPAL_ID). Set after creating the factory.')
+// azd resolves AZURE_PRINCIPAL_TYPE to the signed-in principal's type, "User" or
+// "ServicePrincipal" (azure-dev cli/azd/pkg/environment/environment.go PrincipalTypeEnvVarName,
+// pkg/infra/provisioning/bicep/bicep_provider.go evalParamEnvSubst; azd's own scaffold maps it
+// in main.parameters.json the same way). A role assignment whose principalType does not match
+// the principal fails with UnmatchedPrincipalType (azure-dev issue #3581), e.g. in CI.
+@description('Type of principalId (AZURE_PRINCIPAL_TYPE): User or ServicePrincipal. Empty: User.')
+param principalType string = 'User'
+
+@description('Object id of the Data Factory managed identity allowed to call /api/refresh (ADF_PRINCIPAL_ID). Set after creating the factory. Empty: the nil GUID, which authorizes nobody.')
 param adfPrincipalId string = ''
 
-@description('Audience (Application ID URI or client id) of the broker app registration that Data Factory requests tokens for. Empty: api://token-broker-{environmentName}.')
+@description('Audience (Application ID URI or client id) of the broker app registration that Data Factory requests tokens for. Empty: api://{tenantId}/token-broker-{environmentName}.')
 param brokerAudience string = ''
 
 @description('NCRONTAB schedule (UTC) of the pre-refresh timer. Empty: every 5 minutes.')
@@ -39,6 +47,24 @@ param brokerApiKey string
 @minLength(16)
 @description('Admin key for /api/authorize and /api/connections (BROKER_ADMIN_KEY). Stored in Key Vault.')
 param brokerAdminKey string
+
+// The vault's name is chosen once per environment lifetime, not derived from the app's name:
+// azd's preprovision hook (infra/hooks/preprovision.sh) stores a random KEY_VAULT_NAME in the
+// azd environment when it has none, and `azd down` removes every template output (this
+// template outputs KEY_VAULT_NAME) from the environment (azure-dev
+// pkg/infra/provisioning/manager.go Destroy: InvalidatedEnvKeys → DotenvDelete). So every
+// provision of one deployment finds the same vault, and the `azd up` after an `azd down`
+// creates a new one instead of colliding with the soft-deleted, purge-protected old vault.
+@maxLength(24)
+@description('Key Vault name (KEY_VAULT_NAME; the azd preprovision hook picks a random one). Empty: derived from the subscription and environment name with a seed of its own.')
+param keyVaultName string = ''
+
+@description('E-mail address that receives the alert when a connection needs attention (ALERT_EMAIL). Empty: no action group and no alert.')
+param alertEmail string = ''
+
+@secure()
+@description('Optional webhook the broker itself posts connection state changes to (ALERT_WEBHOOK_URL, app setting BROKER_ALERT_WEBHOOK_URL). Empty: no setting.')
+param alertWebhookUrl string = ''
 
 @allowed([512, 2048, 4096])
 param instanceMemoryMB int = 512
@@ -63,14 +89,24 @@ module resources 'resources.bicep' = {
     location: location
     tags: tags
     principalId: principalId
-    adfPrincipalId: adfPrincipalId
-    brokerAudience: empty(brokerAudience) ? 'api://token-broker-${environmentName}' : brokerAudience
+    principalType: empty(principalType) ? 'User' : principalType
+    // The nil GUID is no object's id: with it, allowed_principals authorizes nobody, and the
+    // setting is never empty (a missing variable would stop the broker at startup).
+    adfPrincipalId: empty(adfPrincipalId) ? '00000000-0000-0000-0000-000000000000' : adfPrincipalId
+    // Entra's secure identifier-URI policy refuses new App ID URIs of the form api://{string};
+    // api://{tenantId}/{string} is one of the accepted forms
+    // (learn.microsoft.com/entra/identity-platform/identifier-uri-restrictions).
+    brokerAudience: empty(brokerAudience) ? 'api://${tenant().tenantId}/token-broker-${environmentName}' : brokerAudience
     prerefreshSchedule: empty(prerefreshSchedule) ? '0 */5 * * * *' : prerefreshSchedule
     brokerStateSecret: brokerStateSecret
     brokerApiKey: brokerApiKey
     brokerAdminKey: brokerAdminKey
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
+    // A seed of its own: the vault's name cannot be computed from the app's public host name.
+    keyVaultName: empty(keyVaultName) ? 'kv-tb-${uniqueString(subscription().id, environmentName, 'key-vault')}' : keyVaultName
+    alertEmail: alertEmail
+    alertWebhookUrl: alertWebhookUrl
   }
 }
 
@@ -80,4 +116,5 @@ output AZURE_RESOURCE_GROUP string = rg.name
 output AZURE_FUNCTION_NAME string = resources.outputs.functionAppName
 output BROKER_PUBLIC_URL string = resources.outputs.publicUrl
 output KEY_VAULT_URL string = resources.outputs.keyVaultUrl
+output KEY_VAULT_NAME string = resources.outputs.keyVaultName
 output BROKER_PRINCIPAL_ID string = resources.outputs.principalId

@@ -4,6 +4,7 @@ param environmentName string
 param location string
 param tags object
 param principalId string
+param principalType string
 param adfPrincipalId string
 param brokerAudience string
 param prerefreshSchedule string
@@ -15,6 +16,10 @@ param brokerApiKey string
 param brokerAdminKey string
 param instanceMemoryMB int
 param maximumInstanceCount int
+param keyVaultName string
+param alertEmail string
+@secure()
+param alertWebhookUrl string
 
 var token = toLower(uniqueString(subscription().id, resourceGroup().id, environmentName))
 var appName = 'func-tb-${token}'
@@ -79,8 +84,20 @@ resource packageContainer 'Microsoft.Storage/storageAccounts/blobServices/contai
 
 // Tokens, client secrets and the broker's own keys. RBAC only; soft delete and purge
 // protection keep a deleted token recoverable.
+//
+// A deleted vault stays soft-deleted for softDeleteRetentionInDays, and its name cannot be
+// reused meanwhile: creating a vault (createMode 'default') whose name a soft-deleted vault
+// holds fails, and createMode 'recover' fails when there is none to recover
+// (azure.github.io/azure-service-operator/guide/keyvaults), so neither mode suits a template
+// that must work on the first and on every later `azd up`. Purge protection also means
+// nobody can purge it early: `azd down --purge` skips vaults with purge protection (azure-dev
+// pkg/infra/provisioning/bicep/bicep_provider.go getKeyVaultsToPurge). Hence the name comes
+// from main.bicep: one random name per deployment lifetime (see keyVaultName there), so the
+// `azd up` after an `azd down` gets a new, empty vault, and the old one stays recoverable
+// (`az keyvault recover`) for 90 days. The trade-off: a redeployment starts with no tokens and
+// no client secrets; keeping purge protection keeps what was deleted recoverable.
 resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
-  name: 'kv-tb-${take(token, 15)}'
+  name: keyVaultName
   location: location
   tags: tags
   properties: {
@@ -120,6 +137,8 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   properties: { reserved: true }
 }
 
+// The site is created without app settings; they follow in `appSettings` below, once the
+// app's identity holds its vault role (see there).
 resource app 'Microsoft.Web/sites@2024-04-01' = {
   name: appName
   location: location
@@ -131,27 +150,6 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
     httpsOnly: true
     siteConfig: {
       minTlsVersion: '1.2'
-      appSettings: [
-        { name: 'AzureWebJobsStorage__credential', value: 'managedidentity' }
-        { name: 'AzureWebJobsStorage__blobServiceUri', value: storage.properties.primaryEndpoints.blob }
-        { name: 'AzureWebJobsStorage__queueServiceUri', value: storage.properties.primaryEndpoints.queue }
-        { name: 'AzureWebJobsStorage__tableServiceUri', value: storage.properties.primaryEndpoints.table }
-        { name: 'AzureWebJobsStorage__accountName', value: storage.name }
-        { name: 'APPLICATIONINSIGHTS_CONNECTION_STRING', value: appInsights.properties.ConnectionString }
-        { name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING', value: 'Authorization=AAD' }
-        { name: 'PREREFRESH_SCHEDULE', value: prerefreshSchedule }
-        { name: 'BROKER_CONFIG', value: 'broker.toml' }
-        { name: 'BROKER_PUBLIC_URL', value: 'https://${appName}.azurewebsites.net' }
-        { name: 'KEY_VAULT_URL', value: vault.properties.vaultUri }
-        { name: 'BROKER_STATE_SECRET', value: '@Microsoft.KeyVault(SecretUri=${stateSecret.properties.secretUri})' }
-        { name: 'BROKER_API_KEY', value: '@Microsoft.KeyVault(SecretUri=${apiKey.properties.secretUri})' }
-        { name: 'BROKER_ADMIN_KEY', value: '@Microsoft.KeyVault(SecretUri=${adminKey.properties.secretUri})' }
-        { name: 'AZURE_TENANT_ID', value: tenant().tenantId }
-        { name: 'BROKER_AUDIENCE', value: brokerAudience }
-        { name: 'ADF_PRINCIPAL_ID', value: adfPrincipalId }
-        { name: 'RUST_LOG', value: 'info' }
-        { name: 'BROKER_LOG_FORMAT', value: 'json' }
-      ]
     }
     functionAppConfig: {
       deployment: {
@@ -210,18 +208,184 @@ resource appTelemetryRole 'Microsoft.Authorization/roleAssignments@2022-04-01' =
   }
 }
 
-// The deploying user may create client-secret secrets in the vault.
+// The deploying principal may create client-secret secrets in the vault. azd passes its type
+// (AZURE_PRINCIPAL_TYPE: User, or ServicePrincipal when azd runs as one).
 resource userVaultRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(principalId)) {
   name: guid(vault.id, principalId, roles.keyVaultSecretsOfficer)
   scope: vault
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.keyVaultSecretsOfficer)
     principalId: principalId
-    principalType: 'User'
+    principalType: principalType
+  }
+}
+
+// Every app setting. A Key Vault reference that cannot be resolved stays the literal
+// `@Microsoft.KeyVault(...)` text, and references in siteConfig.appSettings are resolved when
+// the site is created, before a role assignment made for its new system-assigned identity
+// exists. App Service's documentation (azure-docs articles/app-service/
+// app-service-key-vault-references.md, "Azure Resource Manager deployment") therefore defines
+// the settings as their own resource, applied after the identity has been granted access; this
+// is also how Microsoft's Flex Consumption azd templates set them (Azure-Samples/
+// functions-quickstart-dotnet-azd infra/core/host/functions-flexconsumption.bicep). The same
+// page's alternative, a user-assigned identity granted before the app exists
+// (keyVaultReferenceIdentity), would add a second identity used for nothing else.
+// Role assignments can still take minutes to apply everywhere; any later change to the app's
+// configuration makes App Service fetch every reference again (same page, "Rotation").
+//
+// A sites/config 'appsettings' resource replaces the whole set, so it carries all of them.
+// On Flex Consumption the runtime, the deployment storage and scaling live in
+// functionAppConfig, and FUNCTIONS_WORKER_RUNTIME, FUNCTIONS_EXTENSION_VERSION,
+// WEBSITE_RUN_FROM_PACKAGE and the content-share settings must not be set (azure-docs
+// functions-app-settings.md, "Flex Consumption plan deprecations"); the host's storage
+// (AzureWebJobsStorage__*) and Application Insights settings stay app settings.
+var brokerSettings = [
+  { name: 'AzureWebJobsStorage__credential', value: 'managedidentity' }
+  { name: 'AzureWebJobsStorage__blobServiceUri', value: storage.properties.primaryEndpoints.blob }
+  { name: 'AzureWebJobsStorage__queueServiceUri', value: storage.properties.primaryEndpoints.queue }
+  { name: 'AzureWebJobsStorage__tableServiceUri', value: storage.properties.primaryEndpoints.table }
+  { name: 'AzureWebJobsStorage__accountName', value: storage.name }
+  { name: 'APPLICATIONINSIGHTS_CONNECTION_STRING', value: appInsights.properties.ConnectionString }
+  { name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING', value: 'Authorization=AAD' }
+  { name: 'PREREFRESH_SCHEDULE', value: prerefreshSchedule }
+  { name: 'BROKER_CONFIG', value: 'broker.toml' }
+  // The site's own host name (Microsoft's Flex templates output https://{defaultHostName}
+  // too); not assumed to be {name}.azurewebsites.net.
+  { name: 'BROKER_PUBLIC_URL', value: 'https://${app.properties.defaultHostName}' }
+  { name: 'KEY_VAULT_URL', value: vault.properties.vaultUri }
+  { name: 'BROKER_STATE_SECRET', value: '@Microsoft.KeyVault(SecretUri=${stateSecret.properties.secretUri})' }
+  { name: 'BROKER_API_KEY', value: '@Microsoft.KeyVault(SecretUri=${apiKey.properties.secretUri})' }
+  { name: 'BROKER_ADMIN_KEY', value: '@Microsoft.KeyVault(SecretUri=${adminKey.properties.secretUri})' }
+  { name: 'AZURE_TENANT_ID', value: tenant().tenantId }
+  { name: 'BROKER_AUDIENCE', value: brokerAudience }
+  // Never empty (main.bicep writes the nil GUID, which authorizes nobody, until
+  // ADF_PRINCIPAL_ID is set): an empty setting may be dropped, and the broker then stops on
+  // a missing variable.
+  { name: 'ADF_PRINCIPAL_ID', value: adfPrincipalId }
+  { name: 'RUST_LOG', value: 'info' }
+  // JSON lines on stderr; the connection-state alert below matches them.
+  { name: 'BROKER_LOG_FORMAT', value: 'json' }
+]
+
+// Only when set: the broker posts connection state changes there.
+var webhookSettings = empty(alertWebhookUrl) ? [] : [
+  { name: 'BROKER_ALERT_WEBHOOK_URL', value: alertWebhookUrl }
+]
+
+resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
+  parent: app
+  name: 'appsettings'
+  properties: toObject(concat(brokerSettings, webhookSettings), setting => setting.name, setting => setting.value)
+  dependsOn: [
+    appVaultRole
+    appStorageRoles
+    appTelemetryRole
+  ]
+}
+
+// Alerting: one e-mail when a connection needs a person (a dead grant, repeated failures, a
+// missing client secret).
+//
+// How the broker's log lines reach Application Insights: the Functions host reads the custom
+// handler's stdout and stderr line by line and logs each line unchanged under the category
+// "Host.Function.Console" (azure-functions-host src/WebJobs.Script/Workers/ProcessManagement/
+// WorkerProcess.cs OnErrorDataReceived/BuildAndLogConsoleLog, src/WebJobs.Script/Workers/
+// WorkerConsoleLogService.cs, WorkerConstants.ConsoleLogCategoryName). "Host." categories pass
+// the host's logging filter (ScriptLoggingBuilderExtensions.cs, ScriptConstants
+// SystemLogCategoryPrefixes), and the Application Insights logger writes a log without an
+// exception as a trace: table `traces`, `message` = the line, customDimensions.Category =
+// "Host.Function.Console" (azure-webjobs-sdk ApplicationInsightsLogger LogTrace). A stderr
+// line containing "error" or "fail" gets severity Error, "warn" Warning, others Information.
+// host.json's default log level (Information) lets them through; traces are subject to
+// host.json's adaptive sampling, which only drops items under heavy load.
+//
+// The line: tracing's JSON format (BROKER_LOG_FORMAT=json above) puts
+// "target":"token_broker::alert" and "fields":{"message":"connection_state_changed",
+// "connection":"acme",…,"state":"consent_required",…}; the text format writes
+// `token_broker::alert: connection_state_changed connection=acme … state=consent_required`.
+// The query reads both. One alert per connection (dimension), evaluated every 5 minutes over
+// the last 15 (room for ingestion delay). The rule is stateful (autoMitigate), so one bad
+// transition mails once, not at every evaluation that still sees the line; its "Resolved"
+// notice only means the line left the window, not that the connection recovered (that is the
+// INFO line with state=connected). Properties as in learn.microsoft.com/azure/templates/
+// microsoft.insights/2021-08-01/scheduledqueryrules.
+var alertsEnabled = !empty(alertEmail)
+
+var connectionStateQuery = '''
+traces
+| where message contains "connection_state_changed" and message contains "token_broker::alert"
+| extend state = extract(@'(?:^|[^a-z_])state[=":]+([a-z_]+)', 1, message)
+| extend connection = extract(@'(?:^|[^a-z_])connection[=":]+([^\s",}]+)', 1, message)
+| where state in ("consent_required", "failing", "misconfigured")
+| project timestamp, connection, state
+'''
+
+// Action groups are global resources (learn.microsoft.com/azure/templates/microsoft.insights/
+// actiongroups); groupShortName is at most 12 characters.
+resource alertActionGroup 'Microsoft.Insights/actionGroups@2022-06-01' = if (alertsEnabled) {
+  name: 'ag-tb-${token}'
+  location: 'global'
+  tags: tags
+  properties: {
+    groupShortName: 'tokenbroker'
+    enabled: true
+    emailReceivers: [
+      {
+        name: 'broker-admin'
+        emailAddress: alertEmail
+        useCommonAlertSchema: true
+      }
+    ]
+  }
+}
+
+resource connectionStateAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = if (alertsEnabled) {
+  name: 'alert-tb-${token}-connection-state'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'Token Broker: a connection needs attention'
+    description: 'A broker connection changed to consent_required (open /api/authorize/{connection}), failing, or misconfigured (for example its client secret is not in the vault). See the broker log line in the traces table.'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsights.id
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    autoMitigate: true
+    criteria: {
+      allOf: [
+        {
+          query: connectionStateQuery
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          dimensions: [
+            {
+              name: 'connection'
+              operator: 'Include'
+              values: [ '*' ]
+            }
+          ]
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    actions: {
+      actionGroups: [
+        alertActionGroup.id
+      ]
+    }
   }
 }
 
 output functionAppName string = app.name
 output publicUrl string = 'https://${app.properties.defaultHostName}'
 output keyVaultUrl string = vault.properties.vaultUri
+output keyVaultName string = vault.name
 output principalId string = app.identity.principalId
