@@ -76,6 +76,9 @@ impl RawEntra {
                 "name the object ids (e.g. Data Factory's managed identity) that may call the broker",
             ));
         }
+        let allowed_principals =
+            principals("auth.entra.allowed_principals", self.allowed_principals)?;
+        let admin_principals = principals("auth.entra.admin_principals", self.admin_principals)?;
         let authority = parse_base_url(
             "auth.entra.authority",
             self.authority
@@ -92,11 +95,38 @@ impl RawEntra {
                 .into_iter()
                 .filter(|a| !a.is_empty())
                 .collect(),
-            allowed_principals: self.allowed_principals,
-            admin_principals: self.admin_principals,
+            allowed_principals,
+            admin_principals,
             authority,
         })
     }
+}
+
+/// The nil GUID: no Entra object has it. Deployments write it where a principal is not known
+/// yet (`ADF_PRINCIPAL_ID` before the factory exists), because an empty app setting may be
+/// dropped by the platform and a missing one stops the broker.
+const NOBODY: &str = "00000000-0000-0000-0000-000000000000";
+
+/// Object ids, lower-cased (as tokens carry them). The nil GUID and empty entries stand for
+/// nobody and are left out; anything else that is not a GUID (a name, a client id with
+/// braces, an unexpanded placeholder) never matches a token's `oid` and is refused.
+fn principals(key: &str, entries: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    let mut ids = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.into_iter().enumerate() {
+        let entry = entry.trim().to_ascii_lowercase();
+        if entry.is_empty() || entry == NOBODY {
+            continue;
+        }
+        if !is_guid(&entry) {
+            return Err(ConfigError::key(
+                format!("{key}[{i}]"),
+                "must be an object id (a GUID like 5f1c…-…); the nil GUID \
+                 00000000-0000-0000-0000-000000000000 stands for nobody",
+            ));
+        }
+        ids.push(entry);
+    }
+    Ok(ids)
 }
 
 #[derive(Deserialize, Default)]
@@ -203,6 +233,18 @@ impl RawConfig {
         };
 
         let mut warnings = Vec::new();
+        if auth
+            .entra
+            .as_ref()
+            .is_some_and(|e| e.allowed_principals.is_empty() && e.admin_principals.is_empty())
+        {
+            warnings.push(
+                "auth.entra authorizes no principal yet (only the nil GUID or empty entries): \
+                 no Entra ID token is accepted until an object id is set (ADF_PRINCIPAL_ID in the \
+                 example config)"
+                    .to_owned(),
+            );
+        }
         // The timer must reach a token before callers do, or both refresh at the same moment
         // (and the timer's run is wasted): its window must exceed what callers ask for plus
         // the time between two runs.

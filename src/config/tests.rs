@@ -312,3 +312,47 @@ fn a_refresh_token_mirror_is_refused_for_providers_that_rotate_refresh_tokens() 
             .is_some());
     }
 }
+
+#[test]
+fn the_nil_guid_and_empty_principals_authorize_nobody_and_other_non_guids_are_refused() {
+    let with = |principal: &str| {
+        format!(
+            "[auth.entra]\ntenant_id = \"72f988bf-86f1-41af-91ab-2d7cd011db47\"\naudiences = [\"api://x\"]\nallowed_principals = [\"{principal}\"]\n{MINIMAL}"
+        )
+    };
+    for nobody in ["00000000-0000-0000-0000-000000000000", ""] {
+        let config = Config::parse(&with(nobody), &env_of(ENV)).expect("accepted");
+        let entra = config.auth.entra.expect("entra");
+        assert!(entra.allowed_principals.is_empty(), "{nobody:?}");
+        assert!(
+            config
+                .warnings
+                .iter()
+                .any(|w| w.contains("authorizes no principal")),
+            "{:?}",
+            config.warnings
+        );
+    }
+    let config =
+        Config::parse(&with("5F1C0000-AAAA-4BBB-8CCC-0123456789AB"), &env_of(ENV)).expect("a GUID");
+    assert_eq!(
+        config.auth.entra.expect("entra").allowed_principals,
+        ["5f1c0000-aaaa-4bbb-8ccc-0123456789ab"],
+        "lower-cased, as tokens carry object ids"
+    );
+    assert!(!config
+        .warnings
+        .iter()
+        .any(|w| w.contains("authorizes no principal")));
+    for bad in [
+        "adf-prod",
+        "replace-with-object-id",
+        "{5f1c0000-aaaa-4bbb-8ccc-0123456789ab}",
+    ] {
+        let err = parse_err(&with(bad), ENV);
+        assert!(
+            err.contains("auth.entra.allowed_principals[0]"),
+            "{bad}: {err}"
+        );
+    }
+}
