@@ -9,14 +9,15 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use url::Url;
 
+use crate::alert::Alerts;
 use crate::auth::CallerAuth;
-use crate::broker::{Broker, ForceLimit};
-use crate::config::{Config, Endpoints};
+use crate::broker::{Broker, ConnectionSetup, ForceLimit};
+use crate::config::{Config, ConnectionConfig, Endpoints};
 use crate::http::{self as api, AppState};
 use crate::presets;
 use crate::provider::{Provider, UpstreamHttp};
 use crate::state::StateSigner;
-use crate::store;
+use crate::store::{self, KeyVaultStore};
 
 /// A configured service bound to its listener.
 pub struct Application {
@@ -26,7 +27,7 @@ pub struct Application {
 
 impl Application {
     /// Wires everything from `config`. The public URL defaults to `http://localhost:{port}`.
-    pub async fn build(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
+    pub async fn build(mut config: Config, listener: TcpListener) -> anyhow::Result<Self> {
         let port = listener.local_addr()?.port();
         let public_url = match config.public_url.clone() {
             Some(url) => url,
@@ -41,46 +42,32 @@ impl Application {
         let store = opened.store;
         let http = UpstreamHttp::new(config.refresh.upstream_timeout)
             .context("building the HTTP client")?;
+        // One connection's trouble (its client secret not in the vault yet, discovery
+        // unreachable) must not take the others or the health route down: it is
+        // `misconfigured` and retried in the background until it works.
+        let connections = Arc::new(std::mem::take(&mut config.connections));
+        let setup = Setup {
+            vault: opened.vault.clone(),
+            http: http.client().clone(),
+            redirect_uri: redirect_uri.clone(),
+            default_lifetime: config.refresh.default_lifetime,
+        };
         let mut providers = BTreeMap::new();
-        for (name, connection) in &config.connections {
-            let client_secret = match (&connection.client_secret_name, &opened.vault) {
-                (Some(secret_name), Some(vault)) => Some(
-                    vault
-                        .read_secret(secret_name)
-                        .await
-                        .with_context(|| format!("reading connections.{name}.client_secret_name"))?
-                        .with_context(|| {
-                            format!("connections.{name}.client_secret_name: Key Vault secret `{secret_name}` does not exist")
-                        })?,
-                ),
-                _ => connection.client_secret.clone(),
-            };
-            let (authorize_url, token_url) = match &connection.endpoints {
-                Endpoints::Static {
-                    authorize_url,
-                    token_url,
-                } => (authorize_url.clone(), token_url.clone()),
-                Endpoints::Discover { issuer } => {
-                    let endpoints = presets::discover(http.client(), issuer)
-                        .await
-                        .with_context(|| {
-                            format!("connections.{name}.issuer: OIDC discovery failed")
-                        })?;
-                    tracing::info!(connection = %name, issuer = %issuer, "discovered OIDC endpoints");
-                    endpoints
-                }
-            };
+        for (name, connection) in connections.iter() {
             if !connection.added_scopes.is_empty() {
                 tracing::info!(connection = %name, provider = connection.provider.name(), added = ?connection.added_scopes, "added scopes the provider needs for a refresh token");
             }
-            let provider = Provider::new(
-                connection,
-                (&authorize_url, &token_url),
-                client_secret.as_ref(),
-                &redirect_uri,
-                config.refresh.default_lifetime,
+            let provider = setup.provider(name, connection).await;
+            if let Err(reason) = &provider {
+                tracing::error!(connection = %name, "connection misconfigured (retried in the background; the others serve): {reason}");
+            }
+            providers.insert(
+                name.clone(),
+                ConnectionSetup {
+                    provider_name: connection.provider.name(),
+                    provider,
+                },
             );
-            providers.insert(name.clone(), provider);
         }
 
         let auth = CallerAuth::new(&config.auth, http.client())?;
@@ -129,7 +116,9 @@ impl Application {
                 },
             ),
             Arc::new(crate::clock::SystemClock),
+            Alerts::new(config.alert_webhook.as_ref())?,
         ));
+        tokio::spawn(retry_setups(Arc::downgrade(&broker), connections, setup));
         let state = Arc::new(AppState {
             broker,
             auth,
@@ -162,5 +151,99 @@ impl Application {
         // accepted yet with it.
         broker.flush_pending().await;
         served
+    }
+}
+
+/// What setting up a connection's provider needs besides its config.
+struct Setup {
+    vault: Option<Arc<KeyVaultStore>>,
+    http: reqwest::Client,
+    redirect_uri: Url,
+    default_lifetime: std::time::Duration,
+}
+
+impl Setup {
+    /// The connection's provider: its client secret (from the vault when named there) and
+    /// endpoints (discovered for OIDC). The error says what is wrong, never a secret.
+    async fn provider(
+        &self,
+        name: &str,
+        connection: &ConnectionConfig,
+    ) -> Result<Provider, String> {
+        let client_secret = match (&connection.client_secret_name, &self.vault) {
+            (Some(secret_name), Some(vault)) => Some(
+                vault
+                    .read_secret(secret_name)
+                    .await
+                    .map_err(|err| format!("reading connections.{name}.client_secret_name: {err}"))?
+                    .ok_or_else(|| {
+                        format!("Key Vault secret `{secret_name}` (connections.{name}.client_secret_name) does not exist yet: add it to the vault")
+                    })?,
+            ),
+            _ => connection.client_secret.clone(),
+        };
+        let (authorize_url, token_url) = match &connection.endpoints {
+            Endpoints::Static {
+                authorize_url,
+                token_url,
+            } => (authorize_url.clone(), token_url.clone()),
+            Endpoints::Discover { issuer } => {
+                let endpoints = presets::discover(&self.http, issuer).await.map_err(|err| {
+                    format!("connections.{name}.issuer: OIDC discovery failed: {err:#}")
+                })?;
+                tracing::info!(connection = %name, issuer = %issuer, "discovered OIDC endpoints");
+                endpoints
+            }
+        };
+        Ok(Provider::new(
+            connection,
+            (&authorize_url, &token_url),
+            client_secret.as_ref(),
+            &self.redirect_uri,
+            self.default_lifetime,
+        ))
+    }
+}
+
+/// First retry of a misconfigured connection's setup after this long; doubled after each
+/// failure, up to [`SETUP_RETRY_MAX`].
+const SETUP_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(5);
+const SETUP_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Retries every misconfigured connection's setup with backoff until it works; ends when
+/// all work or the broker is gone.
+async fn retry_setups(
+    broker: std::sync::Weak<Broker>,
+    connections: Arc<BTreeMap<String, ConnectionConfig>>,
+    setup: Setup,
+) {
+    let mut pause = SETUP_RETRY_FIRST;
+    loop {
+        {
+            let Some(broker) = broker.upgrade() else {
+                return;
+            };
+            if broker.misconfigured().is_empty() {
+                return;
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(SETUP_RETRY_MAX);
+        let Some(broker) = broker.upgrade() else {
+            return;
+        };
+        for (name, _) in broker.misconfigured() {
+            let Some(connection) = connections.get(&name) else {
+                continue;
+            };
+            let result = setup.provider(&name, connection).await;
+            match &result {
+                Ok(_) => tracing::info!(connection = %name, "connection set up; it serves now"),
+                Err(reason) => {
+                    tracing::warn!(connection = %name, "connection still misconfigured: {reason}")
+                }
+            }
+            broker.set_up(&name, result);
+        }
     }
 }

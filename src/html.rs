@@ -23,6 +23,7 @@ pub fn connections(rows: &[(ConnectionStatus, String)]) -> String {
             ConnectionState::Connected => ("connected", "reconnect"),
             ConnectionState::ConsentRequired => ("consent required", "connect"),
             ConnectionState::Failing => ("failing", "reconnect"),
+            ConnectionState::Misconfigured => ("misconfigured", "connect"),
         };
         body.push_str(&format!(
             "<tr><td>{}</td><td class=\"{}\">{state}</td><td>{}</td><td>{}</td><td>{}</td>\

@@ -10,6 +10,8 @@
 //! - [`clock`]: the time, injected (system clock in production, a manual one in tests).
 //! - [`token`]: the stored record per connection and the `/api/refresh` answer.
 //! - [`store`]: the token store trait, the local file store and the Key Vault store.
+//! - [`alert`]: connection state changes, as a log event alert rules match and an optional
+//!   webhook notification.
 //! - [`lock`]: the refresh lease per connection (in-process, or an Azure Blob lease).
 //! - [`azure`]: Azure credentials and client options for the Azure SDK clients.
 //! - [`auth`]: caller authentication (API keys, Entra ID bearer tokens via [`entra`]).
@@ -19,9 +21,10 @@
 //! - [`app`]: wiring and serving; [`telemetry`]: tracing setup.
 //!
 //! Dependencies point one way: `app → http → {auth, html} → broker → {store, lock, provider,
-//! entra, state} → {azure, http_client, token, clock} → config → presets` (ARCHITECTURE.md;
+//! entra, state, alert} → {azure, http_client, token, clock} → config → presets` (ARCHITECTURE.md;
 //! checked by `tests/api/architecture.rs`).
 
+pub mod alert;
 pub mod app;
 pub mod auth;
 pub mod azure;

@@ -8,13 +8,20 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::BrokerError;
+use super::{BrokerError, ConnectionSetup};
+use crate::alert::AlertState;
 use crate::lock::Lease;
 use crate::provider::Provider;
 use crate::token::TokenRecord;
 
 pub(super) struct Connection {
-    pub(super) provider: Provider,
+    /// The provider preset's name, for alerts (known even when the provider is not).
+    pub(super) provider_name: &'static str,
+    /// The provider, or why it could not be set up (a client secret not in the vault yet,
+    /// discovery failing): the connection is then `misconfigured` until a retry succeeds.
+    setup: Mutex<Result<Arc<Provider>, String>>,
+    /// The state last reported to alerts (`None`: nothing reported yet).
+    pub(super) reported: Mutex<Option<AlertState>>,
     /// The last record read or written; a std Mutex because nothing awaits while it is held.
     pub(super) cache: Mutex<Cached>,
     /// One upstream token request per connection at a time; holds the connection's lease
@@ -106,9 +113,11 @@ pub(super) struct Cached {
 }
 
 impl Connection {
-    pub(super) fn new(provider: Provider) -> Self {
+    pub(super) fn new(setup: ConnectionSetup) -> Self {
         Self {
-            provider,
+            provider_name: setup.provider_name,
+            setup: Mutex::new(setup.provider.map(Arc::new)),
+            reported: Mutex::new(None),
             cache: Mutex::new(Cached::default()),
             flight: tokio::sync::Mutex::new(Flight::default()),
             backoff: Mutex::new(None),
@@ -119,9 +128,38 @@ impl Connection {
         }
     }
 
+    /// The provider, or [`BrokerError::Misconfigured`] while it cannot be set up.
+    pub(super) fn provider(&self, name: &str) -> Result<Arc<Provider>, BrokerError> {
+        self.setup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .map_err(|reason| BrokerError::Misconfigured {
+                connection: name.to_owned(),
+                reason,
+            })
+    }
+
+    /// Why the provider cannot be set up, if it cannot.
+    pub(super) fn misconfiguration(&self) -> Option<String> {
+        self.setup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .err()
+            .cloned()
+    }
+
+    pub(super) fn set_setup(&self, setup: Result<Provider, String>) {
+        *self.setup.lock().unwrap_or_else(|p| p.into_inner()) = setup.map(Arc::new);
+    }
+
     /// True when the provider would refuse a refresh now and the current token still works.
     pub(super) fn too_soon_to_refresh(&self, record: &TokenRecord, now: DateTime<Utc>) -> bool {
-        let interval = self.provider.min_refresh_interval;
+        let Ok(provider) = self.provider("") else {
+            return false;
+        };
+        let interval = provider.min_refresh_interval;
         !interval.is_zero()
             && record.is_valid_for(Duration::ZERO, now)
             && (now - record.obtained_at).to_std().unwrap_or_default() < interval

@@ -9,6 +9,7 @@ use tracing::{info, warn, Instrument};
 
 use super::refresh::new_record;
 use super::{Broker, BrokerError};
+use crate::alert::AlertState;
 
 impl Broker {
     /// Records a redeemed `state` nonce as used on every instance; `false` if it already was
@@ -47,24 +48,24 @@ impl Broker {
         let conn = self.connection(name)?;
         let span = tracing::info_span!("consent", connection = name);
         async {
+            let provider = conn.provider(name)?;
             // A code is single use: no retries here.
-            let response = conn
-                .provider
+            let response = provider
                 .exchange_code(&self.http, code, verifier)
                 .await
                 .inspect_err(|err| warn!(error = %err, "code exchange failed"))?;
-            conn.provider
+            provider
                 .check_refresh_token(&response)
                 .inspect_err(|err| warn!(error = %err, "consent refused"))?;
             if response.refresh_token().is_none() {
                 warn!("the provider issued no refresh token; the connection will need consent again when the access token expires (check the scopes, e.g. offline_access)");
             }
             let now = self.clock.now();
-            let mut record = new_record(None, &response, conn.provider.default_lifetime, now, now);
+            let mut record = new_record(None, &response, provider.default_lifetime, now, now);
             record.extra.extend(callback_extra);
             // What callers need besides the token (tenants, division). A failed lookup
             // must not lose the grant: the tokens are stored regardless.
-            match conn.provider.lookup(&self.http, response.access_token()).await {
+            match provider.lookup(&self.http, response.access_token()).await {
                 Ok(found) => record.extra.extend(found),
                 Err(err) => {
                     warn!(error = %err, "post-consent lookup failed; tokens are stored, reconnect to retry the lookup");
@@ -102,6 +103,7 @@ impl Broker {
                 Err(_) => {}
             }
             persisted?;
+            self.transition(name, conn, AlertState::Connected, None);
             info!(outcome = "connected", "consent completed");
             Ok(())
         }

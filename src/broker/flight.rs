@@ -12,6 +12,7 @@ use tracing::{info, warn, Instrument};
 
 use super::connection::{Backoff, Connection, Failure, Flight};
 use super::{Broker, BrokerError, TokenRequest};
+use crate::alert::AlertState;
 use crate::lock::{instance_name, Lease, LeaseNotes};
 use crate::store::StoreError;
 use crate::token::TokenRecord;
@@ -357,6 +358,8 @@ impl Broker {
                 warn!(connection = name, error = %err, "saving the pending refresh token failed again");
             })?;
             conn.set_cache(Some(record.clone()), false);
+            conn.set_failure(None);
+            self.transition(name, conn, AlertState::Connected, None);
             info!(connection = name, "pending refresh token saved");
             return Ok(record);
         }
@@ -385,6 +388,7 @@ impl Broker {
                 at: self.clock.now(),
                 message: err.to_string(),
             }));
+            self.transition(name, conn, AlertState::Failing, Some(err.to_string()));
             return Err(err.into());
         }
         conn.set_cache(Some(record.clone()), false);

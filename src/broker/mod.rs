@@ -46,6 +46,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tracing::Instrument;
 
+use crate::alert::{AlertState, Alerts, StateChange};
 use crate::clock::Clock;
 use crate::config::LeaseTimings;
 use crate::lock::{LockError, RefreshLock};
@@ -100,8 +101,18 @@ pub enum BrokerError {
     /// The lease store cannot be reached: no refresh without the lease.
     #[error("{0}")]
     LockUnavailable(String),
+    /// The connection's provider could not be set up (its client secret is not in the vault
+    /// yet, discovery failed); retried in the background.
+    #[error("connection `{connection}` is misconfigured: {reason}")]
+    Misconfigured { connection: String, reason: String },
     #[error("{0}")]
     Internal(String),
+}
+
+/// A connection as startup left it: its provider, or why that could not be set up.
+pub struct ConnectionSetup {
+    pub provider_name: &'static str,
+    pub provider: Result<Provider, String>,
 }
 
 impl From<LockError> for BrokerError {
@@ -133,6 +144,7 @@ impl BrokerError {
             BrokerError::Busy(_) | BrokerError::LockUnavailable(_) | BrokerError::Store(_) => {
                 Some(Duration::from_secs(5))
             }
+            BrokerError::Misconfigured { .. } => Some(Duration::from_secs(30)),
             _ => None,
         }
     }
@@ -148,24 +160,26 @@ pub struct Broker {
     min_validity: Duration,
     force_limit: ForceLimit,
     clock: Arc<dyn Clock>,
+    alerts: Alerts,
 }
 
 impl Broker {
     /// A broker over `providers`, keeping tokens in `store`.
     pub fn new(
-        providers: BTreeMap<String, Provider>,
+        connections: BTreeMap<String, ConnectionSetup>,
         store: Arc<dyn TokenStore>,
         lock: (Arc<dyn RefreshLock>, LeaseTimings),
         http: UpstreamHttp,
         (min_validity, force_limit): (Duration, ForceLimit),
         clock: Arc<dyn Clock>,
+        alerts: Alerts,
     ) -> Self {
         let (lock, timings) = lock;
-        let connections = providers
+        let connections = connections
             .into_iter()
-            .map(|(name, provider)| (name, Connection::new(provider)))
+            .map(|(name, setup)| (name, Connection::new(setup)))
             .collect();
-        Self {
+        let broker = Self {
             connections,
             store,
             lock,
@@ -174,12 +188,72 @@ impl Broker {
             min_validity,
             force_limit,
             clock,
+            alerts,
+        };
+        for (name, conn) in &broker.connections {
+            if let Some(reason) = conn.misconfiguration() {
+                broker.transition(name, conn, AlertState::Misconfigured, Some(reason));
+            }
         }
+        broker
     }
 
     /// The provider of a configured connection.
-    pub fn provider(&self, name: &str) -> Result<&Provider, BrokerError> {
-        Ok(&self.connection(name)?.provider)
+    pub fn provider(&self, name: &str) -> Result<Arc<Provider>, BrokerError> {
+        self.connection(name)?.provider(name)
+    }
+
+    /// Connections whose provider could not be set up, with the reason.
+    pub fn misconfigured(&self) -> Vec<(String, String)> {
+        self.connections
+            .iter()
+            .filter_map(|(name, conn)| Some((name.clone(), conn.misconfiguration()?)))
+            .collect()
+    }
+
+    /// A retry of a misconfigured connection's setup: its provider, or the reason (which may
+    /// have changed) it still cannot be set up.
+    pub fn set_up(&self, name: &str, setup: Result<Provider, String>) {
+        let Ok(conn) = self.connection(name) else {
+            return;
+        };
+        match &setup {
+            Ok(_) => {
+                conn.set_setup(setup);
+                self.transition(name, conn, AlertState::Configured, None);
+            }
+            Err(reason) => {
+                let reason = reason.clone();
+                conn.set_setup(setup);
+                self.transition(name, conn, AlertState::Misconfigured, Some(reason));
+            }
+        }
+    }
+
+    /// Reports `state` for the connection when it differs from the last one reported. The
+    /// first report is made only for a state that needs attention (a healthy start is not
+    /// news).
+    fn transition(&self, name: &str, conn: &Connection, state: AlertState, reason: Option<String>) {
+        let previous = {
+            let mut reported = conn.reported.lock().unwrap_or_else(|p| p.into_inner());
+            let previous = *reported;
+            if previous == Some(state) {
+                return;
+            }
+            *reported = Some(state);
+            previous
+        };
+        if previous.is_none() && !state.needs_attention() {
+            return;
+        }
+        self.alerts.state_changed(StateChange {
+            connection: name.to_owned(),
+            provider: conn.provider_name,
+            state,
+            previous,
+            reason,
+            at: self.clock.now(),
+        });
     }
 
     /// The current time, from the injected clock.
@@ -204,6 +278,8 @@ impl Broker {
         request: TokenRequest,
     ) -> Result<Arc<TokenRecord>, BrokerError> {
         let conn = self.connection(name)?;
+        // Until its provider is set up, a connection answers nothing but why.
+        conn.provider(name)?;
         let min_validity = request.min_validity.unwrap_or(self.min_validity);
         let arrived_at = self.clock.now();
 

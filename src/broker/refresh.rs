@@ -11,7 +11,8 @@ use tracing::{info, warn};
 
 use super::connection::{Connection, Failure};
 use super::{Broker, BrokerError};
-use crate::provider::{ProviderTokenResponse, UpstreamError};
+use crate::alert::AlertState;
+use crate::provider::{Provider, ProviderTokenResponse, UpstreamError};
 use crate::token::{GrantStatus, TokenRecord};
 
 /// How often a token request is tried when the provider answers 429/503 or cannot be
@@ -28,6 +29,7 @@ impl Broker {
         mut record: Arc<TokenRecord>,
         min_validity: Duration,
     ) -> Result<Arc<TokenRecord>, BrokerError> {
+        let provider = conn.provider(name)?;
         // At most two rounds: the second only after losing a race to another instance.
         for round in 0..2 {
             let Some(refresh_token) = record
@@ -37,17 +39,18 @@ impl Broker {
             else {
                 return Err(consent_required(name, &record));
             };
-            match self.refresh_with_retries(conn, &refresh_token).await {
+            match self.refresh_with_retries(&provider, &refresh_token).await {
                 Ok(response) => {
                     let now = self.clock.now();
                     let next = new_record(
                         Some(&record),
                         &response,
-                        conn.provider.default_lifetime,
+                        provider.default_lifetime,
                         now,
                         record.consented_at,
                     );
                     let record = self.persist_locked(name, conn, next).await?;
+                    self.transition(name, conn, AlertState::Connected, None);
                     info!(outcome = "refreshed", rotated = response.refresh_token().is_some(), expires_at = ?record.expires_at, "token refreshed");
                     return Ok(record);
                 }
@@ -72,6 +75,7 @@ impl Broker {
                             || conn.too_soon_to_refresh(&latest, now)
                         {
                             conn.set_failure(None);
+                            self.transition(name, conn, AlertState::Connected, None);
                             return Ok(latest);
                         }
                         record = latest;
@@ -84,6 +88,12 @@ impl Broker {
                     dead.status = GrantStatus::ConsentRequired;
                     dead.access_token = None;
                     dead.last_error = Some(UpstreamError::InvalidGrant { description }.to_string());
+                    self.transition(
+                        name,
+                        conn,
+                        AlertState::ConsentRequired,
+                        dead.last_error.clone(),
+                    );
                     let dead = self.persist_locked(name, conn, dead).await?;
                     return Err(consent_required(name, &dead));
                 }
@@ -101,6 +111,7 @@ impl Broker {
                         at: self.clock.now(),
                         message: err.to_string(),
                     }));
+                    self.transition(name, conn, AlertState::Failing, Some(err.to_string()));
                     return Err(err.into());
                 }
             }
@@ -110,13 +121,13 @@ impl Broker {
 
     pub(super) async fn refresh_with_retries(
         &self,
-        conn: &Connection,
+        provider: &Provider,
         refresh_token: &oauth2::RefreshToken,
     ) -> Result<ProviderTokenResponse, UpstreamError> {
         let mut backoff = UPSTREAM_BACKOFF;
         let mut attempt = 1;
         loop {
-            match conn.provider.refresh(&self.http, refresh_token).await {
+            match provider.refresh(&self.http, refresh_token).await {
                 Err(err) if err.is_retryable() && attempt < UPSTREAM_ATTEMPTS => {
                     warn!(attempt, error = %err, "token endpoint unavailable; retrying");
                     tokio::time::sleep(backoff).await;

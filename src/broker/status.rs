@@ -16,6 +16,9 @@ pub enum ConnectionState {
     ConsentRequired,
     /// The last refresh failed (provider or store trouble); the grant may still be fine.
     Failing,
+    /// The provider could not be set up (its client secret is not in the vault yet, say);
+    /// retried in the background.
+    Misconfigured,
 }
 
 /// One row of the status page. No secrets.
@@ -44,36 +47,50 @@ impl Broker {
                 _ => self.store.load(name).await.map(|r| r.map(Arc::new)),
             };
             let failure = conn.failure();
-            let status = match record {
-                Err(err) => ConnectionStatus {
-                    name: name.clone(),
-                    state: ConnectionState::Failing,
-                    expires_at: None,
-                    last_refresh: None,
-                    consented_at: None,
-                    last_error: Some(err.to_string()),
-                    last_error_at: None,
-                },
-                Ok(record) => {
-                    let state = match (&record, &failure) {
-                        (None, _) => ConnectionState::ConsentRequired,
-                        (Some(r), _) if r.status == GrantStatus::ConsentRequired => {
-                            ConnectionState::ConsentRequired
-                        }
-                        (Some(_), Some(_)) => ConnectionState::Failing,
-                        (Some(_), None) => ConnectionState::Connected,
-                    };
-                    let dead_reason = record.as_ref().and_then(|r| r.last_error.clone());
+            let status = match (conn.misconfiguration(), record) {
+                (Some(reason), record) => {
+                    let record = record.ok().flatten();
                     ConnectionStatus {
                         name: name.clone(),
-                        state,
+                        state: ConnectionState::Misconfigured,
                         expires_at: record.as_ref().and_then(|r| r.expires_at),
                         last_refresh: record.as_ref().map(|r| r.obtained_at),
                         consented_at: record.as_ref().map(|r| r.consented_at),
-                        last_error_at: failure.as_ref().map(|f| f.at),
-                        last_error: failure.map(|f| f.message).or(dead_reason),
+                        last_error: Some(reason),
+                        last_error_at: None,
                     }
                 }
+                (None, record) => match record {
+                    Err(err) => ConnectionStatus {
+                        name: name.clone(),
+                        state: ConnectionState::Failing,
+                        expires_at: None,
+                        last_refresh: None,
+                        consented_at: None,
+                        last_error: Some(err.to_string()),
+                        last_error_at: None,
+                    },
+                    Ok(record) => {
+                        let state = match (&record, &failure) {
+                            (None, _) => ConnectionState::ConsentRequired,
+                            (Some(r), _) if r.status == GrantStatus::ConsentRequired => {
+                                ConnectionState::ConsentRequired
+                            }
+                            (Some(_), Some(_)) => ConnectionState::Failing,
+                            (Some(_), None) => ConnectionState::Connected,
+                        };
+                        let dead_reason = record.as_ref().and_then(|r| r.last_error.clone());
+                        ConnectionStatus {
+                            name: name.clone(),
+                            state,
+                            expires_at: record.as_ref().and_then(|r| r.expires_at),
+                            last_refresh: record.as_ref().map(|r| r.obtained_at),
+                            consented_at: record.as_ref().map(|r| r.consented_at),
+                            last_error_at: failure.as_ref().map(|f| f.at),
+                            last_error: failure.map(|f| f.message).or(dead_reason),
+                        }
+                    }
+                },
             };
             statuses.push(status);
         }

@@ -11,7 +11,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use oauth2::{AccessToken, RefreshToken};
 
-use super::{Broker, BrokerError, ForceLimit, PrerefreshOutcome, TokenRequest};
+use super::{Broker, BrokerError, ConnectionSetup, ForceLimit, PrerefreshOutcome, TokenRequest};
+use crate::alert::Alerts;
 use crate::clock::ManualClock;
 use crate::config::{Config, Endpoints, LeaseTimings};
 use crate::lock::LocalLock;
@@ -109,7 +110,13 @@ async fn setup(connection: &str, lifetime: i64) -> Setup {
         .expect("save");
     let clock = Arc::new(ManualClock::new(start));
     let broker = Arc::new(Broker::new(
-        BTreeMap::from([("c".to_owned(), provider)]),
+        BTreeMap::from([(
+            "c".to_owned(),
+            ConnectionSetup {
+                provider_name: "oauth2",
+                provider: Ok(provider),
+            },
+        )]),
         store.clone(),
         (
             Arc::new(LocalLock::default()),
@@ -127,6 +134,7 @@ async fn setup(connection: &str, lifetime: i64) -> Setup {
             },
         ),
         clock.clone(),
+        Alerts::log_only(),
     ));
     Setup {
         broker,

@@ -68,6 +68,10 @@ impl Broker {
             detail,
             expires_at,
         };
+        let provider = match conn.provider(name) {
+            Ok(provider) => provider,
+            Err(err) => return report(PrerefreshOutcome::Failed, err.to_string(), None),
+        };
         let cached = conn.cached();
         let record = match (cached.unsaved, cached.record) {
             // A refresh token the store has not accepted yet lives only in this process:
@@ -114,7 +118,7 @@ impl Broker {
         let reason = if remaining <= window && lifetime > window {
             Some(format!("access token expires in {} s", remaining.as_secs()))
         } else {
-            conn.provider
+            provider
                 .refresh_token_idle_lifetime
                 .filter(|lifetime| idle >= *lifetime / 2)
                 .map(|lifetime| {

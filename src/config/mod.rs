@@ -52,6 +52,9 @@ pub struct Config {
     /// Running under the Azure Functions host (`FUNCTIONS_CUSTOMHANDLER_PORT` is set): the
     /// host reaches the timer route over loopback without a key.
     pub functions_host: bool,
+    /// Where connection state changes are posted (`BROKER_ALERT_WEBHOOK_URL`, a Teams or
+    /// Slack incoming webhook). A secret: such URLs carry their own credential.
+    pub alert_webhook: Option<SecretString>,
     /// Settings that work but probably not as intended; logged at startup.
     pub warnings: Vec<String>,
 }
@@ -59,6 +62,7 @@ pub struct Config {
 /// Environment variables the configuration reads directly (all others come in as `${NAME}`).
 const DIRECT_SETTINGS: &[&str] = &[
     "BROKER_PUBLIC_URL",
+    "BROKER_ALERT_WEBHOOK_URL",
     "KEY_VAULT_URL",
     "AzureWebJobsStorage__blobServiceUri",
     "AzureWebJobsStorage__accountName",

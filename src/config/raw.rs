@@ -327,7 +327,12 @@ impl RawConfig {
             }
         }
 
+        let alert_webhook = match env("BROKER_ALERT_WEBHOOK_URL").filter(|v| !v.trim().is_empty()) {
+            Some(url) => Some(alert_webhook(&url)?),
+            None => None,
+        };
         Ok(Config {
+            alert_webhook,
             public_url,
             state_secret,
             auth,
@@ -406,4 +411,26 @@ impl RawStore {
             )),
         }
     }
+}
+
+/// The alert webhook's URL: https (http only on loopback), checked without ever echoing it —
+/// an incoming-webhook URL is its own credential.
+fn alert_webhook(value: &str) -> Result<SecretString, ConfigError> {
+    const KEY: &str = "BROKER_ALERT_WEBHOOK_URL";
+    let url = url::Url::parse(value.trim()).map_err(|_| {
+        ConfigError::key(KEY, "is not a valid URL (value not shown: it is a secret)")
+    })?;
+    if url.host().is_none() || !matches!(url.scheme(), "http" | "https") {
+        return Err(ConfigError::key(
+            KEY,
+            "must be an https URL (value not shown)",
+        ));
+    }
+    if url.scheme() != "https" && !crate::presets::is_loopback(&url) {
+        return Err(ConfigError::key(
+            KEY,
+            "must use https (http only for localhost / 127.0.0.1; value not shown)",
+        ));
+    }
+    Ok(SecretString::from(url.to_string()))
 }

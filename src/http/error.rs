@@ -66,6 +66,11 @@ impl ApiError {
                 "refresh_in_progress",
                 err.to_string(),
             ),
+            BrokerError::Misconfigured { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "connection_misconfigured",
+                err.to_string(),
+            ),
             BrokerError::ForceLimited { .. } => Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "force_rate_limited",

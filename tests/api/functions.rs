@@ -245,6 +245,8 @@ fn settings_cover_everything_the_deployed_config_reads() {
             "KEY_VAULT_URL" => "https://kv-tb-example.vault.azure.net/".into(),
             "BROKER_PUBLIC_URL" => "https://func-tb-example.azurewebsites.net".into(),
             "FUNCTIONS_CUSTOMHANDLER_PORT" => "40000".into(),
+            // What the infra writes until the factory's identity is known.
+            "ADF_PRINCIPAL_ID" => "00000000-0000-0000-0000-000000000000".into(),
             other if needed.contains(other) => {
                 format!("{}-value-0123456789abcdef0123456789", other.to_lowercase())
             }
@@ -258,7 +260,11 @@ fn settings_cover_everything_the_deployed_config_reads() {
         config.store,
         token_broker::config::StoreConfig::KeyVault(_)
     ));
-    assert!(config.auth.entra.is_some());
+    let entra = config.auth.entra.expect("entra");
+    assert!(
+        entra.allowed_principals.is_empty(),
+        "the nil GUID authorizes nobody"
+    );
 }
 
 #[test]

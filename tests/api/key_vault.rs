@@ -26,6 +26,16 @@ struct VaultSetup {
 
 impl VaultSetup {
     async fn start(before_broker: impl FnOnce(&Azure)) -> Self {
+        Self::start_with(true, |_| String::new(), before_broker).await
+    }
+
+    /// `put_client_secret`: whether acme's client secret is in the vault at startup;
+    /// `more_tables`: further config tables, given the upstream.
+    async fn start_with(
+        put_client_secret: bool,
+        more_tables: impl FnOnce(&Upstream) -> String,
+        before_broker: impl FnOnce(&Azure),
+    ) -> Self {
         let azure = Azure::start().await;
         let dir = tempfile::tempdir().expect("tempdir");
         // The broker's port is only known once it starts, and the upstream needs the
@@ -35,15 +45,21 @@ impl VaultSetup {
         let upstream =
             Upstream::start(&format!("{base}/api/callback"), "client_secret_basic", 3600).await;
         // The client secret lives in the vault, not in the config.
-        azure.shared.put(CLIENT_SECRET, &upstream.client_secret);
+        if put_client_secret {
+            azure.shared.put(CLIENT_SECRET, &upstream.client_secret);
+        }
+        let more_tables = more_tables(&upstream);
         let config = BrokerConfig::default()
             .store("retry_budget", 3)
             .store("managed_identity_client_id", MI_CLIENT_ID)
-            .tables(&upstream.connection_toml(
-                "acme",
-                &format!(
-                    "client_secret_name = \"{CLIENT_SECRET}\"\nmirror_refresh_token_secret = \"{MIRROR}\""
-                ),
+            .tables(&format!(
+                "{}{more_tables}",
+                upstream.connection_toml(
+                    "acme",
+                    &format!(
+                        "client_secret_name = \"{CLIENT_SECRET}\"\nmirror_refresh_token_secret = \"{MIRROR}\""
+                    ),
+                )
             ))
             .write(dir.path());
         before_broker(&azure);
@@ -270,6 +286,94 @@ async fn a_mirror_that_cannot_be_written_never_fails_a_refresh() {
         Some(setup.stored_refresh_token())
     );
     assert_eq!(setup.upstream.grants_revoked().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_secret_missing_from_the_vault_leaves_that_connection_misconfigured_until_it_appears(
+) {
+    // The normal state right after the first `azd up`: the vault exists, the secret not yet.
+    let setup = VaultSetup::start_with(
+        false,
+        |upstream| {
+            upstream.connection_toml(
+                "beta",
+                &format!("client_secret = \"{}\"", upstream.client_secret),
+            )
+        },
+        |_| {},
+    )
+    .await;
+    let health = setup
+        .http
+        .get(format!("{}/api/health", setup.broker.base))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(health.status(), 200);
+
+    // The other connection works.
+    consent(&setup.broker.base, "beta").await;
+    let beta = setup
+        .http
+        .get(format!("{}/api/refresh/beta", setup.broker.base))
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("refresh beta");
+    assert_eq!(beta.status(), 200);
+
+    // acme: 503 naming the secret, and `misconfigured` on the status page.
+    let (status, body) = setup.refresh("").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "connection_misconfigured");
+    let description = body["error_description"].as_str().expect("description");
+    assert!(description.contains(CLIENT_SECRET), "{description}");
+    let page = setup
+        .http
+        .get(format!("{}/api/connections", setup.broker.base))
+        .header("X-API-Key", crate::support::ADMIN_KEY)
+        .header("Accept", "application/json")
+        .send()
+        .await
+        .expect("connections");
+    let page: Value = page.json().await.expect("json");
+    let state = |name: &str| {
+        page["connections"]
+            .as_array()
+            .and_then(|all| all.iter().find(|c| c["name"] == name))
+            .map(|c| c["state"].clone())
+    };
+    assert_eq!(state("acme"), Some("misconfigured".into()), "{page}");
+    assert_eq!(state("beta"), Some("connected".into()), "{page}");
+
+    // The secret is added: the connection works without a restart.
+    setup
+        .azure
+        .shared
+        .put(CLIENT_SECRET, &setup.upstream.client_secret);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (status, body) = setup.refresh("").await;
+        if status == 409 {
+            assert_eq!(body["error"], "consent_required", "{body}");
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still misconfigured: {body}\n{}",
+            setup.broker.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    consent(&setup.broker.base, "acme").await;
+    let token = setup.token("").await;
+    assert!(setup.upstream.is_active(&token).await);
+    let logs = setup.broker.logs();
+    assert!(
+        logs.contains("connection_state_changed") && logs.contains("misconfigured"),
+        "{logs}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

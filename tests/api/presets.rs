@@ -581,12 +581,27 @@ async fn oidc_discovery_refuses_a_document_for_another_issuer() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let err = match token_broker::Application::build(config, listener).await {
-        Ok(_) => panic!("a wrong issuer must stop startup"),
-        Err(err) => format!("{err:#}"),
-    };
+    // The broker starts regardless (one connection's trouble never stops the others); the
+    // connection answers why it cannot serve.
+    let app = token_broker::Application::build(config, listener)
+        .await
+        .expect("startup survives a failed discovery");
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let response = reqwest::get(format!("{base}/api/refresh/idp"))
+        .await
+        .expect("refresh");
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "connection_misconfigured", "{body}");
+    let err = body["error_description"].as_str().expect("description");
     assert!(err.contains("connections.idp.issuer"), "{err}");
     assert!(err.contains("names the issuer"), "{err}");
+    let _ = stop.send(());
+    server.await.expect("join").expect("served");
 }
 
 #[tokio::test]

@@ -1,0 +1,194 @@
+//! Telling an admin when a connection changes state: one log event per transition, with a
+//! stable name and fields that an Application Insights alert rule matches (see the README's
+//! "Alerts"), and optionally a small JSON POST to an incoming webhook (Teams, Slack).
+//!
+//! The event is `connection_state_changed` with target `token_broker::alert` and the fields
+//! `connection`, `provider`, `state`, `previous` and `reason` — never a token: `reason` is a
+//! provider error code and description, or a configuration problem. ERROR for
+//! `consent_required`, `failing` and `misconfigured`; INFO for `connected` and `configured`.
+//!
+//! The webhook runs in a task of its own behind a bounded queue: a refresh only ever puts a
+//! notification in the queue (dropping it, with a warning, when the queue is full), so a
+//! slow or failing webhook never delays one.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+/// Notifications waiting for the webhook; beyond that they are dropped.
+const QUEUE: usize = 64;
+/// Tries per notification, and the time each may take.
+const ATTEMPTS: u32 = 3;
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before the second try; doubled for each further one.
+const FIRST_PAUSE: Duration = Duration::from_secs(1);
+
+/// A connection's state, as alerts name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertState {
+    Connected,
+    ConsentRequired,
+    Failing,
+    Misconfigured,
+    /// Its settings work again (after `misconfigured`); the grant's state follows.
+    Configured,
+}
+
+impl AlertState {
+    pub fn name(self) -> &'static str {
+        match self {
+            AlertState::Connected => "connected",
+            AlertState::ConsentRequired => "consent_required",
+            AlertState::Failing => "failing",
+            AlertState::Misconfigured => "misconfigured",
+            AlertState::Configured => "configured",
+        }
+    }
+
+    /// A state a person has to act on.
+    pub fn needs_attention(self) -> bool {
+        matches!(
+            self,
+            AlertState::ConsentRequired | AlertState::Failing | AlertState::Misconfigured
+        )
+    }
+}
+
+/// One transition.
+#[derive(Debug, Clone, Serialize)]
+pub struct StateChange {
+    pub connection: String,
+    pub provider: &'static str,
+    pub state: AlertState,
+    pub previous: Option<AlertState>,
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// Where transitions go: the log always, the webhook when configured.
+pub struct Alerts {
+    webhook: Option<mpsc::Sender<StateChange>>,
+}
+
+impl Alerts {
+    /// Log only.
+    pub fn log_only() -> Self {
+        Self { webhook: None }
+    }
+
+    /// Log, and POST to `webhook` when given. Starts the webhook's task: call within the
+    /// tokio runtime.
+    pub fn new(webhook: Option<&SecretString>) -> anyhow::Result<Self> {
+        let Some(url) = webhook else {
+            return Ok(Self::log_only());
+        };
+        let url = url::Url::parse(url.expose_secret())
+            .map_err(|_| anyhow::anyhow!("BROKER_ALERT_WEBHOOK_URL is not a valid URL"))?;
+        let client = crate::http_client::builder()?.timeout(TIMEOUT).build()?;
+        let (sender, receiver) = mpsc::channel(QUEUE);
+        tokio::spawn(deliver(client, url, receiver));
+        Ok(Self {
+            webhook: Some(sender),
+        })
+    }
+
+    /// Reports a transition. Never blocks.
+    pub fn state_changed(&self, change: StateChange) {
+        let previous = change.previous.map_or("unknown", AlertState::name);
+        let reason = change.reason.as_deref().unwrap_or("");
+        if change.state.needs_attention() {
+            tracing::error!(
+                connection = %change.connection,
+                provider = change.provider,
+                state = change.state.name(),
+                previous,
+                reason,
+                "connection_state_changed"
+            );
+        } else {
+            tracing::info!(
+                connection = %change.connection,
+                provider = change.provider,
+                state = change.state.name(),
+                previous,
+                reason,
+                "connection_state_changed"
+            );
+        }
+        if let Some(sender) = &self.webhook {
+            if sender.try_send(change).is_err() {
+                tracing::warn!("the alert webhook is behind: a connection_state_changed notification was dropped (the log line above still stands)");
+            }
+        }
+    }
+}
+
+/// The webhook's body: `text` for Teams and Slack incoming webhooks (which show it), the
+/// fields for anything that reads JSON.
+fn body(change: &StateChange) -> serde_json::Value {
+    let what = match change.state {
+        AlertState::ConsentRequired => {
+            "needs consent again: open /api/authorize/{connection} as an admin"
+        }
+        AlertState::Failing => "is failing to refresh",
+        AlertState::Misconfigured => "is misconfigured",
+        AlertState::Connected => "is connected again",
+        AlertState::Configured => "is configured again",
+    }
+    .replace("{connection}", &change.connection);
+    let mut text = format!(
+        "Token Broker: connection `{}` ({}) {what}",
+        change.connection, change.provider
+    );
+    if let Some(reason) = &change.reason {
+        text.push_str(&format!(" — {reason}"));
+    }
+    serde_json::json!({
+        "text": text,
+        "event": "connection_state_changed",
+        "connection": change.connection,
+        "provider": change.provider,
+        "state": change.state,
+        "previous": change.previous,
+        "reason": change.reason,
+        "at": change.at,
+    })
+}
+
+async fn deliver(
+    client: reqwest::Client,
+    url: url::Url,
+    mut receiver: mpsc::Receiver<StateChange>,
+) {
+    while let Some(change) = receiver.recv().await {
+        let body = body(&change);
+        let mut pause = FIRST_PAUSE;
+        for attempt in 1..=ATTEMPTS {
+            // The URL is a credential: errors are reported without it.
+            let outcome = match client.post(url.clone()).json(&body).send().await {
+                Ok(response) if response.status().is_success() => Ok(()),
+                Ok(response) => Err(format!("HTTP {}", response.status().as_u16())),
+                Err(err) if err.is_timeout() => Err("timed out".to_owned()),
+                Err(_) => Err("could not connect".to_owned()),
+            };
+            match outcome {
+                Ok(()) => break,
+                Err(problem) if attempt < ATTEMPTS => {
+                    tracing::debug!(attempt, problem, "alert webhook failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(problem) => tracing::warn!(
+                    connection = %change.connection,
+                    state = change.state.name(),
+                    problem,
+                    "the alert webhook refused the notification {ATTEMPTS} times; giving up on it"
+                ),
+            }
+        }
+    }
+}
