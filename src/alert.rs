@@ -103,18 +103,18 @@ impl Alerts {
         if change.state.needs_attention() {
             tracing::error!(
                 connection = %change.connection,
-                provider = change.provider,
-                state = change.state.name(),
-                previous,
+                provider = %change.provider,
+                state = %change.state.name(),
+                previous = %previous,
                 reason,
                 "connection_state_changed"
             );
         } else {
             tracing::info!(
                 connection = %change.connection,
-                provider = change.provider,
-                state = change.state.name(),
-                previous,
+                provider = %change.provider,
+                state = %change.state.name(),
+                previous = %previous,
                 reason,
                 "connection_state_changed"
             );

@@ -140,7 +140,10 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        tracing::info!(port = self.port(), "listening");
+        match self.listener.local_addr() {
+            Ok(address) => tracing::info!(%address, "listening"),
+            Err(_) => tracing::info!("listening"),
+        }
         let broker = Arc::clone(&self.state.broker);
         let service =
             api::router(self.state).into_make_service_with_connect_info::<std::net::SocketAddr>();

@@ -60,11 +60,14 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => {
-                let bind = cli.bind.unwrap_or(if config.functions_host {
-                    IpAddr::from([127, 0, 0, 1])
-                } else {
-                    IpAddr::from([0, 0, 0, 0])
-                });
+                // Under the host, and for a local trial, nobody else needs to reach it.
+                let bind = cli
+                    .bind
+                    .unwrap_or(if config.functions_host || config.local_mode {
+                        IpAddr::from([127, 0, 0, 1])
+                    } else {
+                        IpAddr::from([0, 0, 0, 0])
+                    });
                 serve(config, bind).await
             }
             Command::Check => check(config).await,
@@ -96,6 +99,12 @@ async fn serve(config: Config, bind: IpAddr) -> anyhow::Result<()> {
     if config.auth.allow_anonymous && !bind.is_loopback() {
         anyhow::bail!(
             "config key `auth.allow_anonymous`: only allowed when the broker listens on loopback \
+             (BROKER_BIND=127.0.0.1); it would listen on {bind}"
+        );
+    }
+    if config.local_mode && !bind.is_loopback() {
+        anyhow::bail!(
+            "config key `local_mode`: only allowed when the broker listens on loopback \
              (BROKER_BIND=127.0.0.1); it would listen on {bind}"
         );
     }

@@ -49,6 +49,17 @@ pub(super) const RESERVED_AUTHORIZE_PARAMS: &[&str] = &[
 ];
 
 impl RawConnection {
+    /// The settings that identify the client to the provider, for the placeholder check.
+    pub(super) fn credentials(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("client_id", self.client_id.as_deref()),
+            ("client_secret", self.client_secret.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(field, value)| Some((field, value?)))
+        .collect()
+    }
+
     pub(super) fn validate(self, key: &str) -> Result<ConnectionConfig, ConfigError> {
         let preset = ProviderProfile::resolve(
             self.provider,

@@ -37,6 +37,9 @@ use url::Url;
 /// Everything the broker needs, validated.
 #[derive(Debug)]
 pub struct Config {
+    /// A trial on this machine (`local_mode = true`): example placeholders accepted, and
+    /// the broker refuses to listen beyond loopback.
+    pub local_mode: bool,
     /// Public base URL of the broker; the redirect URI is `{public_url}/api/callback`.
     /// `None` means "derive from the listening port" (`http://localhost:{port}`).
     pub public_url: Option<Url>,

@@ -15,6 +15,10 @@ use super::*;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
+    /// Trying the broker on this machine: example placeholders are accepted (with a
+    /// warning), and the broker listens on loopback only.
+    #[serde(default)]
+    local_mode: bool,
     public_url: Option<String>,
     state_secret: Option<String>,
     #[serde(default)]
@@ -157,6 +161,53 @@ impl RawConfig {
         self,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
+        // Example placeholders (`replace-with-…`, `change-me`) are not credentials: refused
+        // unless the config says it is a local trial.
+        let mut placeholders = Vec::new();
+        let mut candidates: Vec<(String, &str)> = Vec::new();
+        if let Some(secret) = &self.state_secret {
+            candidates.push(("state_secret".to_owned(), secret));
+        }
+        for (list, values) in [
+            ("auth.api_keys", &self.auth.api_keys),
+            ("auth.admin_keys", &self.auth.admin_keys),
+        ] {
+            for (i, value) in values.iter().enumerate() {
+                candidates.push((format!("{list}[{i}]"), value));
+            }
+        }
+        for (name, connection) in &self.connections {
+            for (field, value) in connection.credentials() {
+                candidates.push((format!("connections.{name}.{field}"), value));
+            }
+        }
+        for (key, value) in candidates {
+            if is_placeholder(value) {
+                if !self.local_mode {
+                    return Err(ConfigError::key(
+                        key,
+                        "is an example placeholder, not a credential: set the real value (a \
+                         random key: `openssl rand -hex 24`), or set `local_mode = true` at the top \
+                         of the file to try the broker on this machine",
+                    ));
+                }
+                placeholders.push(key);
+            }
+        }
+        // In Azure (not under a local `func start`): the variables the Functions host itself
+        // reads to tell it runs in App Service (WEBSITE_INSTANCE_ID) or a Linux consumption
+        // container (CONTAINER_NAME).
+        let in_azure = ["WEBSITE_INSTANCE_ID", "CONTAINER_NAME"]
+            .iter()
+            .any(|name| env(name).is_some_and(|v| !v.is_empty()));
+        if self.local_mode && in_azure {
+            return Err(ConfigError::key(
+                "local_mode",
+                "is for trying the broker on your own machine, not in Azure: remove it and set \
+                 real secrets",
+            ));
+        }
+
         // The environment wins over the file for the public URL: the same config file serves
         // local runs and every deployment slot.
         let public_url = match env("BROKER_PUBLIC_URL").filter(|v| !v.is_empty()) {
@@ -233,6 +284,13 @@ impl RawConfig {
         };
 
         let mut warnings = Vec::new();
+        if !placeholders.is_empty() {
+            warnings.push(format!(
+                "local_mode: example placeholders accepted for {} — fine on this machine, never \
+                 in a deployment",
+                placeholders.join(", ")
+            ));
+        }
         if auth
             .entra
             .as_ref()
@@ -332,6 +390,7 @@ impl RawConfig {
             None => None,
         };
         Ok(Config {
+            local_mode: self.local_mode,
             alert_webhook,
             public_url,
             state_secret,
@@ -433,4 +492,10 @@ fn alert_webhook(value: &str) -> Result<SecretString, ConfigError> {
         ));
     }
     Ok(SecretString::from(url.to_string()))
+}
+
+/// The placeholders the examples ship (`replace-with-…`, `…-change-me`): never a credential.
+pub(super) fn is_placeholder(value: &str) -> bool {
+    let value = value.to_ascii_lowercase();
+    value.contains("replace-with") || value.contains("change-me") || value.contains("changeme")
 }

@@ -356,3 +356,29 @@ fn the_nil_guid_and_empty_principals_authorize_nobody_and_other_non_guids_are_re
         );
     }
 }
+
+#[test]
+fn the_local_example_runs_in_local_mode_only() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/broker.toml"))
+            .expect("examples/broker.toml");
+    let config = Config::parse(&text, &|_| None).expect("the README's first command works");
+    assert!(config.local_mode);
+    assert!(
+        config
+            .warnings
+            .iter()
+            .any(|w| w.contains("auth.api_keys[0]")
+                && w.contains("connections.example.client_secret")),
+        "{:?}",
+        config.warnings
+    );
+    // The same file without the local-mode line: its placeholders are refused.
+    let deployed = text.replace("local_mode = true", "");
+    let err = Config::parse(&deployed, &|_| None)
+        .expect_err("placeholders refused")
+        .to_string();
+    assert!(err.contains("auth.api_keys[0]"), "{err}");
+    assert!(err.contains("placeholder"), "{err}");
+    assert!(!err.contains("change-me"), "the value is not echoed: {err}");
+}

@@ -293,6 +293,38 @@ async fn unresolved_references_and_empty_secrets_stop_startup_without_echoing_th
             vec![],
             "auth.api_keys[0]",
         ),
+        // The examples' placeholders, outside local mode.
+        (
+            "state_secret = \"${BROKER_STATE_SECRET}\"\n[auth]\nallow_anonymous = true\n".into(),
+            vec![(
+                "BROKER_STATE_SECRET",
+                "replace-with-32-or-more-random-characters-leak",
+            )],
+            "state_secret",
+        ),
+        (
+            "[auth]\napi_keys = [\"local-caller-key-change-me-leak\"]\n".into(),
+            vec![],
+            "auth.api_keys[0]",
+        ),
+        (
+            "[auth]\napi_keys = [\"k-0123456789abcdef\"]\nadmin_keys = [\"${BROKER_ADMIN_KEY}\"]\n".into(),
+            vec![("BROKER_ADMIN_KEY", "replace-with-a-random-admin-key-leak")],
+            "auth.admin_keys[0]",
+        ),
+        (
+            format!(
+                "[auth]\nallow_anonymous = true\n{connection}client_secret = \"replace-with-your-client-secret-leak\"\n"
+            ),
+            vec![],
+            "connections.a.client_secret",
+        ),
+        (
+            // Local mode is refused in Azure.
+            "local_mode = true\n[auth]\napi_keys = [\"local-caller-key-change-me-leak\"]\n".into(),
+            vec![("WEBSITE_INSTANCE_ID", "a1b2c3")],
+            "local_mode",
+        ),
     ];
     for (text, env, key) in cases {
         std::fs::write(&config, &text).expect("write");
@@ -349,4 +381,54 @@ async fn anonymous_access_is_refused_unless_the_broker_listens_on_loopback() {
     assert!(std::fs::read_to_string(&log)
         .expect("log")
         .contains("allow_anonymous = true"));
+}
+
+#[tokio::test]
+async fn local_mode_listens_on_loopback_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("broker.toml");
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/broker.toml"))
+            .expect("example");
+    std::fs::write(
+        &config,
+        example.replace(
+            "path = \".tokens\"",
+            &format!("path = \"{}\"", dir.path().join("tokens").display()),
+        ),
+    )
+    .expect("write");
+    // Refused before it binds anything wider.
+    let output = broker(&config)
+        .env("PORT", free_port().to_string())
+        .env("BROKER_BIND", "0.0.0.0")
+        .output()
+        .await
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("local_mode"), "{stderr}");
+
+    // Without BROKER_BIND the example serves on 127.0.0.1, warning about its placeholders.
+    let port = free_port();
+    let log = dir.path().join("broker.log");
+    let mut child = broker(&config)
+        .env("PORT", port.to_string())
+        .env_remove("BROKER_BIND")
+        .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))
+        .spawn()
+        .expect("start");
+    wait_ready(port, &mut child, &log).await;
+    let health = reqwest::get(format!("http://127.0.0.1:{port}/api/health"))
+        .await
+        .expect("health");
+    assert_eq!(health.status(), 200);
+    child.kill().await.expect("kill");
+    let logs = std::fs::read_to_string(&log).expect("log");
+    assert!(logs.contains("placeholders accepted"), "{logs}");
+    assert!(
+        logs.contains(&format!("address=127.0.0.1:{port}")),
+        "{logs}"
+    );
+    assert!(!logs.contains("change-me"), "values are not echoed: {logs}");
 }

@@ -253,8 +253,14 @@ fn settings_cover_everything_the_deployed_config_reads() {
             _ => return None,
         })
     };
+    // As shipped, its placeholder client id is refused: the user adds their connections.
+    let err = token_broker::Config::parse(&azure_config, &env)
+        .expect_err("the placeholder is refused")
+        .to_string();
+    assert!(err.contains("connections.example.client_id"), "{err}");
+    let edited = azure_config.replace("replace-with-your-client-id", "3f2b1c9e-client");
     let config =
-        token_broker::Config::parse(&azure_config, &env).expect("examples/azure.toml is valid");
+        token_broker::Config::parse(&edited, &env).expect("examples/azure.toml, edited, is valid");
     assert!(config.functions_host);
     assert!(matches!(
         config.store,

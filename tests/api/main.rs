@@ -3,6 +3,7 @@
 //! Integration tests: the real broker against a real OAuth server (`oidc-provider`, strict:
 //! PKCE required, refresh tokens rotate on every use, reuse revokes the grant).
 
+mod alerts;
 mod architecture;
 mod bad_input;
 mod binary;

@@ -1,0 +1,231 @@
+//! Telling an admin when a grant dies: the `connection_state_changed` log event once per
+//! transition, the webhook notification once per transition, and a webhook that hangs never
+//! delaying a refresh.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{consent, free_port, BrokerConfig, BrokerProcess, Upstream, CALLER_KEY};
+
+/// A Teams/Slack-style incoming webhook: records every POSTed JSON body, and answers at
+/// once or never.
+struct Hook {
+    url: String,
+    received: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Hook {
+    async fn start(hang: bool) -> Self {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&received);
+        let app = axum::Router::new().route(
+            "/hook/secret-path",
+            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    seen.lock().expect("lock").push(body);
+                    if hang {
+                        std::future::pending::<()>().await;
+                    }
+                    "1"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!(
+            "http://{}/hook/secret-path",
+            listener.local_addr().expect("addr")
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { url, received }
+    }
+
+    fn states(&self) -> Vec<String> {
+        self.received
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|body| body["state"].as_str().unwrap_or("?").to_owned())
+            .collect()
+    }
+
+    /// Waits until `n` notifications arrived, then a little longer to see that no more do.
+    async fn wait_for(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.received.lock().expect("lock").len() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.received.lock().expect("lock").clone()
+    }
+}
+
+struct Setup {
+    upstream: Upstream,
+    broker: BrokerProcess,
+    hook: Hook,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn start(hang: bool) -> Self {
+        let hook = Hook::start(hang).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let upstream =
+            Upstream::start(&format!("{base}/api/callback"), "client_secret_basic", 3600).await;
+        let config = BrokerConfig::default()
+            .file_store(&dir.path().join("tokens"))
+            .lock("failure_backoff", 1)
+            .tables(&upstream.connection_toml(
+                "acme",
+                &format!("client_secret = \"{}\"", upstream.client_secret),
+            ))
+            .write(dir.path());
+        let env = [
+            ("BROKER_ALERT_WEBHOOK_URL", hook.url.clone()),
+            ("RUST_LOG", "info".to_owned()),
+        ];
+        let broker =
+            BrokerProcess::start_on(port, &config, &env, &dir.path().join("broker.log")).await;
+        Self {
+            upstream,
+            broker,
+            hook,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    async fn refresh(&self, query: &str) -> u16 {
+        self.http
+            .get(format!("{}/api/refresh/acme{query}", self.broker.base))
+            .header("X-API-Key", CALLER_KEY)
+            .send()
+            .await
+            .expect("refresh")
+            .status()
+            .as_u16()
+    }
+
+    /// Consents, rotates once, and has someone replay the consented refresh token: the
+    /// strict upstream revokes the grant, and the broker's next refresh finds it dead.
+    async fn kill_the_grant(&self) {
+        consent(&self.broker.base, "acme").await;
+        let consented = self.stored_refresh_token();
+        assert_eq!(self.refresh("?force=true").await, 200);
+        assert_eq!(self.upstream.use_refresh_token(&consented).await, 400);
+        assert_eq!(self.upstream.grants_revoked().await, 1);
+    }
+
+    fn stored_refresh_token(&self) -> String {
+        let path = self._dir.path().join("tokens/acme.json");
+        let record: Value =
+            serde_json::from_slice(&std::fs::read(path).expect("record")).expect("json");
+        record["refresh_token"].as_str().expect("token").to_owned()
+    }
+
+    fn events(&self) -> Vec<String> {
+        self.broker
+            .logs()
+            .lines()
+            .filter(|line| line.contains("connection_state_changed"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_transition_is_logged_and_posted_once() {
+    let setup = Setup::start(false).await;
+    setup.kill_the_grant().await;
+
+    // The grant dies: one event, however many callers hear about it.
+    assert_eq!(setup.refresh("?force=true").await, 409);
+    assert_eq!(setup.refresh("").await, 409);
+    assert_eq!(setup.refresh("?force=true").await, 409);
+    // Consent again: recovered.
+    consent(&setup.broker.base, "acme").await;
+    // The provider fails, then works again.
+    setup
+        .upstream
+        .fail_next(1, 500, r#"{"error":"server_error"}"#, "application/json")
+        .await;
+    assert_eq!(setup.refresh("?force=true").await, 502);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(setup.refresh("?force=true").await, 200);
+    assert_eq!(setup.refresh("").await, 200);
+
+    let received = setup.hook.wait_for(4).await;
+    assert_eq!(
+        setup.hook.states(),
+        ["consent_required", "connected", "failing", "connected"],
+        "{received:?}\n{}",
+        setup.broker.logs()
+    );
+    let dead = &received[0];
+    assert_eq!(dead["event"], "connection_state_changed");
+    assert_eq!(dead["connection"], "acme");
+    assert_eq!(dead["provider"], "oauth2");
+    assert_eq!(dead["previous"], "connected");
+    assert!(
+        dead["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("invalid_grant")),
+        "{dead}"
+    );
+    assert!(
+        dead["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("/api/authorize/acme")),
+        "{dead}"
+    );
+
+    // The log: the same four, with the documented fields, ERROR for the bad ones.
+    let events = setup.events();
+    assert_eq!(events.len(), 4, "{events:#?}");
+    for (line, (level, state)) in events.iter().zip([
+        ("ERROR", "consent_required"),
+        ("INFO", "connected"),
+        ("ERROR", "failing"),
+        ("INFO", "connected"),
+    ]) {
+        assert!(line.contains(level), "{line}");
+        assert!(line.contains("token_broker::alert"), "{line}");
+        assert!(line.contains(&format!(" state={state} ")), "{line}");
+        assert!(line.contains("connection=acme"), "{line}");
+        assert!(line.contains(" provider=oauth2 "), "{line}");
+        assert!(line.contains("previous="), "{line}");
+        assert!(line.contains("reason="), "{line}");
+    }
+    // The webhook URL is a credential: never logged.
+    assert!(!setup.broker.logs().contains("secret-path"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_never_answers_never_delays_a_refresh() {
+    let setup = Setup::start(true).await;
+    setup.kill_the_grant().await;
+    // The transition's notification goes to a webhook that never answers (the broker gives
+    // each try 10 s): the refresh answers regardless, well before the first try times out.
+    let answered = tokio::time::timeout(Duration::from_secs(8), setup.refresh("?force=true"))
+        .await
+        .expect("the refresh answers while the webhook hangs");
+    assert_eq!(answered, 409);
+    consent(&setup.broker.base, "acme").await;
+    let answered = tokio::time::timeout(Duration::from_secs(8), setup.refresh("?force=true"))
+        .await
+        .expect("and again");
+    assert_eq!(answered, 200);
+    assert_eq!(
+        setup.hook.wait_for(1).await.len(),
+        1,
+        "the first try reached it"
+    );
+}
