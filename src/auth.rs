@@ -109,13 +109,9 @@ impl CallerAuth {
     }
 
     /// Authenticates a request for a route needing `role`: a bearer token if one is sent,
-    /// else the API key from `X-API-Key` or, for browsers, `query_key`.
-    pub async fn authenticate(
-        &self,
-        headers: &HeaderMap,
-        query_key: Option<&str>,
-        role: Role,
-    ) -> Result<(), AuthError> {
+    /// else the API key from `X-API-Key` (never from the URL: a browser's `?key=` is
+    /// exchanged for a session cookie by the browser routes themselves).
+    pub async fn authenticate(&self, headers: &HeaderMap, role: Role) -> Result<(), AuthError> {
         if self.anonymous {
             return Ok(());
         }
@@ -141,10 +137,7 @@ impl CallerAuth {
                 _ => Err(AuthError::PrincipalNotAllowed(principal.object_id, "")),
             };
         }
-        let key = headers
-            .get(API_KEY_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .or(query_key);
+        let key = headers.get(API_KEY_HEADER).and_then(|v| v.to_str().ok());
         self.check_key(key, role)
     }
 
@@ -217,7 +210,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::AUTHORIZATION, "Bearer abc".parse().expect("header"));
         assert_eq!(
-            auth().authenticate(&headers, None, Role::Caller).await,
+            auth().authenticate(&headers, Role::Caller).await,
             Err(AuthError::NoEntra)
         );
     }

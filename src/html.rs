@@ -37,10 +37,22 @@ pub fn connections(rows: &[(ConnectionStatus, String)]) -> String {
         ));
     }
     body.push_str(
-        "</tbody></table><p>Connect links need the admin key: add <code>?key=…</code> \
-         or send <code>X-API-Key</code>.</p>",
+        "</tbody></table><p>The links work in this browser for 30 minutes after the admin key \
+         was last given (<code>?key=…</code> once, which this page then drops from the address).</p>",
     );
     document("Connections", &body)
+}
+
+/// The page a browser gets for `?key=`: it has its session cookie now, and goes on to
+/// `target` (the same address without the key) from this page, so the navigation is
+/// same-site and the `SameSite=Strict` cookie goes with it.
+pub fn continue_to(target: &str) -> String {
+    let target = html_escape::encode_double_quoted_attribute(target);
+    let body = format!(
+        "<meta http-equiv=\"refresh\" content=\"0;url={target}\">\
+         <p>Signed in. <a href=\"{target}\">Continue</a>.</p>"
+    );
+    document("Signed in", &body)
 }
 
 fn document(title: &str, body: &str) -> String {

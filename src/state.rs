@@ -30,6 +30,12 @@ pub const BINDING_COOKIE: &str = "tb_binding";
 /// How long a consent may take, from `/api/authorize` to the callback.
 pub const STATE_TTL: Duration = Duration::from_secs(600);
 
+/// Name of the admin-session cookie a browser gets for `?key=`.
+pub const ADMIN_COOKIE: &str = "tb_admin";
+
+/// How long an admin session lasts.
+pub const ADMIN_SESSION_TTL: Duration = Duration::from_secs(1800);
+
 /// Why a `state` was refused. Every variant is a 400 for the browser.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
@@ -193,6 +199,42 @@ impl StateSigner {
 
     fn mac(&self, parts: &[&[u8]]) -> Vec<u8> {
         self.keyed(parts).finalize().into_bytes().to_vec()
+    }
+
+    /// An admin session for a browser that presented an admin key: `v1.{expiry}.{nonce}.{mac}`,
+    /// signed like `state` (so every instance with the same `state_secret` accepts it).
+    pub fn issue_admin_session(&self, now: DateTime<Utc>) -> String {
+        let expiry = (now.timestamp() + ADMIN_SESSION_TTL.as_secs() as i64).to_string();
+        let nonce = URL_SAFE_NO_PAD.encode(random_bytes(16));
+        let mac = URL_SAFE_NO_PAD.encode(self.mac(&[
+            b"admin-session",
+            expiry.as_bytes(),
+            nonce.as_bytes(),
+        ]));
+        format!("v1.{expiry}.{nonce}.{mac}")
+    }
+
+    /// True for an unexpired admin session this broker issued.
+    pub fn is_admin_session(&self, value: &str, now: DateTime<Utc>) -> bool {
+        let mut parts = value.split('.');
+        let (Some("v1"), Some(expiry), Some(nonce), Some(mac), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return false;
+        };
+        let Ok(mac) = URL_SAFE_NO_PAD.decode(mac) else {
+            return false;
+        };
+        // Constant-time comparison, through the hmac crate.
+        let signed = self
+            .keyed(&[b"admin-session", expiry.as_bytes(), nonce.as_bytes()])
+            .verify_slice(&mac)
+            .is_ok();
+        signed && expiry.parse::<i64>().is_ok_and(|e| now.timestamp() < e)
     }
 }
 

@@ -1,33 +1,101 @@
 //! Admin authentication for the browser and admin routes: a bearer token, `X-API-Key`, or
-//! for a browser `?key=`.
+//! the admin-session cookie a browser gets in exchange for `?key=`.
+//!
+//! A key in a URL lands in the browser's history and in request logs, so `?key=` is taken
+//! only on the browser routes (`/api/authorize/…`, `/api/connections`), and only once: the
+//! answer sets a short-lived `HttpOnly`, `SameSite=Strict` session cookie (`Secure` when the
+//! public URL is https) and sends the browser on to the same address without the key.
 
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
 use super::{ApiError, AppState};
 use crate::auth::Role;
+use crate::html;
+use crate::state::{ADMIN_COOKIE, ADMIN_SESSION_TTL};
 
 #[derive(Deserialize)]
 pub(super) struct KeyParam {
     key: Option<String>,
 }
 
-/// Admin routes: a bearer token, `X-API-Key`, or for a browser `?key=`.
+/// Admin routes: a bearer token, `X-API-Key`, or an admin-session cookie.
 pub(super) async fn authenticate_admin(
     state: &AppState,
     headers: &HeaderMap,
-    query: &Option<String>,
 ) -> Result<(), ApiError> {
-    Ok(state
-        .auth
-        .authenticate(headers, query_key(query).as_deref(), Role::Admin)
-        .await?)
+    if cookie(headers, ADMIN_COOKIE)
+        .is_some_and(|session| state.signer.is_admin_session(session, state.broker.now()))
+    {
+        return Ok(());
+    }
+    Ok(state.auth.authenticate(headers, Role::Admin).await?)
 }
 
-/// `?key=` — admin routes accept it because a browser cannot set headers on a link.
+/// A browser route opened with `?key=`: checks the key and answers with the session cookie
+/// and a page that goes on to the same address without it. `None` when there is no key.
+pub(super) fn exchange_query_key(
+    state: &AppState,
+    uri: &Uri,
+) -> Result<Option<Response>, ApiError> {
+    let query = uri.query().map(str::to_owned);
+    let Some(key) = query_key(&query) else {
+        return Ok(None);
+    };
+    state.auth.check_key(Some(&key), Role::Admin)?;
+    let rest: Vec<(String, String)> =
+        serde_urlencoded::from_str(uri.query().unwrap_or("")).unwrap_or_default();
+    let rest: Vec<_> = rest.into_iter().filter(|(name, _)| name != "key").collect();
+    let target = match serde_urlencoded::to_string(&rest) {
+        Ok(rest) if !rest.is_empty() => format!("{}?{rest}", uri.path()),
+        _ => uri.path().to_owned(),
+    };
+    let secure = if state.public_url.scheme() == "https" {
+        "; Secure"
+    } else {
+        ""
+    };
+    let session = state.signer.issue_admin_session(state.broker.now());
+    let cookie = format!(
+        "{ADMIN_COOKIE}={session}; Path=/api; Max-Age={}; HttpOnly; SameSite=Strict{secure}",
+        ADMIN_SESSION_TTL.as_secs()
+    );
+    tracing::info!(
+        path = uri.path(),
+        "admin key exchanged for a session cookie"
+    );
+    Ok(Some(
+        (
+            StatusCode::OK,
+            [
+                (header::SET_COOKIE, cookie),
+                (header::CACHE_CONTROL, "no-store".to_owned()),
+                // The address that brought the browser here holds the key.
+                (header::REFERRER_POLICY, "no-referrer".to_owned()),
+            ],
+            Html(html::continue_to(&target)),
+        )
+            .into_response(),
+    ))
+}
+
+/// `?key=` from a raw query.
 pub(super) fn query_key(query: &Option<String>) -> Option<String> {
     query
         .as_deref()
         .and_then(|q| serde_urlencoded::from_str::<KeyParam>(q).ok())
         .and_then(|p| p.key)
+}
+
+/// The value of cookie `name` in the request, if any.
+pub(super) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
 }

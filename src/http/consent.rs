@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, State};
+use axum::http::Uri;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
-use super::admin::authenticate_admin;
+use super::admin::{authenticate_admin, cookie, exchange_query_key};
 use super::{ApiError, AppState};
 use crate::html;
 use crate::state::{StateError, StateSigner, BINDING_COOKIE, STATE_TTL};
@@ -16,10 +17,13 @@ use crate::state::{StateError, StateSigner, BINDING_COOKIE, STATE_TTL};
 pub(super) async fn authorize(
     State(state): State<Arc<AppState>>,
     Path(connection): Path<String>,
-    RawQuery(query): RawQuery,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authenticate_admin(&state, &headers, &query).await?;
+    if let Some(exchanged) = exchange_query_key(&state, &uri)? {
+        return Ok(exchanged);
+    }
+    authenticate_admin(&state, &headers).await?;
     let provider = state
         .broker
         .provider(&connection)
@@ -55,18 +59,6 @@ pub(super) async fn authorize(
         ],
     )
         .into_response())
-}
-
-/// The value of cookie `name` in the request, if any.
-pub(super) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
 }
 
 #[derive(Deserialize, Default)]

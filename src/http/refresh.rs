@@ -89,10 +89,7 @@ pub(super) async fn refresh(
             format!("min_validity is at most {MAX_MIN_VALIDITY} seconds"),
         ));
     }
-    state
-        .auth
-        .authenticate(&headers, None, Role::Caller)
-        .await?;
+    state.auth.authenticate(&headers, Role::Caller).await?;
     let request = TokenRequest {
         min_validity: params.min_validity.map(Duration::from_secs),
         force: params.force.unwrap_or(false),

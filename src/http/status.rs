@@ -2,23 +2,26 @@
 
 use std::sync::Arc;
 
-use axum::extract::{RawQuery, State};
-use axum::http::{header, HeaderMap};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::admin::authenticate_admin;
+use super::admin::{authenticate_admin, exchange_query_key};
 use super::{ApiError, AppState};
 use crate::html;
 
 /// Status of every connection: JSON for `Accept: application/json`, else an HTML page.
 pub(super) async fn connections(
     State(state): State<Arc<AppState>>,
-    RawQuery(query): RawQuery,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authenticate_admin(&state, &headers, &query).await?;
+    if let Some(exchanged) = exchange_query_key(&state, &uri)? {
+        return Ok(exchanged);
+    }
+    authenticate_admin(&state, &headers).await?;
     let rows: Vec<_> = state
         .broker
         .statuses()

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::ConnectInfo;
-use axum::extract::{RawQuery, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -19,12 +19,11 @@ use super::{ApiError, AppState};
 pub(super) async fn prerefresh(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
-    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     if !(state.functions_host && peer.ip().is_loopback()) {
-        authenticate_admin(&state, &headers, &query).await?;
+        authenticate_admin(&state, &headers).await?;
     }
     // The payload only informs the log; a missing or odd one does not stop the run.
     let invocation: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();

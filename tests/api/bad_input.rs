@@ -113,7 +113,8 @@ async fn unknown_connection_is_404() {
     assert_eq!(body["error"], "unknown_connection");
     let response = app
         .http
-        .get(format!("{}/api/authorize/nope?key={ADMIN_KEY}", app.base))
+        .get(format!("{}/api/authorize/nope", app.base))
+        .header("X-API-Key", ADMIN_KEY)
         .send()
         .await
         .expect("authorize");

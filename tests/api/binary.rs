@@ -8,7 +8,6 @@ use crate::support::azure_doubles::Azure;
 use crate::support::{
     free_port, random, wait_ready, BrokerConfig, BrokerProcess, Upstream, ADMIN_KEY,
 };
-use reqwest::redirect::Policy;
 use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
@@ -145,21 +144,8 @@ async fn full_flow_logs_no_secret(azure: Option<&Azure>) {
     let mut broker =
         BrokerProcess::start_on(port, &config, &env, &dir.path().join("broker.log")).await;
 
-    // Consent like a browser.
-    let browser = reqwest::Client::builder()
-        .cookie_store(true)
-        .redirect(Policy::limited(20))
-        .build()
-        .expect("browser");
-    let page = browser
-        .get(format!("{base}/api/authorize/acme?key={ADMIN_KEY}"))
-        .send()
-        .await
-        .expect("consent")
-        .text()
-        .await
-        .expect("page");
-    assert!(page.contains("Connected"), "{page}");
+    // Consent like a browser, from `?key=` (exchanged for a session cookie) on.
+    crate::support::consent(&base, "acme").await;
 
     // Refresh: cached, forced, failing (malformed response), and a key in the URL.
     let http = reqwest::Client::new();

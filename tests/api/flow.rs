@@ -1,6 +1,6 @@
 //! The happy path: consent once, then tokens; cache, force, restart, dead grants.
 
-use crate::support::{TestApp, CALLER_KEY};
+use crate::support::{TestApp, ADMIN_KEY, CALLER_KEY};
 use serde_json::Value;
 
 fn access_token(body: &Value) -> String {
@@ -169,7 +169,6 @@ async fn a_dead_grant_answers_409_and_stops_calling_the_provider() {
 
 #[tokio::test]
 async fn connections_page_shows_each_state_without_secrets() {
-    use crate::support::ADMIN_KEY;
     let app = TestApp::spawn().await;
     let url = format!("{}/api/connections", app.base);
     let statuses = || async {
@@ -219,10 +218,11 @@ async fn connections_page_shows_each_state_without_secrets() {
     let token = app.token("acme", "?force=true").await;
     assert_eq!(state_of(&statuses().await, "acme"), "connected");
 
-    // The HTML page (for a browser with ?key=) lists the connections, and no secret.
+    // The HTML page lists the connections, and no secret.
     let html = app
         .http
-        .get(format!("{url}?key={ADMIN_KEY}"))
+        .get(&url)
+        .header("X-API-Key", ADMIN_KEY)
         .send()
         .await
         .expect("page")
@@ -277,4 +277,98 @@ async fn a_caller_that_gives_up_mid_refresh_does_not_lose_the_rotated_token() {
     let body = app.token("acme", "?force=true").await;
     assert!(app.upstream.is_active(&access_token(&body)).await);
     assert_eq!(app.upstream.grants_revoked().await, 0);
+}
+
+#[tokio::test]
+async fn an_admin_key_in_the_url_is_exchanged_for_a_session_cookie_and_dropped_from_the_address() {
+    let app = TestApp::spawn().await;
+    let url = format!("{}/api/connections", app.base);
+    // No cookie jar, no redirects: what the browser is told.
+    let response = app
+        .http
+        .get(format!("{url}?view=all&key={ADMIN_KEY}"))
+        .send()
+        .await
+        .expect("exchange");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["referrer-policy"], "no-referrer");
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    let set_cookie = response.headers()["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    for attribute in [
+        "tb_admin=",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/api",
+        "Max-Age=1800",
+    ] {
+        assert!(set_cookie.contains(attribute), "{attribute}: {set_cookie}");
+    }
+    let page = response.text().await.expect("page");
+    let target = crate::support::meta_refresh(&page).expect("goes on by itself");
+    assert_eq!(target, "/api/connections?view=all", "the key is dropped");
+    assert!(!page.contains(ADMIN_KEY));
+    let session = set_cookie.split(';').next().expect("name=value").to_owned();
+
+    // The session opens the browser routes…
+    let status_page = app
+        .http
+        .get(&url)
+        .header("Cookie", &session)
+        .send()
+        .await
+        .expect("status page");
+    assert_eq!(status_page.status(), 200);
+    assert!(status_page.text().await.expect("html").contains("acme"));
+    let authorize = app
+        .http
+        .get(format!("{}/api/authorize/acme", app.base))
+        .header("Cookie", &session)
+        .send()
+        .await
+        .expect("authorize");
+    assert_eq!(authorize.status(), 302);
+    // …but is no credential for pipelines, and a forged one opens nothing.
+    let refresh = app
+        .http
+        .get(format!("{}/api/refresh/acme", app.base))
+        .header("Cookie", &session)
+        .send()
+        .await
+        .expect("refresh");
+    assert_eq!(refresh.status(), 401);
+    let forged = format!("{}x", session);
+    let response = app
+        .http
+        .get(&url)
+        .header("Cookie", &forged)
+        .send()
+        .await
+        .expect("forged");
+    assert_eq!(response.status(), 401);
+
+    // Only an admin key is exchanged.
+    for (key, status) in [("wrong-key-0123456789", 401), (CALLER_KEY, 403)] {
+        let response = app
+            .http
+            .get(format!("{url}?key={key}"))
+            .send()
+            .await
+            .expect("exchange");
+        assert_eq!(response.status(), status, "{key}");
+        assert!(response.headers().get("set-cookie").is_none());
+    }
+
+    // An admin key in the header is good on every route, /api/refresh included.
+    app.consent("acme").await;
+    let response = app
+        .http
+        .get(format!("{}/api/refresh/acme", app.base))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("refresh");
+    assert_eq!(response.status(), 200);
 }

@@ -145,7 +145,8 @@ async fn authorization_urls_follow_each_providers_documented_format() {
     for (name, endpoint, required_scopes, extra) in cases {
         let response = app
             .http
-            .get(format!("{}/api/authorize/{name}?key={ADMIN_KEY}", app.base))
+            .get(format!("{}/api/authorize/{name}", app.base))
+            .header("X-API-Key", ADMIN_KEY)
             .send()
             .await
             .expect("authorize");

@@ -19,19 +19,25 @@ pub async fn consent_until_callback(base: &str, connection: &str) -> Browser {
     for _ in 0..20 {
         let response = client.get(&url).send().await.expect("browser request");
         let status = response.status();
-        if !status.is_redirection() {
+        let location = if status.is_redirection() {
+            response
+                .headers()
+                .get(LOCATION)
+                .expect("redirect location")
+                .to_str()
+                .expect("ascii location")
+                .to_owned()
+        } else {
+            // The page a browser gets for `?key=` goes on by itself (a meta refresh).
             let body = response.text().await.unwrap_or_default();
-            panic!("consent flow stopped at {url} with {status}: {body}");
-        }
-        let location = response
-            .headers()
-            .get(LOCATION)
-            .expect("redirect location")
-            .to_str()
-            .expect("ascii location");
+            match meta_refresh(&body) {
+                Some(target) if status == 200 => target,
+                _ => panic!("consent flow stopped at {url} with {status}: {body}"),
+            }
+        };
         url = Url::parse(&url)
             .expect("url")
-            .join(location)
+            .join(&location)
             .expect("join")
             .to_string();
         if url.starts_with(&callback) {
@@ -42,6 +48,15 @@ pub async fn consent_until_callback(base: &str, connection: &str) -> Browser {
         }
     }
     panic!("consent flow did not reach the callback in 20 redirects");
+}
+
+/// The target of a page's `<meta http-equiv="refresh" content="0;url=…">`, unescaped.
+pub fn meta_refresh(html: &str) -> Option<String> {
+    let start = html.find("http-equiv=\"refresh\"")?;
+    let rest = &html[start..];
+    let url = &rest[rest.find("url=")? + 4..];
+    let url = &url[..url.find('"')?];
+    Some(url.replace("&amp;", "&"))
 }
 
 /// The whole consent flow against the broker at `base`; asserts "Connected".

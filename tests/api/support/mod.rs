@@ -13,7 +13,7 @@ mod process;
 mod upstream;
 
 pub use app::{Options, TestApp};
-pub use browser::{consent, consent_until_callback, Browser};
+pub use browser::{consent, consent_until_callback, meta_refresh, Browser};
 pub use config::BrokerConfig;
 pub use process::{wait_ready, BrokerProcess};
 pub use upstream::Upstream;
