@@ -23,6 +23,7 @@ use crate::store::{self, KeyVaultStore};
 pub struct Application {
     listener: TcpListener,
     state: Arc<AppState>,
+    limits: crate::config::ServerConfig,
 }
 
 impl Application {
@@ -127,7 +128,11 @@ impl Application {
             prerefresh_window: config.refresh.prerefresh_window,
             functions_host: config.functions_host,
         });
-        Ok(Self { listener, state })
+        Ok(Self {
+            listener,
+            state,
+            limits: config.server.clone(),
+        })
     }
 
     /// The port actually bound.
@@ -145,11 +150,13 @@ impl Application {
             Err(_) => tracing::info!("listening"),
         }
         let broker = Arc::clone(&self.state.broker);
-        let service =
-            api::router(self.state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-        let served = axum::serve(self.listener, service)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = api::serve(
+            self.listener,
+            api::router(self.state),
+            &self.limits,
+            shutdown,
+        )
+        .await;
         // An instance being recycled must not take a refresh token the store has not
         // accepted yet with it.
         broker.flush_pending().await;

@@ -48,6 +48,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub store: StoreConfig,
     pub refresh: RefreshConfig,
+    pub server: ServerConfig,
     /// Where refreshes are coordinated across instances.
     pub lock: LockConfig,
     /// Connections by name, sorted.
@@ -137,6 +138,18 @@ pub enum CredentialKind {
     WorkloadIdentity,
     /// Azure CLI / Azure Developer CLI sign-in.
     Developer,
+}
+
+/// The HTTP listener's limits (`[server]`).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// A request's headers must arrive within this; also how long an idle keep-alive
+    /// connection stays open.
+    pub header_timeout: Duration,
+    /// A request's body must arrive within this.
+    pub body_timeout: Duration,
+    /// Open connections at most; at the cap the longest-idle one is closed for a new one.
+    pub max_connections: usize,
 }
 
 /// Refresh policy defaults.

@@ -28,6 +28,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     refresh: RawRefresh,
     #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
     lock: lock::RawLock,
     #[serde(default)]
     connections: BTreeMap<String, RawConnection>,
@@ -147,6 +149,36 @@ pub(super) struct RawStore {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    header_timeout: Option<u64>,
+    body_timeout: Option<u64>,
+    max_connections: Option<usize>,
+}
+
+impl RawServer {
+    fn validate(self) -> Result<ServerConfig, ConfigError> {
+        let secs = |key: &str, value: Option<u64>, default: u64| match value.unwrap_or(default) {
+            secs @ 1..=300 => Ok(Duration::from_secs(secs)),
+            _ => Err(ConfigError::key(key, "must be 1-300 seconds")),
+        };
+        Ok(ServerConfig {
+            header_timeout: secs("server.header_timeout", self.header_timeout, 20)?,
+            body_timeout: secs("server.body_timeout", self.body_timeout, 20)?,
+            max_connections: match self.max_connections.unwrap_or(512) {
+                n @ 8..=65_536 => n,
+                _ => {
+                    return Err(ConfigError::key(
+                        "server.max_connections",
+                        "must be 8-65536 connections",
+                    ))
+                }
+            },
+        })
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RawRefresh {
     min_validity: Option<u64>,
     default_lifetime: Option<u64>,
@@ -194,10 +226,11 @@ impl RawConfig {
                 placeholders.push(key);
             }
         }
-        // In Azure (not under a local `func start`): the variables the Functions host itself
-        // reads to tell it runs in App Service (WEBSITE_INSTANCE_ID) or a Linux consumption
-        // container (CONTAINER_NAME).
-        let in_azure = ["WEBSITE_INSTANCE_ID", "CONTAINER_NAME"]
+        // In Azure (not under a local `func start`): App Service sets these on every
+        // instance (the Functions host reads WEBSITE_INSTANCE_ID to tell it runs in App
+        // Service); Core Tools sets neither. (Not CONTAINER_NAME: many container runtimes
+        // set that on a developer's machine.)
+        let in_azure = ["WEBSITE_INSTANCE_ID", "WEBSITE_OWNER_NAME"]
             .iter()
             .any(|name| env(name).is_some_and(|v| !v.is_empty()));
         if self.local_mode && in_azure {
@@ -389,7 +422,9 @@ impl RawConfig {
             Some(url) => Some(alert_webhook(&url)?),
             None => None,
         };
+        let server = self.server.validate()?;
         Ok(Config {
+            server,
             local_mode: self.local_mode,
             alert_webhook,
             public_url,

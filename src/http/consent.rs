@@ -11,7 +11,9 @@ use serde::Deserialize;
 
 use super::admin::{authenticate_admin, cookie, exchange_query_key};
 use super::{ApiError, AppState};
+use crate::broker::BrokerError;
 use crate::html;
+use crate::provider::UpstreamError;
 use crate::state::{StateError, StateSigner, BINDING_COOKIE, STATE_TTL};
 
 pub(super) async fn authorize(
@@ -187,6 +189,17 @@ pub(super) async fn callback(
             "Connected",
             &format!("`{connection}` is connected. Pipelines can now get tokens from /api/refresh/{connection}. You can close this window."),
         ),
+        Err(BrokerError::Upstream(UpstreamError::InvalidGrant { description })) => {
+            // The provider refused the code the browser brought back (forged, spent or
+            // expired): the browser's input was bad, not the gateway.
+            let detail = UpstreamError::InvalidGrant { description }.to_string();
+            tracing::warn!(connection = %connection, "the provider refused the authorization code");
+            page(
+                StatusCode::BAD_REQUEST,
+                "Not connected",
+                &format!("The provider refused the authorization code for `{connection}` ({detail}). Nothing was stored. Open the authorize link again to start over."),
+            )
+        }
         Err(err) => {
             let status = ApiError::from_broker(err, &state);
             page(

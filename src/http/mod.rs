@@ -8,10 +8,12 @@ mod admin;
 mod consent;
 mod error;
 mod refresh;
+mod server;
 mod status;
 mod timer;
 
 pub use error::ApiError;
+pub use server::serve;
 
 use consent::{authorize, callback};
 use refresh::refresh;
@@ -55,6 +57,30 @@ impl AppState {
     }
 }
 
+/// The most any route reads of a body: the timer's payload is a few hundred bytes, a
+/// refresh's a few dozen. Bodies declared larger are refused before anything is read.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Reads a body of at most `limit` bytes — call it only once the caller is authenticated.
+/// Over the limit: 413; a body that cannot be read (broken chunking, too slow): 400. Both
+/// in the JSON error shape.
+async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is larger than this route accepts ({limit} bytes)"),
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the request body could not be read (malformed, or too slow)",
+        )),
+    }
+}
+
 /// The broker's routes.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -66,10 +92,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/connections", get(connections))
         .route("/prerefresh", post(prerefresh))
         .fallback(not_found)
+        // A declared length over the most any route reads: 413 before anything is read or
+        // anyone authenticated (the answer is JSON-shaped below).
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
         .layer(axum::middleware::map_response(json_framework_errors))
         .layer(
             // Our own span: method and path only. The default span records the full URI,
             // whose query can hold an authorization code or an admin key.
+            // Both fields are capped and stripped of control characters: a 60 KB path
+            // must not become a 60 KB log line.
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
                 let invocation = request
                     .headers()
@@ -78,13 +109,30 @@ pub fn router(state: Arc<AppState>) -> Router {
                     .unwrap_or_default();
                 tracing::info_span!(
                     "request",
-                    method = %request.method(),
-                    path = %request.uri().path(),
-                    invocation_id = invocation,
+                    method = %loggable(request.method().as_str()),
+                    path = %loggable(request.uri().path()),
+                    invocation_id = %loggable(invocation),
                 )
             }),
         )
         .with_state(state)
+}
+
+/// The most of a request's path or header value a log line carries.
+const LOG_FIELD_MAX: usize = 200;
+
+/// `value` for a log line: at most [`LOG_FIELD_MAX`] characters, control characters
+/// replaced, and a mark when cut.
+fn loggable(value: &str) -> String {
+    let mut out: String = value
+        .chars()
+        .take(LOG_FIELD_MAX)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if value.chars().nth(LOG_FIELD_MAX).is_some() {
+        out.push_str("…(cut)");
+    }
+    out
 }
 
 /// The Functions host's readiness probe (it GETs `/` until anything answers).

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +17,9 @@ use crate::broker::{BrokerError, TokenRequest};
 /// The most life a caller may ask a token to have left: an hour, what most providers' access
 /// tokens live at most.
 const MAX_MIN_VALIDITY: u64 = 3600;
+
+/// A refresh's body is `{"min_validity": 600, "force": false}`: a few dozen bytes.
+const MAX_BODY: usize = 1024;
 
 /// Parameters of `/api/refresh`, from the query or a JSON body. Unknown parameters are
 /// ignored: the Functions host passes its own (`code=`, the function key) through.
@@ -34,12 +37,26 @@ pub(super) async fn refresh(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     // Parameters before the key, so that a key sent in the URL gets a helpful 400.
     let mut params: RefreshParams = Query::try_from_uri(&uri).map(|Query(p)| p).map_err(|err| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", err.body_text())
     })?;
+    if params.key.is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "send the API key in the X-API-Key header, not in the URL",
+        ));
+    }
+    // Who is asking, before a byte of the body is read.
+    state.auth.authenticate(&headers, Role::Caller).await?;
+    let body = if method == Method::POST {
+        super::read_body(body, MAX_BODY).await?
+    } else {
+        Bytes::new()
+    };
     if method == Method::POST && !body.iter().all(u8::is_ascii_whitespace) {
         let content_type = headers
             .get(header::CONTENT_TYPE)
@@ -70,13 +87,6 @@ pub(super) async fn refresh(
         params.min_validity = from_body.min_validity.or(params.min_validity);
         params.force = from_body.force.or(params.force);
     }
-    if params.key.is_some() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "send the API key in the X-API-Key header, not in the URL",
-        ));
-    }
     if params
         .min_validity
         .is_some_and(|secs| secs > MAX_MIN_VALIDITY)
@@ -89,7 +99,6 @@ pub(super) async fn refresh(
             format!("min_validity is at most {MAX_MIN_VALIDITY} seconds"),
         ));
     }
-    state.auth.authenticate(&headers, Role::Caller).await?;
     let request = TokenRequest {
         min_validity: params.min_validity.map(Duration::from_secs),
         force: params.force.unwrap_or(false),

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -20,11 +20,13 @@ pub(super) async fn prerefresh(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     if !(state.functions_host && peer.ip().is_loopback()) {
         authenticate_admin(&state, &headers).await?;
     }
+    // The host's timer payload: a few hundred bytes.
+    let body = super::read_body(body, 16 * 1024).await?;
     // The payload only informs the log; a missing or odd one does not stop the run.
     let invocation: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let past_due = invocation["Data"]

@@ -8,6 +8,7 @@ mod architecture;
 mod bad_input;
 mod binary;
 mod concurrency;
+mod edge;
 mod entra;
 mod flow;
 mod functions;

@@ -14,6 +14,8 @@ pub struct BrokerProcess {
     env: Vec<(String, String)>,
     log_path: PathBuf,
     child: Option<Child>,
+    /// The soft limit on open files the process runs under (`ulimit -n`), if lowered.
+    open_files: Option<u32>,
 }
 
 impl BrokerProcess {
@@ -24,7 +26,20 @@ impl BrokerProcess {
         env: &[(&str, String)],
         log_path: &Path,
     ) -> Self {
+        Self::start_limited(port, config, env, log_path, None).await
+    }
+
+    /// As [`BrokerProcess::start_on`], under a lowered limit on open files (through the
+    /// shell's `ulimit -n`: no privileges needed to lower one's own limit).
+    pub async fn start_limited(
+        port: u16,
+        config: &Path,
+        env: &[(&str, String)],
+        log_path: &Path,
+        open_files: Option<u32>,
+    ) -> Self {
         let mut process = Self {
+            open_files,
             port,
             base: format!("http://127.0.0.1:{port}"),
             config: config.to_owned(),
@@ -45,7 +60,20 @@ impl BrokerProcess {
             .append(true)
             .open(&self.log_path)
             .expect("log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_token-broker"));
+        let binary = env!("CARGO_BIN_EXE_token-broker");
+        let mut command = match self.open_files {
+            Some(limit) => {
+                let mut command = Command::new("sh");
+                command.args([
+                    "-c",
+                    "ulimit -n \"$0\" && exec \"$1\"",
+                    &limit.to_string(),
+                    binary,
+                ]);
+                command
+            }
+            None => Command::new(binary),
+        };
         command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -90,6 +118,11 @@ impl BrokerProcess {
     pub async fn restart(&mut self) {
         self.stop().await;
         self.spawn().await;
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     pub fn logs(&self) -> String {
