@@ -374,3 +374,23 @@ async fn min_validity_is_capped_at_an_hour() {
         200
     );
 }
+
+#[tokio::test]
+async fn a_forged_code_on_a_real_consent_answers_400_with_its_page() {
+    let app = TestApp::spawn().await;
+    let mut browser = app.consent_until_callback("acme").await;
+    let mut url = url::Url::parse(&browser.callback_url).expect("url");
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| {
+            let v = if k == "code" { "forged-code".into() } else { v };
+            (k.into_owned(), v.into_owned())
+        })
+        .collect();
+    url.query_pairs_mut().clear().extend_pairs(&pairs);
+    browser.callback_url = url.to_string();
+    let (status, page) = browser.finish().await;
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("refused the authorization code"), "{page}");
+    assert!(app.stored("acme").is_none(), "nothing stored");
+}
