@@ -38,10 +38,20 @@ enum Command {
     Serve,
     /// Validate the configuration and show each connection's stored status.
     Check,
+    /// Print the OpenAPI document (what `/api/openapi.json` serves; needs no config).
+    Openapi,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Some(Command::Openapi)) {
+        let document = token_broker::http::openapi_document();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&document).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
     telemetry::init();
     let config = match Config::load(&cli.config, &|name| std::env::var(name).ok()) {
         Ok(config) => config,
@@ -71,6 +81,7 @@ fn main() -> ExitCode {
                 serve(config, bind).await
             }
             Command::Check => check(config).await,
+            Command::Openapi => Ok(()),
         }
     });
     match result {

@@ -16,6 +16,27 @@ use crate::html;
 use crate::provider::UpstreamError;
 use crate::state::{StateError, StateSigner, BINDING_COOKIE, STATE_TTL};
 
+/// Starts a consent: redirects the admin's browser to the provider. With `?key=<admin key>`
+/// it first trades the key for an admin session cookie and goes on without it.
+#[utoipa::path(
+    get,
+    path = "/api/authorize/{connection}",
+    tag = "consent",
+    params(
+        ("connection" = String, Path, description = "The connection's name from the config"),
+        ("key" = Option<String>, Query, description = "An admin key, exchanged for the tb_admin session cookie (browsers only)"),
+    ),
+    responses(
+        (status = 302, description = "To the provider's consent page (Location); sets the browser-binding cookie"),
+        (status = 200, description = "The ?key= exchange: sets tb_admin and goes on without the key", content_type = "text/html", body = String),
+        (status = 400, description = "Bad parameters, an API key in the URL, or a malformed request", body = super::openapi::ErrorBody),
+        (status = 401, description = "No or wrong credential", body = super::openapi::ErrorBody),
+        (status = 403, description = "A credential without the right", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such connection", body = super::openapi::ErrorBody),
+        (status = 503, description = "Store, lease or connection setup unavailable (Retry-After)", body = super::openapi::ErrorBody)
+    ),
+    security(("admin_session" = []), ("api_key" = []), ("entra" = []), ())
+)]
 pub(super) async fn authorize(
     State(state): State<Arc<AppState>>,
     Path(connection): Path<String>,
@@ -85,6 +106,30 @@ pub(super) fn page(status: StatusCode, title: &str, message: &str) -> Response {
         .into_response()
 }
 
+/// The provider's redirect back: checks `state`, exchanges the code, stores the tokens, and
+/// shows the admin a page (never a token).
+#[utoipa::path(
+    get,
+    path = "/api/callback",
+    tag = "consent",
+    params(
+        ("code" = Option<String>, Query, description = "The authorization code"),
+        ("state" = Option<String>, Query, description = "The broker's signed state"),
+        ("error" = Option<String>, Query, description = "The provider's refusal"),
+        ("error_description" = Option<String>, Query, description = "The provider's explanation"),
+    ),
+    responses(
+        (status = 200, description = "Connected", content_type = "text/html", body = String),
+        (status = 400, description = "A bad, expired, replayed or unbound state, a refusal, or a code the provider refused", content_type = "text/html", body = String),
+        (status = 404, description = "The state names a connection no longer configured", content_type = "text/html", body = String),
+        (status = 409, description = "The provider issued no refresh token", content_type = "text/html", body = String),
+        (status = 429, description = "Too many requests", content_type = "text/html", body = String),
+        (status = 500, description = "An internal failure", content_type = "text/html", body = String),
+        (status = 502, description = "The provider failed", content_type = "text/html", body = String),
+        (status = 503, description = "Storage unavailable", content_type = "text/html", body = String),
+    ),
+    security(())
+)]
 pub(super) async fn callback(
     State(state): State<Arc<AppState>>,
     RawQuery(query): RawQuery,

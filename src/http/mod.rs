@@ -7,16 +7,18 @@
 mod admin;
 mod consent;
 mod error;
+mod openapi;
 mod refresh;
 mod server;
 mod status;
 mod timer;
 
 pub use error::ApiError;
+pub use openapi::document as openapi_document;
 pub use server::serve;
 
 use consent::{authorize, callback};
-use refresh::refresh;
+use refresh::{refresh_get, refresh_post};
 use status::connections;
 use timer::prerefresh;
 
@@ -88,7 +90,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/health", get(health))
         .route("/api/authorize/{connection}", get(authorize))
         .route("/api/callback", get(callback))
-        .route("/api/refresh/{connection}", get(refresh).post(refresh))
+        .route(
+            "/api/refresh/{connection}",
+            get(refresh_get).post(refresh_post),
+        )
+        .route("/api/openapi.json", get(openapi::openapi_json))
         .route("/api/connections", get(connections))
         .route("/prerefresh", post(prerefresh))
         .fallback(not_found)
@@ -136,10 +142,15 @@ fn loggable(value: &str) -> String {
 }
 
 /// The Functions host's readiness probe (it GETs `/` until anything answers).
+#[utoipa::path(get, path = "/", tag = "meta",
+    responses((status = 200, description = "Anything: the broker is up", content_type = "text/plain", body = String)))]
 async fn root() -> &'static str {
     "Token Broker\n"
 }
 
+/// Liveness, no authentication.
+#[utoipa::path(get, path = "/api/health", tag = "meta",
+    responses((status = 200, description = "Up", body = openapi::HealthBody)))]
 async fn health() -> Response {
     (
         [(header::CACHE_CONTROL, "no-store")],

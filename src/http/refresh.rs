@@ -31,7 +31,78 @@ pub(super) struct RefreshParams {
     key: Option<String>,
 }
 
-pub(super) async fn refresh(
+/// A valid access token for the connection.
+#[utoipa::path(
+    get,
+    path = "/api/refresh/{connection}",
+    tag = "tokens",
+    params(
+        ("connection" = String, Path, description = "The connection's name from the config"),
+        ("min_validity" = Option<u64>, Query, minimum = 0, maximum = 3600, description = "Seconds of life the token must have left (default refresh.min_validity)"),
+        ("force" = Option<bool>, Query, description = "Refresh even if the current token is good enough (rate-limited per connection)"),
+    ),
+    responses(
+        (status = 200, description = "A valid access token", body = super::openapi::TokenBody),
+        (status = 400, description = "Bad parameters, an API key in the URL, or a malformed request", body = super::openapi::ErrorBody),
+        (status = 401, description = "No or wrong credential", body = super::openapi::ErrorBody),
+        (status = 403, description = "A credential without the right", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such connection", body = super::openapi::ErrorBody),
+        (status = 409, description = "No token yet, or the grant is dead: an admin must consent (authorize_url)", body = super::openapi::ErrorBody),
+        (status = 429, description = "force=true beyond the connection's limit (Retry-After)", body = super::openapi::ErrorBody),
+        (status = 502, description = "The provider refused or failed (Retry-After)", body = super::openapi::ErrorBody),
+        (status = 503, description = "Store, lease or connection setup unavailable (Retry-After)", body = super::openapi::ErrorBody)
+    ),
+    security(("api_key" = []), ("entra" = []))
+)]
+pub(super) async fn refresh_get(
+    state: State<Arc<AppState>>,
+    connection: Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    refresh(state, connection, method, uri, headers, body).await
+}
+
+/// A valid access token for the connection; parameters in a JSON body or the query.
+#[utoipa::path(
+    post,
+    path = "/api/refresh/{connection}",
+    tag = "tokens",
+    params(
+        ("connection" = String, Path, description = "The connection's name from the config"),
+        ("min_validity" = Option<u64>, Query, minimum = 0, maximum = 3600, description = "Seconds of life the token must have left (default refresh.min_validity)"),
+        ("force" = Option<bool>, Query, description = "Refresh even if the current token is good enough (rate-limited per connection)"),
+    ),
+    request_body(content = Option<super::openapi::RefreshBody>, content_type = "application/json", description = "Optional; the query parameters may be used instead"),
+    responses(
+        (status = 200, description = "A valid access token", body = super::openapi::TokenBody),
+        (status = 400, description = "Bad parameters, an API key in the URL, or a malformed request", body = super::openapi::ErrorBody),
+        (status = 401, description = "No or wrong credential", body = super::openapi::ErrorBody),
+        (status = 403, description = "A credential without the right", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such connection", body = super::openapi::ErrorBody),
+        (status = 409, description = "No token yet, or the grant is dead: an admin must consent (authorize_url)", body = super::openapi::ErrorBody),
+        (status = 413, description = "A body larger than the route takes", body = super::openapi::ErrorBody),
+        (status = 415, description = "A body that is not JSON", body = super::openapi::ErrorBody),
+        (status = 429, description = "force=true beyond the connection's limit (Retry-After)", body = super::openapi::ErrorBody),
+        (status = 502, description = "The provider refused or failed (Retry-After)", body = super::openapi::ErrorBody),
+        (status = 503, description = "Store, lease or connection setup unavailable (Retry-After)", body = super::openapi::ErrorBody)
+    ),
+    security(("api_key" = []), ("entra" = []))
+)]
+pub(super) async fn refresh_post(
+    state: State<Arc<AppState>>,
+    connection: Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    refresh(state, connection, method, uri, headers, body).await
+}
+
+async fn refresh(
     State(state): State<Arc<AppState>>,
     Path(connection): Path<String>,
     method: Method,

@@ -13,6 +13,24 @@ use super::{ApiError, AppState};
 use crate::html;
 
 /// Status of every connection: JSON for `Accept: application/json`, else an HTML page.
+/// Every connection's state: JSON for `Accept: application/json`, else an HTML page.
+#[utoipa::path(
+    get,
+    path = "/api/connections",
+    tag = "status",
+    params(("key" = Option<String>, Query, description = "An admin key, exchanged for the tb_admin session cookie (browsers only)")),
+    responses(
+        (status = 200, description = "Every connection's state (JSON, or the HTML status page; the ?key= exchange page)",
+            content(
+                (super::openapi::ConnectionsBody = "application/json"),
+                (String = "text/html"),
+            )),
+        (status = 400, description = "Bad parameters, an API key in the URL, or a malformed request", body = super::openapi::ErrorBody),
+        (status = 401, description = "No or wrong credential", body = super::openapi::ErrorBody),
+        (status = 403, description = "A credential without the right", body = super::openapi::ErrorBody)
+    ),
+    security(("admin_session" = []), ("api_key" = []), ("entra" = []))
+)]
 pub(super) async fn connections(
     State(state): State<Arc<AppState>>,
     uri: Uri,

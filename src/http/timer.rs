@@ -16,6 +16,21 @@ use super::{ApiError, AppState};
 /// The timer function (`prerefresh/function.json`): the Functions host POSTs
 /// `{"Data":{"timer":{…}},"Metadata":{…}}` and expects `{"Outputs":{},"Logs":[…],"ReturnValue":…}`.
 /// Outside the Functions host (or from another machine), an admin key is needed.
+/// The timer run (the Functions host's invocation): refreshes what is about to expire.
+#[utoipa::path(
+    post,
+    path = "/prerefresh",
+    tag = "timer",
+    request_body(content = Option<Object>, content_type = "application/json", description = "The host's timer payload (only informs the log)"),
+    responses(
+        (status = 200, description = "A line per connection, in the host's shape", body = super::openapi::TimerBody),
+        (status = 400, description = "Bad parameters, an API key in the URL, or a malformed request", body = super::openapi::ErrorBody),
+        (status = 401, description = "No or wrong credential", body = super::openapi::ErrorBody),
+        (status = 403, description = "A credential without the right", body = super::openapi::ErrorBody),
+        (status = 413, description = "A body larger than the route takes", body = super::openapi::ErrorBody)
+    ),
+    security(("api_key" = []), ("entra" = []), ("admin_session" = []))
+)]
 pub(super) async fn prerefresh(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,

@@ -14,6 +14,7 @@ mod flow;
 mod functions;
 mod key_vault;
 mod lease;
+mod openapi;
 mod presets;
 mod storage;
 mod support;

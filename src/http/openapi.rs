@@ -1,0 +1,193 @@
+//! The OpenAPI 3.1 document, served at `/api/openapi.json` and checked in as
+//! `openapi.json` (a test fails when they differ): the paths come from the `#[utoipa::path]`
+//! annotations on the handlers, the schemas from the types below, which describe the JSON
+//! the handlers build. Schemathesis checks every answer of the running binary against it.
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+/// The broker's error answer: a stable code, and a description for people (never a secret).
+#[derive(Serialize, ToSchema)]
+pub(super) struct ErrorBody {
+    /// A stable code: `invalid_request`, `unauthorized`, `forbidden`, `unknown_connection`,
+    /// `consent_required`, `force_rate_limited`, `payload_too_large`,
+    /// `unsupported_media_type`, `provider_error`, `provider_unavailable`,
+    /// `store_unavailable`, `refresh_in_progress`, `lock_unavailable`,
+    /// `connection_misconfigured`, `not_found`, `method_not_allowed`, `internal_error`.
+    error: String,
+    error_description: String,
+    /// With `consent_required`: where an admin consents (again).
+    #[schema(nullable = false)]
+    authorize_url: Option<String>,
+}
+
+/// A valid access token. Providers' extra non-secret fields callers need (Salesforce
+/// `instance_url`, Xero `tenants`, Exact `division`, QuickBooks `realm_id`) come alongside.
+#[derive(Serialize, ToSchema)]
+
+pub(super) struct TokenBody {
+    access_token: String,
+    /// `Bearer`, as the provider says.
+    token_type: String,
+    /// Seconds of life left.
+    expires_in: u64,
+    #[schema(format = DateTime, nullable = false)]
+    expires_at: Option<String>,
+    #[schema(nullable = false)]
+    scope: Option<String>,
+}
+
+/// `POST /api/refresh` parameters, as a JSON body (the query works too).
+#[derive(Serialize, ToSchema)]
+pub(super) struct RefreshBody {
+    /// Seconds of life the token must have left (at most 3600).
+    #[schema(minimum = 0, maximum = 3600, nullable = false)]
+    min_validity: Option<u64>,
+    /// Refresh even if the current token is good enough (rate-limited per connection).
+    #[schema(nullable = false)]
+    force: Option<bool>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct HealthBody {
+    /// Always `ok`.
+    status: String,
+}
+
+/// One connection on the status page.
+#[derive(Serialize, ToSchema)]
+pub(super) struct ConnectionRow {
+    name: String,
+    /// `connected`, `consent_required`, `failing` or `misconfigured`.
+    state: String,
+    #[schema(format = DateTime)]
+    expires_at: Option<String>,
+    #[schema(format = DateTime)]
+    last_refresh: Option<String>,
+    #[schema(format = DateTime)]
+    consented_at: Option<String>,
+    last_error: Option<String>,
+    #[schema(format = DateTime)]
+    last_error_at: Option<String>,
+    /// Where an admin (re)connects it.
+    authorize_url: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct ConnectionsBody {
+    connections: Vec<ConnectionRow>,
+}
+
+/// The timer's answer in the Functions host's shape.
+#[derive(Serialize, ToSchema)]
+#[allow(non_snake_case)]
+pub(super) struct TimerBody {
+    Outputs: serde_json::Map<String, serde_json::Value>,
+    Logs: Vec<String>,
+    ReturnValue: TimerReturn,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct TimerReturn {
+    refreshed: u64,
+    failed: u64,
+    connections: Vec<TimerConnection>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct TimerConnection {
+    connection: String,
+    /// `refreshed`, `fresh`, `skipped` or `failed`.
+    outcome: String,
+    detail: String,
+    #[schema(format = DateTime)]
+    expires_at: Option<String>,
+}
+
+/// The three ways to authenticate.
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-API-Key",
+                "A caller key (auth.api_keys) for /api/refresh, or an admin key (auth.admin_keys) for every route.",
+            ))),
+        );
+        components.add_security_scheme(
+            "entra",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some(
+                        "A Microsoft Entra ID access token for the broker's audience (auth.entra.audiences, e.g. api://{tenant id}/token-broker-{env}), from an allowed principal such as Data Factory's managed identity (Web activity authentication MSI, resource = that audience).",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "admin_session",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+                "tb_admin",
+                "The admin session a browser gets in exchange for ?key=<admin key> on a browser route.",
+            ))),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Token Broker",
+        description = "Consent once in a browser, then get a fresh OAuth 2.0 access token from one URL.",
+        license(name = "see the repository"),
+    ),
+    paths(
+        super::health,
+        super::root,
+        openapi_json,
+        super::refresh::refresh_get,
+        super::refresh::refresh_post,
+        super::consent::authorize,
+        super::consent::callback,
+        super::status::connections,
+        super::timer::prerefresh,
+    ),
+    components(schemas(
+        ErrorBody,
+        TokenBody,
+        RefreshBody,
+        HealthBody,
+        ConnectionsBody,
+        ConnectionRow,
+        TimerBody,
+        TimerReturn,
+        TimerConnection
+    )),
+    modifiers(&Security),
+)]
+pub(super) struct ApiDoc;
+
+/// The document as JSON.
+pub fn document() -> serde_json::Value {
+    serde_json::to_value(ApiDoc::openapi()).unwrap_or_default()
+}
+
+/// The OpenAPI document of this API (no authentication: it carries no secrets).
+#[utoipa::path(
+    get,
+    path = "/api/openapi.json",
+    tag = "meta",
+    responses((status = 200, description = "This document", content_type = "application/json", body = Object))
+)]
+pub(super) async fn openapi_json() -> Response {
+    ([(header::CACHE_CONTROL, "no-store")], Json(document())).into_response()
+}
