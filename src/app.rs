@@ -119,8 +119,25 @@ impl Application {
             Arc::new(crate::clock::SystemClock),
             Alerts::new(config.alert_webhook.as_ref())?,
         ));
-        tokio::spawn(retry_setups(Arc::downgrade(&broker), connections, setup));
+        tokio::spawn(retry_setups(
+            Arc::downgrade(&broker),
+            Arc::clone(&connections),
+            setup,
+        ));
+        let proxy_bases = connections
+            .iter()
+            .filter_map(|(name, c)| Some((name.clone(), c.proxy_base.clone()?)))
+            .collect();
+        // The proxy's client: redirects are never followed (a redirect could lead off the
+        // connection's API with the token), and a slow API cannot hold a caller forever.
+        let proxy_http = crate::http_client::builder()?
+            .redirect(reqwest::redirect::Policy::none())
+            .read_timeout(std::time::Duration::from_secs(120))
+            .build()
+            .context("building the proxy's HTTP client")?;
         let state = Arc::new(AppState {
+            proxy_bases,
+            proxy_http,
             broker,
             auth,
             signer: StateSigner::new(config.state_secret.as_ref()),

@@ -113,6 +113,8 @@ pub struct ProviderProfile {
     pub static_extra: Vec<(&'static str, String)>,
     /// Whether the provider replaces the refresh token on use.
     pub rotation: Rotation,
+    /// Where the provider's API lives, for the proxy (`/api/proxy/{connection}/…`).
+    pub api_base_url: Option<String>,
 }
 
 /// Whether a provider replaces the refresh token when it is used. A copy of a rotating
@@ -186,6 +188,7 @@ fn generic(client_auth: ClientAuth) -> ProviderProfile {
         require_refresh_token: false,
         static_extra: Vec::new(),
         rotation: Rotation::Configurable,
+        api_base_url: None,
     }
 }
 
@@ -245,6 +248,7 @@ impl ProviderProfile {
                     }),
                     require_refresh_token: true,
                     rotation: Rotation::Always,
+                    api_base_url: Some(api.trim_end_matches('/').to_owned()),
                     ..generic(ClientAuth::Basic)
                 }
             }
@@ -262,6 +266,7 @@ impl ProviderProfile {
                 idle_lifetime: days(180),
                 require_refresh_token: true,
                 rotation: Rotation::Never,
+                api_base_url: Some("https://www.googleapis.com".into()),
                 ..generic(ClientAuth::Post)
             },
 
@@ -307,6 +312,7 @@ impl ProviderProfile {
                     }),
                     require_refresh_token: true,
                     rotation: Rotation::Always,
+                    api_base_url: Some(api.to_owned()),
                     ..generic(ClientAuth::Post)
                 }
             }
@@ -334,6 +340,7 @@ impl ProviderProfile {
                     idle_lifetime: days(90),
                     require_refresh_token: true,
                     rotation: Rotation::Always,
+                    api_base_url: Some("https://graph.microsoft.com".into()),
                     ..generic(ClientAuth::Post)
                 }
             }
@@ -362,6 +369,7 @@ impl ProviderProfile {
                     require_refresh_token: true,
                     static_extra: vec![("api_base_url", api_base.to_owned())],
                     rotation: Rotation::Always,
+                    api_base_url: Some(api_base.to_owned()),
                     ..generic(ClientAuth::Basic)
                 }
             }
@@ -399,6 +407,7 @@ impl ProviderProfile {
                 default_lifetime: Some(Duration::from_secs(1800)),
                 require_refresh_token: true,
                 rotation: Rotation::Never,
+                api_base_url: Some("https://api.hubapi.com".into()),
                 ..generic(ClientAuth::Post)
             },
 

@@ -35,6 +35,10 @@ pub(super) struct RawConnection {
     environment: Option<String>,
     issuer: Option<String>,
     api_url: Option<String>,
+    /// Where the provider's API lives, for the proxy (presets know theirs).
+    api_base_url: Option<String>,
+    /// The proxy route for this connection (default on when an API base URL is known).
+    proxy: Option<bool>,
 }
 
 /// Authorization parameters the broker sets itself; configuring them would break the flow.
@@ -171,7 +175,29 @@ impl RawConnection {
                 "set either client_secret or client_secret_name, not both",
             ));
         }
+        let proxy_base = match (
+            self.proxy,
+            self.api_base_url.or(preset.api_base_url.clone()),
+        ) {
+            (Some(false), _) => None,
+            (Some(true), None) => {
+                return Err(ConfigError::key(
+                    format!("{key}.proxy"),
+                    "needs api_base_url: where the provider's API lives",
+                ))
+            }
+            (_, None) => None,
+            (_, Some(base)) => {
+                let field = format!("{key}.api_base_url");
+                let url = parse_endpoint(&field, base.trim_end_matches('/'))?;
+                if url.query().is_some() {
+                    return Err(ConfigError::key(field, "a base URL cannot have a query"));
+                }
+                Some(url)
+            }
+        };
         Ok(ConnectionConfig {
+            proxy_base,
             provider: self.provider,
             endpoints,
             client_id,

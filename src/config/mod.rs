@@ -186,6 +186,8 @@ pub enum Endpoints {
 #[derive(Debug)]
 pub struct ConnectionConfig {
     pub provider: ProviderKind,
+    /// Where `/api/proxy/{connection}/…` forwards to; `None`: no proxy for it.
+    pub proxy_base: Option<Url>,
     pub endpoints: Endpoints,
     pub client_id: String,
     pub client_secret: Option<SecretString>,

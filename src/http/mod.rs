@@ -8,6 +8,7 @@ mod admin;
 mod consent;
 mod error;
 mod openapi;
+mod proxy;
 mod refresh;
 mod server;
 mod status;
@@ -48,6 +49,10 @@ pub struct AppState {
     pub prerefresh_window: Duration,
     /// Under the Functions host, which calls the timer route over loopback without a key.
     pub functions_host: bool,
+    /// Connections with a proxy, and where it forwards to.
+    pub proxy_bases: std::collections::BTreeMap<String, Url>,
+    /// The proxy's client: no redirects, timeouts.
+    pub proxy_http: reqwest::Client,
 }
 
 impl AppState {
@@ -95,6 +100,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(refresh_get).post(refresh_post),
         )
         .route("/api/openapi.json", get(openapi::openapi_json))
+        .route(
+            "/api/proxy/{connection}/{*path}",
+            axum::routing::any(proxy::proxy),
+        )
         .route("/api/connections", get(connections))
         .route("/prerefresh", post(prerefresh))
         .fallback(not_found)

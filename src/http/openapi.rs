@@ -160,6 +160,7 @@ impl Modify for Security {
         super::consent::callback,
         super::status::connections,
         super::timer::prerefresh,
+        super::proxy::proxy,
     ),
     components(schemas(
         ErrorBody,

@@ -16,6 +16,7 @@ mod key_vault;
 mod lease;
 mod openapi;
 mod presets;
+mod proxy;
 mod storage;
 mod support;
 mod timer;

@@ -89,7 +89,11 @@ async fn schemathesis_finds_nothing_against_a_consented_broker() {
         .file_store(&dir.path().join("tokens"))
         .tables(&upstream.connection_toml(
             "acme",
-            &format!("client_secret = \"{}\"", upstream.client_secret),
+            // The proxy forwards to the upstream itself: fuzzed paths reach a real server.
+            &format!(
+                "client_secret = \"{}\"\napi_base_url = \"{}\"",
+                upstream.client_secret, upstream.url
+            ),
         ))
         .write(dir.path());
     let broker = BrokerProcess::start_on(port, &config, &[], &dir.path().join("broker.log")).await;
@@ -123,7 +127,7 @@ async fn schemathesis_finds_nothing_against_a_consented_broker() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(output.status.success(), "{report}\n{}", broker.logs());
-    assert!(report.contains("8 selected"), "{report}");
+    assert!(report.contains("9 selected"), "{report}");
     eprintln!(
         "{}",
         report

@@ -20,6 +20,8 @@ pub struct Options {
     pub extra_config: String,
     /// `lock.failure_backoff`: seconds every caller gets a failed refresh's outcome.
     pub failure_backoff: u64,
+    /// Extra lines in the `acme` connection's table.
+    pub acme_extra: String,
 }
 
 impl Default for Options {
@@ -29,6 +31,7 @@ impl Default for Options {
             access_token_ttl: 3600,
             extra_config: String::new(),
             failure_backoff: 1,
+            acme_extra: String::new(),
         }
     }
 }
@@ -90,8 +93,8 @@ authorize_params = {{ test_deny = "1" }}"#,
             .tables(&upstream.connection_toml(
                 "acme",
                 &format!(
-                    "client_secret = \"{}\"\nclient_auth = \"{client_auth}\"",
-                    upstream.client_secret
+                    "client_secret = \"{}\"\nclient_auth = \"{client_auth}\"\n{}",
+                    upstream.client_secret, options.acme_extra
                 ),
             ))
             .tables(&deny)

@@ -1,0 +1,280 @@
+//! `/api/proxy/{connection}/{*path}`: forwards a caller's request to the connection's API
+//! (`api_base_url`) with a fresh access token, so a Data Factory Copy activity can read a
+//! provider's API in one step and no token enters the pipeline.
+//!
+//! Authenticated like `/api/refresh`. The forwarded URL is always under the configured base
+//! (no traversal, no other scheme, host or port; redirects are not followed). The caller's
+//! credentials, cookies and hop-by-hop headers are never forwarded; the upstream's
+//! `Set-Cookie` never comes back; everything else — status, body, `Link`, `Retry-After`,
+//! continuation headers — comes back untouched, the body streamed.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderName, Method, StatusCode, Uri};
+use axum::response::Response;
+use url::Url;
+
+use super::{ApiError, AppState};
+use crate::auth::Role;
+use crate::broker::TokenRequest;
+
+/// Request headers never forwarded: the caller's credentials and cookies, hop-by-hop
+/// headers (RFC 9110 §7.6.1), and what the Functions host and proxies in front add.
+fn forwardable_request_header(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    !matches!(
+        name,
+        "authorization"
+            | "x-api-key"
+            | "cookie"
+            | "host"
+            | "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "content-length"
+            | "forwarded"
+    ) && !name.starts_with("x-forwarded-")
+        && !name.starts_with("x-azure-")
+        && !name.starts_with("x-ms-client-principal")
+        && !name.starts_with("x-arr-")
+        && !name.starts_with("x-original-")
+}
+
+/// Response headers never returned: cookies and hop-by-hop headers (the length is the
+/// streamed body's business).
+fn returnable_response_header(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "set-cookie"
+            | "set-cookie2"
+            | "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "content-length"
+    )
+}
+
+/// The upstream URL for `rest` (the raw, still percent-encoded path after
+/// `/api/proxy/{connection}/`) and `query`, or why it would leave `base`.
+pub(super) fn target_url(base: &Url, rest: &str, query: Option<&str>) -> Result<Url, &'static str> {
+    if rest.is_empty() {
+        return Err("name a path under the API, e.g. /api/proxy/{connection}/api.xro/2.0/Invoices");
+    }
+    // Judge the path as the upstream will read it: decoded. Encoded separators are refused
+    // outright (`%2f`, `%5c`), so decoding cannot create a segment the check did not see.
+    let lower = rest.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || rest.contains('\\') {
+        return Err("encoded or backward slashes are not allowed in a proxied path");
+    }
+    let decoded = percent_decode(rest).ok_or("the path is not valid percent-encoded UTF-8")?;
+    if decoded.chars().any(char::is_control) {
+        return Err("control characters are not allowed in a proxied path");
+    }
+    for segment in decoded.split('/') {
+        if segment.is_empty() || segment == "." || segment == ".." {
+            return Err("empty, `.` and `..` path segments are not allowed in a proxied path");
+        }
+    }
+    if decoded.contains("://") {
+        return Err("absolute URLs are not allowed in a proxied path");
+    }
+    let mut text = format!("{}/{rest}", base.as_str().trim_end_matches('/'));
+    if let Some(query) = query.filter(|q| !q.is_empty()) {
+        text.push('?');
+        text.push_str(query);
+    }
+    let url = Url::parse(&text).map_err(|_| "the proxied path does not make a valid URL")?;
+    // Belt and braces: the result must still be under the base.
+    let same_origin = url.scheme() == base.scheme()
+        && url.host_str() == base.host_str()
+        && url.port_or_known_default() == base.port_or_known_default();
+    let base_path = base.path().trim_end_matches('/');
+    if !same_origin || !url.path().starts_with(&format!("{base_path}/")) {
+        return Err("the proxied path leaves the connection's API");
+    }
+    Ok(url)
+}
+
+/// Percent-decoding to UTF-8 (the url crate's own decoder works on whole URLs).
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Forwards to the connection's API with a fresh access token; the API's answer comes back
+/// as it is (status, body, `Link` and other headers; never `Set-Cookie`). POST, PUT, PATCH
+/// and DELETE are forwarded the same way (the document lists GET, what a Copy activity's
+/// REST source sends).
+#[utoipa::path(
+    get,
+    path = "/api/proxy/{connection}/{path}",
+    tag = "proxy",
+    params(
+        ("connection" = String, Path, description = "The connection's name from the config"),
+        ("path" = String, Path, description = "The path under the connection's api_base_url; no `.`/`..` segments, encoded slashes or backslashes"),
+    ),
+    responses(
+        (status = 400, description = "A path that would leave the API", body = super::openapi::ErrorBody),
+        (status = 401, description = "No or wrong credential", body = super::openapi::ErrorBody),
+        (status = 403, description = "A credential without the right", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such connection, or it has no proxy", body = super::openapi::ErrorBody),
+        (status = 409, description = "An admin must consent", body = super::openapi::ErrorBody),
+        (status = 413, description = "A body over 64 KB", body = super::openapi::ErrorBody),
+        (status = 502, description = "The API could not be reached", body = super::openapi::ErrorBody),
+        (status = 503, description = "Store, lease or connection setup unavailable", body = super::openapi::ErrorBody),
+        (status = "default", description = "The API's own answer, relayed"),
+    ),
+    security(("api_key" = []), ("entra" = []))
+)]
+pub(super) async fn proxy(
+    State(state): State<Arc<AppState>>,
+    Path((connection, _)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    state.auth.authenticate(&headers, Role::Caller).await?;
+    // Unknown connections answer as /api/refresh does.
+    state
+        .broker
+        .provider(&connection)
+        .map_err(|err| ApiError::from_broker(err, &state))?;
+    let Some(base) = state.proxy_bases.get(&connection) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_proxy",
+            format!("connection `{connection}` has no proxy: set its api_base_url (and proxy is not false)"),
+        ));
+    };
+    // The raw path after the route's prefix, as the caller encoded it.
+    let prefix = format!("/api/proxy/{connection}/");
+    let rest = uri.path().strip_prefix(&prefix).unwrap_or_default();
+    let target = target_url(base, rest, uri.query())
+        .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", why))?;
+
+    let record = state
+        .broker
+        .token(&connection, TokenRequest::default())
+        .await
+        .map_err(|err| ApiError::from_broker(err, &state))?;
+    let Some(access_token) = record.access_token.as_ref() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "consent_required",
+            format!("connection `{connection}` has no access token: an admin must consent"),
+        ));
+    };
+    let body = super::read_body(body, super::MAX_BODY).await?;
+
+    let mut forwarded = reqwest::header::HeaderMap::new();
+    for (name, value) in &headers {
+        if forwardable_request_header(name) {
+            forwarded.append(name.clone(), value.clone());
+        }
+    }
+    let bearer = format!("Bearer {}", access_token.secret());
+    let mut bearer = reqwest::header::HeaderValue::from_str(&bearer).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "provider_error",
+            "the access token cannot be sent as a header",
+        )
+    })?;
+    bearer.set_sensitive(true);
+    forwarded.insert(header::AUTHORIZATION, bearer);
+
+    let mut request = state
+        .proxy_http
+        .request(method.clone(), target)
+        .headers(forwarded);
+    if !body.is_empty() {
+        request = request.body(body);
+    }
+    let upstream = request.send().await.map_err(|err| {
+        tracing::warn!(connection = %connection, timeout = err.is_timeout(), "proxied request failed");
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "provider_unavailable",
+            "the provider's API could not be reached or did not answer in time",
+        )
+    })?;
+    let status = upstream.status();
+    tracing::info!(connection = %connection, method = %method, status = status.as_u16(), "proxied");
+    let mut response = Response::builder().status(status);
+    for (name, value) in upstream.headers() {
+        if returnable_response_header(name) {
+            response = response.header(name, value);
+        }
+    }
+    response
+        .body(Body::from_stream(upstream.bytes_stream()))
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "provider_error",
+                "the provider's answer could not be relayed",
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_stay_under_the_base() {
+        let base = Url::parse("https://api.example.com/v2").expect("url");
+        let ok = target_url(&base, "invoices/42", Some("page=2&x=%20y")).expect("under the base");
+        assert_eq!(
+            ok.as_str(),
+            "https://api.example.com/v2/invoices/42?page=2&x=%20y"
+        );
+        for bad in [
+            "",
+            "../admin",
+            "a/../../admin",
+            "%2e%2e/admin",
+            "a/%2E%2e/b",
+            "a%2fb",
+            "a%5cb",
+            "a\\b",
+            "/evil.example/x",
+            "a//b",
+            "https://evil.example/x",
+            "https:%2f%2fevil.example",
+            "a/./b",
+            "a%00b",
+            "%ff",
+        ] {
+            assert!(
+                target_url(&base, bad, None).is_err(),
+                "{bad:?} was accepted"
+            );
+        }
+    }
+}
