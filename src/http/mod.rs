@@ -179,8 +179,10 @@ async fn json_framework_errors(response: Response) -> Response {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    // The broker's own errors are JSON; the browser pages are HTML.
-    if !(status.is_client_error() || status.is_server_error())
+    // The broker's own errors are JSON; the browser pages are HTML; the proxy relays the
+    // API's answers untouched.
+    if response.extensions().get::<proxy::Relayed>().is_some()
+        || !(status.is_client_error() || status.is_server_error())
         || content_type.starts_with("application/json")
         || content_type.starts_with("text/html")
     {

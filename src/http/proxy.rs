@@ -19,6 +19,11 @@ use url::Url;
 use super::{ApiError, AppState};
 use crate::auth::Role;
 use crate::broker::TokenRequest;
+use crate::token::TokenRecord;
+
+/// Marks an answer relayed from the API: the framework-error rewriting leaves it alone.
+#[derive(Clone, Copy)]
+pub(super) struct Relayed;
 
 /// Request headers never forwarded: the caller's credentials and cookies, hop-by-hop
 /// headers (RFC 9110 §7.6.1), and what the Functions host and proxies in front add.
@@ -137,16 +142,10 @@ fn percent_decode(text: &str) -> Option<String> {
         ("connection" = String, Path, description = "The connection's name from the config"),
         ("path" = String, Path, description = "The path under the connection's api_base_url; no `.`/`..` segments, encoded slashes or backslashes"),
     ),
+    // Any status can come from the API itself, with any body, so no status is the
+    // broker's alone: one `default` answer, described.
     responses(
-        (status = 400, description = "A path that would leave the API", body = super::openapi::ErrorBody),
-        (status = 401, description = "No or wrong credential", body = super::openapi::ErrorBody),
-        (status = 403, description = "A credential without the right", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such connection, or it has no proxy", body = super::openapi::ErrorBody),
-        (status = 409, description = "An admin must consent", body = super::openapi::ErrorBody),
-        (status = 413, description = "A body over 64 KB", body = super::openapi::ErrorBody),
-        (status = 502, description = "The API could not be reached", body = super::openapi::ErrorBody),
-        (status = 503, description = "Store, lease or connection setup unavailable", body = super::openapi::ErrorBody),
-        (status = "default", description = "The API's own answer, relayed"),
+        (status = "default", description = "The API's own answer, relayed untouched; or the broker's JSON error (ErrorBody): 400 a path that would leave the API, 401/403 the caller's credential, 404 no such connection or no proxy for it, 409 consent required, 413 a body over 64 KB, 429 the force limit, 502 the API unreachable, 503 store, lease or setup unavailable"),
     ),
     security(("api_key" = []), ("entra" = []))
 )]
@@ -177,55 +176,95 @@ pub(super) async fn proxy(
     let target = target_url(base, rest, uri.query())
         .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", why))?;
 
-    let record = state
-        .broker
-        .token(&connection, TokenRequest::default())
-        .await
-        .map_err(|err| ApiError::from_broker(err, &state))?;
-    let Some(access_token) = record.access_token.as_ref() else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "consent_required",
-            format!("connection `{connection}` has no access token: an admin must consent"),
-        ));
-    };
     let body = super::read_body(body, super::MAX_BODY).await?;
-
     let mut forwarded = reqwest::header::HeaderMap::new();
     for (name, value) in &headers {
         if forwardable_request_header(name) {
             forwarded.append(name.clone(), value.clone());
         }
     }
-    let bearer = format!("Bearer {}", access_token.secret());
-    let mut bearer = reqwest::header::HeaderValue::from_str(&bearer).map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "provider_error",
-            "the access token cannot be sent as a header",
-        )
-    })?;
-    bearer.set_sensitive(true);
-    forwarded.insert(header::AUTHORIZATION, bearer);
 
-    let mut request = state
-        .proxy_http
-        .request(method.clone(), target)
-        .headers(forwarded);
-    if !body.is_empty() {
-        request = request.body(body);
+    let token = |request: TokenRequest| {
+        let state = Arc::clone(&state);
+        let connection = connection.clone();
+        async move {
+            state
+                .broker
+                .token(&connection, request)
+                .await
+                .map_err(|err| ApiError::from_broker(err, &state))
+        }
+    };
+    let send = |record: Arc<TokenRecord>| {
+        let request = state
+            .proxy_http
+            .request(method.clone(), target.clone())
+            .headers(forwarded.clone());
+        let body = body.clone();
+        let connection = connection.clone();
+        async move {
+            let Some(access_token) = record.access_token.as_ref() else {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "consent_required",
+                    format!("connection `{connection}` has no access token: an admin must consent"),
+                ));
+            };
+            let mut bearer = reqwest::header::HeaderValue::from_str(&format!(
+                "Bearer {}",
+                access_token.secret()
+            ))
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "provider_error",
+                    "the access token cannot be sent as a header",
+                )
+            })?;
+            bearer.set_sensitive(true);
+            let mut request = request.header(header::AUTHORIZATION, bearer);
+            if !body.is_empty() {
+                request = request.body(body);
+            }
+            request.send().await.map_err(|err| {
+                tracing::warn!(connection = %connection, timeout = err.is_timeout(), "proxied request failed");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "provider_unavailable",
+                    "the provider's API could not be reached or did not answer in time",
+                )
+            })
+        }
+    };
+
+    let record = token(TokenRequest::default()).await?;
+    let mut upstream = send(Arc::clone(&record)).await?;
+    if upstream.status() == StatusCode::UNAUTHORIZED {
+        // The API refused a token the broker thought valid (revoked, or its clock disagrees):
+        // one forced refresh (within the connection's force limit) and one retry — the body
+        // is buffered, so the request can be sent again. Otherwise the 401 goes back.
+        match token(TokenRequest {
+            force: true,
+            ..TokenRequest::default()
+        })
+        .await
+        {
+            Ok(fresh)
+                if fresh.access_token.as_ref().map(|t| t.secret())
+                    != record.access_token.as_ref().map(|t| t.secret()) =>
+            {
+                tracing::info!(connection = %connection, "the API refused the access token; refreshed it and retrying once");
+                upstream = send(fresh).await?;
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(connection = %connection, "the API refused the access token and no new one could be had: {}", err.description);
+            }
+        }
     }
-    let upstream = request.send().await.map_err(|err| {
-        tracing::warn!(connection = %connection, timeout = err.is_timeout(), "proxied request failed");
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "provider_unavailable",
-            "the provider's API could not be reached or did not answer in time",
-        )
-    })?;
     let status = upstream.status();
     tracing::info!(connection = %connection, method = %method, status = status.as_u16(), "proxied");
-    let mut response = Response::builder().status(status);
+    let mut response = Response::builder().status(status).extension(Relayed);
     for (name, value) in upstream.headers() {
         if returnable_response_header(name) {
             response = response.header(name, value);

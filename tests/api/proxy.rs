@@ -54,6 +54,21 @@ impl ApiDouble {
                     caller_key: headers.contains_key("x-api-key"),
                     cookie: headers.contains_key("cookie"),
                 });
+                let tries = record
+                    .lock()
+                    .expect("lock")
+                    .iter()
+                    .filter(|s| s.path_and_query == uri.path())
+                    .count();
+                match uri.path() {
+                    // Refuses the first token it sees, then takes any.
+                    "/v2/flaky" if tries == 1 => {
+                        return (StatusCode::UNAUTHORIZED, "expired").into_response()
+                    }
+                    "/v2/flaky" => return axum::Json(json!({"ok": true})).into_response(),
+                    "/v2/always401" => return (StatusCode::UNAUTHORIZED, "no").into_response(),
+                    _ => {}
+                }
                 if uri.path() != "/v2/invoices" {
                     return (StatusCode::NOT_FOUND, "no such resource").into_response();
                 }
@@ -220,4 +235,64 @@ async fn traversal_and_host_escapes_are_refused_before_anything_leaves() {
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["error"], "no_proxy", "{body}");
     assert!(api.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_401_costs_one_refresh_and_one_retry_and_a_second_401_is_returned() {
+    let api = ApiDouble::start().await;
+    let app = app_with_api(&api).await;
+    app.consent("acme").await;
+    let refreshes = app.upstream.token_requests("refresh_token").await;
+
+    let response = app
+        .http
+        .get(format!("{}/api/proxy/acme/flaky", app.base))
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("proxy");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        app.upstream.token_requests("refresh_token").await,
+        refreshes + 1,
+        "one refresh"
+    );
+    let seen = api.seen();
+    assert_eq!(seen.len(), 2, "one retry: {seen:?}");
+    assert_ne!(
+        seen[0].authorization, seen[1].authorization,
+        "the retry carries the new token"
+    );
+    let current = app.token("acme", "").await;
+    assert_eq!(
+        seen[1].authorization.as_deref(),
+        Some(
+            format!(
+                "Bearer {}",
+                current["access_token"].as_str().expect("token")
+            )
+            .as_str()
+        )
+    );
+
+    // Refused again after the refresh: the 401 goes back to the caller, no more retries.
+    let response = app
+        .http
+        .get(format!("{}/api/proxy/acme/always401", app.base))
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("proxy");
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.text().await.expect("body"),
+        "no",
+        "the API's own answer"
+    );
+    assert_eq!(api.seen().len(), 4);
+    assert_eq!(
+        app.upstream.token_requests("refresh_token").await,
+        refreshes + 2
+    );
+    assert_eq!(app.upstream.grants_revoked().await, 0);
 }
