@@ -112,6 +112,76 @@ pub(super) fn target_url(base: &Url, rest: &str, query: Option<&str>) -> Result<
     Ok(url)
 }
 
+/// The query without the broker's own `tenant` parameter, and that parameter's value.
+fn split_tenant(query: Option<&str>) -> (Option<String>, Option<String>) {
+    let Some(query) = query else {
+        return (None, None);
+    };
+    let mut tenant = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if name == "tenant" {
+                tenant = percent_decode(&value.replace('+', " "));
+                false
+            } else {
+                true
+            }
+        })
+        .collect();
+    let kept = kept.join("&");
+    ((!kept.is_empty()).then_some(kept), tenant)
+}
+
+/// The Xero organisation for a request: the one named by `tenant` (id or name), else the only
+/// one consented; several and none named is the caller's to resolve (the error lists them).
+fn xero_tenant(
+    extra: &serde_json::Map<String, serde_json::Value>,
+    requested: Option<&str>,
+) -> Result<Option<String>, String> {
+    let tenants: Vec<(String, String)> = extra
+        .get("tenants")
+        .and_then(|t| t.as_array())
+        .map(|all| {
+            all.iter()
+                .filter_map(|t| {
+                    Some((
+                        t["tenant_id"].as_str()?.to_owned(),
+                        t["tenant_name"].as_str().unwrap_or_default().to_owned(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    match (requested, tenants.as_slice()) {
+        (Some(wanted), _) => tenants
+            .iter()
+            .find(|(id, name)| id.eq_ignore_ascii_case(wanted) || name == wanted)
+            .map(|(id, _)| Some(id.clone()))
+            .ok_or_else(|| {
+                format!(
+                    "tenant `{wanted}` is not one this connection was granted: {}",
+                    list(&tenants)
+                )
+            }),
+        (None, []) => Ok(None),
+        (None, [(id, _)]) => Ok(Some(id.clone())),
+        (None, _) => Err(format!(
+            "this connection was granted several Xero organisations: name one with ?tenant= ({})",
+            list(&tenants)
+        )),
+    }
+}
+
+fn list(tenants: &[(String, String)]) -> String {
+    tenants
+        .iter()
+        .map(|(id, name)| format!("{id} ({name})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Percent-decoding to UTF-8 (the url crate's own decoder works on whole URLs).
 fn percent_decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
@@ -141,6 +211,7 @@ fn percent_decode(text: &str) -> Option<String> {
     params(
         ("connection" = String, Path, description = "The connection's name from the config"),
         ("path" = String, Path, description = "The path under the connection's api_base_url; no `.`/`..` segments, encoded slashes or backslashes"),
+        ("tenant" = Option<String>, Query, description = "Xero: the organisation (id or name) when the connection was granted several; the broker's parameter, not forwarded"),
     ),
     // Any status can come from the API itself, with any body, so no status is the
     // broker's alone: one `default` answer, described.
@@ -173,12 +244,21 @@ pub(super) async fn proxy(
     // The raw path after the route's prefix, as the caller encoded it.
     let prefix = format!("/api/proxy/{connection}/");
     let rest = uri.path().strip_prefix(&prefix).unwrap_or_default();
-    let target = target_url(base, rest, uri.query())
+    // `tenant` picks a Xero organisation; it is the broker's parameter, not the API's.
+    let (query, tenant) = split_tenant(uri.query());
+    let target = target_url(base, rest, query.as_deref())
         .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", why))?;
+    let is_xero = state
+        .broker
+        .provider(&connection)
+        .is_ok_and(|p| p.kind() == crate::config::ProviderKind::Xero);
 
     let body = super::read_body(body, super::MAX_BODY).await?;
     let mut forwarded = reqwest::header::HeaderMap::new();
-    for (name, value) in &headers {
+    for (name, value) in headers
+        .iter()
+        .filter(|(n, _)| n.as_str() != "xero-tenant-id")
+    {
         if forwardable_request_header(name) {
             forwarded.append(name.clone(), value.clone());
         }
@@ -195,6 +275,22 @@ pub(super) async fn proxy(
                 .map_err(|err| ApiError::from_broker(err, &state))
         }
     };
+    let record = token(TokenRequest::default()).await?;
+    if is_xero {
+        // Xero wants the organisation in `xero-tenant-id` (recorded at consent).
+        if let Some(tenant) = xero_tenant(&record.extra, tenant.as_deref())
+            .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", why))?
+        {
+            let value = reqwest::header::HeaderValue::from_str(&tenant).map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "not a tenant id",
+                )
+            })?;
+            forwarded.insert("xero-tenant-id", value);
+        }
+    }
     let send = |record: Arc<TokenRecord>| {
         let request = state
             .proxy_http
@@ -237,7 +333,6 @@ pub(super) async fn proxy(
         }
     };
 
-    let record = token(TokenRequest::default()).await?;
     let mut upstream = send(Arc::clone(&record)).await?;
     if upstream.status() == StatusCode::UNAUTHORIZED {
         // The API refused a token the broker thought valid (revoked, or its clock disagrees):
@@ -284,6 +379,45 @@ pub(super) async fn proxy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tenant_parameter_is_the_brokers_and_picks_a_xero_organisation() {
+        assert_eq!(
+            split_tenant(Some("page=2&tenant=Demo%20Co&where=a%3Db")),
+            (
+                Some("page=2&where=a%3Db".to_owned()),
+                Some("Demo Co".to_owned())
+            )
+        );
+        assert_eq!(split_tenant(Some("tenant=x")), (None, Some("x".to_owned())));
+        assert_eq!(split_tenant(None), (None, None));
+        let two = serde_json::json!({"tenants": [
+            {"tenant_id": "aaa-1", "tenant_name": "Demo Co"},
+            {"tenant_id": "bbb-2", "tenant_name": "Other Ltd"},
+        ]});
+        let two = two.as_object().expect("map");
+        assert_eq!(
+            xero_tenant(two, Some("Demo Co")),
+            Ok(Some("aaa-1".to_owned()))
+        );
+        assert_eq!(
+            xero_tenant(two, Some("BBB-2")),
+            Ok(Some("bbb-2".to_owned()))
+        );
+        let err = xero_tenant(two, None).expect_err("several, none named");
+        assert!(
+            err.contains("aaa-1 (Demo Co)") && err.contains("bbb-2 (Other Ltd)"),
+            "{err}"
+        );
+        assert!(xero_tenant(two, Some("nope")).is_err());
+        let one =
+            serde_json::json!({"tenants": [{"tenant_id": "aaa-1", "tenant_name": "Demo Co"}]});
+        assert_eq!(
+            xero_tenant(one.as_object().expect("map"), None),
+            Ok(Some("aaa-1".to_owned()))
+        );
+        assert_eq!(xero_tenant(&serde_json::Map::new(), None), Ok(None));
+    }
 
     #[test]
     fn paths_stay_under_the_base() {

@@ -73,6 +73,11 @@ pub struct Provider {
 }
 
 impl Provider {
+    /// Which preset this provider is.
+    pub fn kind(&self) -> ProviderKind {
+        self.kind
+    }
+
     /// Builds the provider for `connection` (with its client secret, resolved by the caller
     /// from the config or Key Vault), redirecting back to `redirect_uri`.
     pub fn new(
