@@ -46,7 +46,9 @@ pub async fn serve(
     let registry = Arc::new(Registry::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
-    let mut accept_errors_logged = Instant::now() - Duration::from_secs(60);
+    // When an accept error was last logged (`Instant - Duration` could underflow on a
+    // machine up for less than that, so no made-up past instant).
+    let mut accept_errors_logged: Option<Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -54,9 +56,9 @@ pub async fn serve(
                 Err(err) => {
                     // Out of file descriptors, typically: wait for connections to close
                     // rather than spin.
-                    if accept_errors_logged.elapsed() > Duration::from_secs(10) {
+                    if accept_errors_logged.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
                         tracing::warn!(error = %err, "accept failed; retrying");
-                        accept_errors_logged = Instant::now();
+                        accept_errors_logged = Some(Instant::now());
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
