@@ -296,3 +296,53 @@ async fn an_upstream_401_costs_one_refresh_and_one_retry_and_a_second_401_is_ret
     );
     assert_eq!(app.upstream.grants_revoked().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_expires_between_pages_is_refreshed_once_and_no_page_fails() {
+    let api = ApiDouble::start().await;
+    // Tokens live 303 s; callers get at least min_validity (300 s) of life: three seconds in,
+    // the proxy must refresh before forwarding.
+    let app = TestApp::spawn_with(Options {
+        access_token_ttl: 303,
+        acme_extra: format!("api_base_url = \"{}\"", api.base),
+        ..Default::default()
+    })
+    .await;
+    app.consent("acme").await;
+    let refreshes = app.upstream.token_requests("refresh_token").await;
+    let page = |n: u32| {
+        let http = app.http.clone();
+        let url = format!("{}/api/proxy/acme/invoices?page={n}", app.base);
+        async move {
+            http.get(url)
+                .header("X-API-Key", CALLER_KEY)
+                .send()
+                .await
+                .expect("proxy")
+                .status()
+        }
+    };
+    assert_eq!(page(1).await, 200);
+    assert_eq!(
+        app.upstream.token_requests("refresh_token").await,
+        refreshes
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    assert_eq!(page(2).await, 200);
+    assert_eq!(page(3).await, 200);
+    assert_eq!(
+        app.upstream.token_requests("refresh_token").await,
+        refreshes + 1,
+        "refreshed once between the pages"
+    );
+    let seen = api.seen();
+    assert_eq!(seen.len(), 3);
+    assert_ne!(seen[0].authorization, seen[1].authorization);
+    assert_eq!(seen[1].authorization, seen[2].authorization);
+    let current = app.token("acme", "").await;
+    assert!(
+        app.upstream
+            .is_active(current["access_token"].as_str().expect("token"))
+            .await
+    );
+}
