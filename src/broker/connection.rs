@@ -156,10 +156,10 @@ impl Connection {
 
     /// True when the provider would refuse a refresh now and the current token still works.
     pub(super) fn too_soon_to_refresh(&self, record: &TokenRecord, now: DateTime<Utc>) -> bool {
-        let Ok(provider) = self.provider("") else {
-            return false;
+        let interval = match &*self.setup.lock().unwrap_or_else(|p| p.into_inner()) {
+            Ok(provider) => provider.min_refresh_interval,
+            Err(_) => return false,
         };
-        let interval = provider.min_refresh_interval;
         !interval.is_zero()
             && record.is_valid_for(Duration::ZERO, now)
             && (now - record.obtained_at).to_std().unwrap_or_default() < interval

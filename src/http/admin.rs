@@ -8,17 +8,11 @@
 
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Response};
-use serde::Deserialize;
 
 use super::{ApiError, AppState};
 use crate::auth::Role;
 use crate::html;
 use crate::state::{ADMIN_COOKIE, ADMIN_SESSION_TTL};
-
-#[derive(Deserialize)]
-pub(super) struct KeyParam {
-    key: Option<String>,
-}
 
 /// Admin routes: a bearer token, `X-API-Key`, or an admin-session cookie.
 pub(super) async fn authenticate_admin(
@@ -33,33 +27,39 @@ pub(super) async fn authenticate_admin(
     Ok(state.auth.authenticate(headers, Role::Admin).await?)
 }
 
-/// A browser route opened with `?key=`: checks the key and answers with the session cookie
-/// and a page that goes on to the same address without it. `None` when there is no key.
-pub(super) fn exchange_query_key(
+/// The browser routes' admission: a `?key=` is exchanged at once (the answer to send is
+/// returned), otherwise the caller must be an admin.
+pub(super) async fn admit_browser_admin(
     state: &AppState,
     uri: &Uri,
+    headers: &HeaderMap,
 ) -> Result<Option<Response>, ApiError> {
-    let query = uri.query().map(str::to_owned);
-    let Some(key) = query_key(&query) else {
+    if let Some(exchanged) = exchange_query_key(state, uri)? {
+        return Ok(Some(exchanged));
+    }
+    authenticate_admin(state, headers).await?;
+    Ok(None)
+}
+
+/// A browser route opened with `?key=`: checks the key and answers with the session cookie
+/// and a page that goes on to the same address without it. `None` when there is no key.
+fn exchange_query_key(state: &AppState, uri: &Uri) -> Result<Option<Response>, ApiError> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(uri.query().unwrap_or("")).unwrap_or_default();
+    let (keys, rest): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|(name, _)| name == "key");
+    let Some((_, key)) = keys.into_iter().next() else {
         return Ok(None);
     };
     state.auth.check_key(Some(&key), Role::Admin)?;
-    let rest: Vec<(String, String)> =
-        serde_urlencoded::from_str(uri.query().unwrap_or("")).unwrap_or_default();
-    let rest: Vec<_> = rest.into_iter().filter(|(name, _)| name != "key").collect();
     let target = match serde_urlencoded::to_string(&rest) {
         Ok(rest) if !rest.is_empty() => format!("{}?{rest}", uri.path()),
         _ => uri.path().to_owned(),
     };
-    let secure = if state.public_url.scheme() == "https" {
-        "; Secure"
-    } else {
-        ""
-    };
     let session = state.signer.issue_admin_session(state.broker.now());
     let cookie = format!(
-        "{ADMIN_COOKIE}={session}; Path=/api; Max-Age={}; HttpOnly; SameSite=Strict{secure}",
-        ADMIN_SESSION_TTL.as_secs()
+        "{ADMIN_COOKIE}={session}; Path=/api; Max-Age={}; HttpOnly; SameSite=Strict{}",
+        ADMIN_SESSION_TTL.as_secs(),
+        state.secure_cookie_attribute()
     );
     tracing::info!(
         path = uri.path(),
@@ -78,14 +78,6 @@ pub(super) fn exchange_query_key(
         )
             .into_response(),
     ))
-}
-
-/// `?key=` from a raw query.
-pub(super) fn query_key(query: &Option<String>) -> Option<String> {
-    query
-        .as_deref()
-        .and_then(|q| serde_urlencoded::from_str::<KeyParam>(q).ok())
-        .and_then(|p| p.key)
 }
 
 /// The value of cookie `name` in the request, if any.

@@ -9,7 +9,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
-use super::admin::{authenticate_admin, cookie, exchange_query_key};
+use super::admin::{admit_browser_admin, cookie};
 use super::{ApiError, AppState};
 use crate::broker::BrokerError;
 use crate::html;
@@ -43,10 +43,9 @@ pub(super) async fn authorize(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if let Some(exchanged) = exchange_query_key(&state, &uri)? {
+    if let Some(exchanged) = admit_browser_admin(&state, &uri, &headers).await? {
         return Ok(exchanged);
     }
-    authenticate_admin(&state, &headers).await?;
     let provider = state
         .broker
         .provider(&connection)
@@ -61,14 +60,10 @@ pub(super) async fn authorize(
         .issue(&connection, &binding, state.broker.now());
     let location = provider.authorize_url(issued.state, &issued.verifier);
 
-    let secure = if state.public_url.scheme() == "https" {
-        "; Secure"
-    } else {
-        ""
-    };
     let cookie = format!(
-        "{BINDING_COOKIE}={binding}; Path=/api; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
-        STATE_TTL.as_secs()
+        "{BINDING_COOKIE}={binding}; Path=/api; Max-Age={}; HttpOnly; SameSite=Lax{}",
+        STATE_TTL.as_secs(),
+        state.secure_cookie_attribute()
     );
     tracing::info!(connection = %connection, "redirecting admin to the provider's consent page");
     Ok((

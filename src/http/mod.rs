@@ -56,6 +56,16 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// `; Secure` for cookies when the broker is reached over https (browsers refuse Secure
+    /// cookies from a plain-http origin other than localhost).
+    fn secure_cookie_attribute(&self) -> &'static str {
+        if self.public_url.scheme() == "https" {
+            "; Secure"
+        } else {
+            ""
+        }
+    }
+
     fn authorize_url(&self, connection: &str) -> String {
         format!(
             "{}/api/authorize/{connection}",

@@ -182,7 +182,9 @@ fn list(tenants: &[(String, String)]) -> String {
         .join(", ")
 }
 
-/// Percent-decoding to UTF-8 (the url crate's own decoder works on whole URLs).
+/// Strict percent-decoding to UTF-8: a malformed escape (`%zz`, a lone `%`) is an error,
+/// where the percent-encoding crate's decoder would pass it through as text — a proxied path
+/// with one is refused rather than guessed at.
 fn percent_decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());

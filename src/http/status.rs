@@ -8,7 +8,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::admin::{authenticate_admin, exchange_query_key};
+use super::admin::admit_browser_admin;
 use super::{ApiError, AppState};
 use crate::html;
 
@@ -36,10 +36,9 @@ pub(super) async fn connections(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if let Some(exchanged) = exchange_query_key(&state, &uri)? {
+    if let Some(exchanged) = admit_browser_admin(&state, &uri, &headers).await? {
         return Ok(exchanged);
     }
-    authenticate_admin(&state, &headers).await?;
     let rows: Vec<_> = state
         .broker
         .statuses()

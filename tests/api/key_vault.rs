@@ -77,15 +77,46 @@ impl VaultSetup {
     }
 
     async fn refresh(&self, query: &str) -> (u16, Value) {
+        self.refresh_of("acme", query).await
+    }
+
+    async fn refresh_of(&self, connection: &str, query: &str) -> (u16, Value) {
         let response = self
             .http
-            .get(format!("{}/api/refresh/acme{query}", self.broker.base))
+            .get(format!(
+                "{}/api/refresh/{connection}{query}",
+                self.broker.base
+            ))
             .header("X-API-Key", CALLER_KEY)
             .send()
             .await
             .expect("refresh");
         let status = response.status().as_u16();
         (status, response.json().await.expect("json"))
+    }
+
+    /// Each connection's state on the status page (JSON), by name.
+    async fn states(&self) -> std::collections::BTreeMap<String, String> {
+        let page: Value = self
+            .http
+            .get(format!("{}/api/connections", self.broker.base))
+            .header("X-API-Key", crate::support::ADMIN_KEY)
+            .header("Accept", "application/json")
+            .send()
+            .await
+            .expect("connections")
+            .json()
+            .await
+            .expect("json");
+        page["connections"]
+            .as_array()
+            .expect("connections")
+            .iter()
+            .map(|c| {
+                let field = |k: &str| c[k].as_str().expect(k).to_owned();
+                (field("name"), field("state"))
+            })
+            .collect()
     }
 
     async fn token(&self, query: &str) -> String {
@@ -256,22 +287,8 @@ async fn a_mirror_that_cannot_be_written_never_fails_a_refresh() {
     setup.assert_newest_refresh_token_stored().await;
     assert_eq!(setup.azure.shared.value(MIRROR), None);
     assert!(setup.azure.shared.count("forbidden") >= 2);
-    let connections: Value = setup
-        .http
-        .get(format!("{}/api/connections", setup.broker.base))
-        .header("X-API-Key", crate::support::ADMIN_KEY)
-        .header("Accept", "application/json")
-        .send()
-        .await
-        .expect("connections")
-        .json()
-        .await
-        .expect("json");
-    let acme = connections["connections"]
-        .as_array()
-        .and_then(|all| all.iter().find(|c| c["name"] == "acme"))
-        .unwrap_or_else(|| panic!("acme listed: {connections}"));
-    assert_eq!(acme["state"], "connected", "{connections}");
+    let states = setup.states().await;
+    assert_eq!(states["acme"], "connected", "{states:?}");
     let logs = setup.broker.logs();
     assert!(
         logs.contains("the refresh-token mirror was not updated") && logs.contains(MIRROR),
@@ -313,14 +330,8 @@ async fn a_client_secret_missing_from_the_vault_leaves_that_connection_misconfig
 
     // The other connection works.
     consent(&setup.broker.base, "beta").await;
-    let beta = setup
-        .http
-        .get(format!("{}/api/refresh/beta", setup.broker.base))
-        .header("X-API-Key", CALLER_KEY)
-        .send()
-        .await
-        .expect("refresh beta");
-    assert_eq!(beta.status(), 200);
+    let (status, body) = setup.refresh_of("beta", "").await;
+    assert_eq!(status, 200, "{body}");
 
     // acme: 503 naming the secret, and `misconfigured` on the status page.
     let (status, body) = setup.refresh("").await;
@@ -328,23 +339,9 @@ async fn a_client_secret_missing_from_the_vault_leaves_that_connection_misconfig
     assert_eq!(body["error"], "connection_misconfigured");
     let description = body["error_description"].as_str().expect("description");
     assert!(description.contains(CLIENT_SECRET), "{description}");
-    let page = setup
-        .http
-        .get(format!("{}/api/connections", setup.broker.base))
-        .header("X-API-Key", crate::support::ADMIN_KEY)
-        .header("Accept", "application/json")
-        .send()
-        .await
-        .expect("connections");
-    let page: Value = page.json().await.expect("json");
-    let state = |name: &str| {
-        page["connections"]
-            .as_array()
-            .and_then(|all| all.iter().find(|c| c["name"] == name))
-            .map(|c| c["state"].clone())
-    };
-    assert_eq!(state("acme"), Some("misconfigured".into()), "{page}");
-    assert_eq!(state("beta"), Some("connected".into()), "{page}");
+    let states = setup.states().await;
+    assert_eq!(states["acme"], "misconfigured", "{states:?}");
+    assert_eq!(states["beta"], "connected", "{states:?}");
 
     // The secret is added: the connection works without a restart.
     setup
