@@ -115,6 +115,8 @@ pub struct ProviderProfile {
     pub rotation: Rotation,
     /// Where the provider's API lives, for the proxy (`/api/proxy/{connection}/…`).
     pub api_base_url: Option<String>,
+    /// Otherwise, the token-response field that names it (Salesforce `instance_url`).
+    pub api_base_from_record: Option<&'static str>,
 }
 
 /// Whether a provider replaces the refresh token when it is used. A copy of a rotating
@@ -189,6 +191,7 @@ fn generic(client_auth: ClientAuth) -> ProviderProfile {
         static_extra: Vec::new(),
         rotation: Rotation::Configurable,
         api_base_url: None,
+        api_base_from_record: None,
     }
 }
 
@@ -395,6 +398,8 @@ impl ProviderProfile {
                     required_scopes: &["refresh_token"],
                     default_lifetime: Some(Duration::from_secs(2 * 3600)),
                     require_refresh_token: true,
+                    // The org's API is on its instance, named in every token response.
+                    api_base_from_record: Some("instance_url"),
                     ..generic(ClientAuth::Post)
                 }
             }

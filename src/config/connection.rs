@@ -178,23 +178,25 @@ impl RawConnection {
         let proxy_base = match (
             self.proxy,
             self.api_base_url.or(preset.api_base_url.clone()),
+            preset.api_base_from_record,
         ) {
-            (Some(false), _) => None,
-            (Some(true), None) => {
-                return Err(ConfigError::key(
-                    format!("{key}.proxy"),
-                    "needs api_base_url: where the provider's API lives",
-                ))
-            }
-            (_, None) => None,
-            (_, Some(base)) => {
+            (Some(false), _, _) => None,
+            (_, Some(base), _) => {
                 let field = format!("{key}.api_base_url");
                 let url = parse_endpoint(&field, base.trim_end_matches('/'))?;
                 if url.query().is_some() {
                     return Err(ConfigError::key(field, "a base URL cannot have a query"));
                 }
-                Some(url)
+                Some(ProxyBase::Fixed(url))
             }
+            (_, None, Some(field)) => Some(ProxyBase::FromRecord(field)),
+            (Some(true), None, None) => {
+                return Err(ConfigError::key(
+                    format!("{key}.proxy"),
+                    "needs api_base_url: where the provider's API lives",
+                ))
+            }
+            (None, None, None) => None,
         };
         Ok(ConnectionConfig {
             proxy_base,

@@ -182,12 +182,22 @@ pub enum Endpoints {
     },
 }
 
+/// Where a connection's proxy forwards to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyBase {
+    /// A base URL from the config or the preset.
+    Fixed(Url),
+    /// A base URL the provider names in the token response, read from the stored record
+    /// (Salesforce's `instance_url`).
+    FromRecord(&'static str),
+}
+
 /// One named connection to one provider account.
 #[derive(Debug)]
 pub struct ConnectionConfig {
     pub provider: ProviderKind,
     /// Where `/api/proxy/{connection}/…` forwards to; `None`: no proxy for it.
-    pub proxy_base: Option<Url>,
+    pub proxy_base: Option<ProxyBase>,
     pub endpoints: Endpoints,
     pub client_id: String,
     pub client_secret: Option<SecretString>,

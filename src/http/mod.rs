@@ -50,7 +50,7 @@ pub struct AppState {
     /// Under the Functions host, which calls the timer route over loopback without a key.
     pub functions_host: bool,
     /// Connections with a proxy, and where it forwards to.
-    pub proxy_bases: std::collections::BTreeMap<String, Url>,
+    pub proxy_bases: std::collections::BTreeMap<String, crate::config::ProxyBase>,
     /// The proxy's client: no redirects, timeouts.
     pub proxy_http: reqwest::Client,
 }
@@ -110,16 +110,20 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(refresh_get).post(refresh_post),
         )
         .route("/api/openapi.json", get(openapi::openapi_json))
-        .route(
-            "/api/proxy/{connection}/{*path}",
-            axum::routing::any(proxy::proxy),
-        )
         .route("/api/connections", get(connections))
         .route("/prerefresh", post(prerefresh))
         .fallback(not_found)
         // A declared length over the most any route reads: 413 before anything is read or
         // anyone authenticated (the answer is JSON-shaped below).
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
+        // The proxy streams bodies to the API, with a limit of its own (added after the
+        // layer above, which applies only to the routes before it).
+        .route(
+            "/api/proxy/{connection}/{*path}",
+            axum::routing::any(proxy::proxy).layer(tower_http::limit::RequestBodyLimitLayer::new(
+                proxy::PROXY_MAX_BODY,
+            )),
+        )
         .layer(axum::middleware::map_response(json_framework_errors))
         .layer(
             // Our own span: method and path only. The default span records the full URI,

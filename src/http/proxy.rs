@@ -19,6 +19,7 @@ use url::Url;
 use super::{ApiError, AppState};
 use crate::auth::Role;
 use crate::broker::TokenRequest;
+use crate::config::ProxyBase;
 use crate::token::TokenRecord;
 
 /// Marks an answer relayed from the API: the framework-error rewriting leaves it alone.
@@ -71,9 +72,9 @@ fn returnable_response_header(name: &HeaderName) -> bool {
     )
 }
 
-/// The upstream URL for `rest` (the raw, still percent-encoded path after
-/// `/api/proxy/{connection}/`) and `query`, or why it would leave `base`.
-pub(super) fn target_url(base: &Url, rest: &str, query: Option<&str>) -> Result<Url, &'static str> {
+/// Refuses a proxied path (`rest`: the raw, still percent-encoded path after
+/// `/api/proxy/{connection}/`) that could leave the API's base once the upstream decodes it.
+pub(super) fn check_path(rest: &str) -> Result<(), &'static str> {
     if rest.is_empty() {
         return Err("name a path under the API, e.g. /api/proxy/{connection}/api.xro/2.0/Invoices");
     }
@@ -95,6 +96,13 @@ pub(super) fn target_url(base: &Url, rest: &str, query: Option<&str>) -> Result<
     if decoded.contains("://") {
         return Err("absolute URLs are not allowed in a proxied path");
     }
+    Ok(())
+}
+
+/// The upstream URL for `rest` (see [`check_path`]) and `query`, or why it would leave
+/// `base`.
+pub(super) fn target_url(base: &Url, rest: &str, query: Option<&str>) -> Result<Url, &'static str> {
+    check_path(rest)?;
     let mut text = format!("{}/{rest}", base.as_str().trim_end_matches('/'));
     if let Some(query) = query.filter(|q| !q.is_empty()) {
         text.push('?');
@@ -102,14 +110,165 @@ pub(super) fn target_url(base: &Url, rest: &str, query: Option<&str>) -> Result<
     }
     let url = Url::parse(&text).map_err(|_| "the proxied path does not make a valid URL")?;
     // Belt and braces: the result must still be under the base.
+    if under_base(&url, base).is_none() {
+        return Err("the proxied path leaves the connection's API");
+    }
+    Ok(url)
+}
+
+/// The path of `url` below `base` (without the leading slash) when `url` is on the same
+/// origin and under the base's path.
+fn under_base<'u>(url: &'u Url, base: &Url) -> Option<&'u str> {
     let same_origin = url.scheme() == base.scheme()
         && url.host_str() == base.host_str()
         && url.port_or_known_default() == base.port_or_known_default();
     let base_path = base.path().trim_end_matches('/');
-    if !same_origin || !url.path().starts_with(&format!("{base_path}/")) {
-        return Err("the proxied path leaves the connection's API");
+    let rest = url.path().strip_prefix(base_path)?.strip_prefix('/')?;
+    same_origin.then_some(rest)
+}
+
+/// Values the broker fills into a proxied path from what consent recorded: QuickBooks'
+/// company (`realm_id`, from the redirect) and Exact Online's division (`division`, from
+/// `/api/v1/current/Me`).
+const PLACEHOLDERS: &[&str] = &["realm_id", "division"];
+
+/// `rest` with `{realm_id}` / `{division}` (raw or percent-encoded braces) replaced by the
+/// connection's recorded values. A placeholder the broker does not know, or one the
+/// consent did not record, is the caller's error.
+fn fill_placeholders(
+    rest: &str,
+    extra: &serde_json::Map<String, serde_json::Value>,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(rest.len());
+    let mut remaining = rest;
+    loop {
+        let lower = remaining.to_ascii_lowercase();
+        let open = [(lower.find('{'), 1), (lower.find("%7b"), 3)]
+            .into_iter()
+            .filter_map(|(at, len)| Some((at?, len)))
+            .min();
+        let Some((at, open_len)) = open else {
+            out.push_str(remaining);
+            return Ok(out);
+        };
+        let after = &lower[at + open_len..];
+        let close = [(after.find('}'), 1), (after.find("%7d"), 3)]
+            .into_iter()
+            .filter_map(|(at, len)| Some((at?, len)))
+            .min();
+        let Some((name_len, close_len)) = close else {
+            out.push_str(remaining);
+            return Ok(out);
+        };
+        let name = &remaining[at + open_len..at + open_len + name_len];
+        if !PLACEHOLDERS.contains(&name) {
+            return Err(format!(
+                "`{{{name}}}` is not a placeholder the broker fills in (it knows {{realm_id}} for QuickBooks and {{division}} for Exact Online)"
+            ));
+        }
+        let value = match extra.get(name) {
+            Some(serde_json::Value::String(text)) => text.clone(),
+            Some(serde_json::Value::Number(number)) => number.to_string(),
+            _ => {
+                return Err(format!(
+                    "this connection's consent recorded no `{name}` to fill in `{{{name}}}`"
+                ))
+            }
+        };
+        if value.is_empty()
+            || !value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!("the recorded `{name}` cannot be used in a path"));
+        }
+        out.push_str(&remaining[..at]);
+        out.push_str(&value);
+        remaining = &remaining[at + open_len + name_len + close_len..];
     }
-    Ok(url)
+}
+
+/// The API base for a request: the configured one, or the one the provider named in the
+/// token response (Salesforce's `instance_url`) — https, or http to this machine only.
+fn resolve_base(base: &ProxyBase, record: &TokenRecord) -> Result<Url, ApiError> {
+    match base {
+        ProxyBase::Fixed(url) => Ok(url.clone()),
+        ProxyBase::FromRecord(field) => {
+            let named = record
+                .extra
+                .get(*field)
+                .and_then(|v| v.as_str())
+                .and_then(|text| Url::parse(text.trim_end_matches('/')).ok())
+                .filter(|url| {
+                    (url.scheme() == "https" || crate::presets::is_loopback(url))
+                        && url.query().is_none()
+                        && url.username().is_empty()
+                        && url.password().is_none()
+                });
+            named.ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "provider_error",
+                    format!("the provider named no usable `{field}` for the proxy (consent again, or set api_base_url)"),
+                )
+            })
+        }
+    }
+}
+
+/// A `Link` or `Location` URL that points into the API, as the proxy URL that reaches it
+/// (keeping the caller's `tenant`), so paging by RFC 8288 links — Data Factory's REST source
+/// follows them by default — goes through the broker instead of straight to the API
+/// without a token. Other URLs stay as they are.
+fn to_proxy(
+    reference: &str,
+    target: &Url,
+    base: &Url,
+    proxy_prefix: &str,
+    tenant: Option<&str>,
+) -> Option<String> {
+    let url = target.join(reference.trim()).ok()?;
+    let rest = under_base(&url, base)?;
+    let mut out = format!("{proxy_prefix}{rest}");
+    let mut query: Vec<String> = url.query().map(|q| q.to_owned()).into_iter().collect();
+    if let Some(tenant) = tenant {
+        query.push(format!(
+            "tenant={}",
+            url::form_urlencoded::byte_serialize(tenant.as_bytes()).collect::<String>()
+        ));
+    }
+    if !query.is_empty() {
+        out.push('?');
+        out.push_str(&query.join("&"));
+    }
+    Some(out)
+}
+
+/// Every `<URI-reference>` of a `Link` header through [`to_proxy`].
+fn rewrite_links(
+    value: &str,
+    target: &Url,
+    base: &Url,
+    proxy_prefix: &str,
+    tenant: Option<&str>,
+) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(open) = rest.find('<') {
+        let Some(len) = rest[open + 1..].find('>') else {
+            break;
+        };
+        let reference = &rest[open + 1..open + 1 + len];
+        out.push_str(&rest[..=open]);
+        match to_proxy(reference, target, base, proxy_prefix, tenant) {
+            Some(proxied) => out.push_str(&proxied),
+            None => out.push_str(reference),
+        }
+        out.push('>');
+        rest = &rest[open + len + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The query without the broker's own `tenant` parameter, and that parameter's value.
@@ -232,7 +391,7 @@ pub(super) async fn proxy(
 ) -> Result<Response, ApiError> {
     state.auth.authenticate(&headers, Role::Caller).await?;
     // Unknown connections answer as /api/refresh does.
-    state
+    let provider = state
         .broker
         .provider(&connection)
         .map_err(|err| ApiError::from_broker(err, &state))?;
@@ -243,19 +402,17 @@ pub(super) async fn proxy(
             format!("connection `{connection}` has no proxy: set its api_base_url (and proxy is not false)"),
         ));
     };
-    // The raw path after the route's prefix, as the caller encoded it.
+    let bad_request = |why: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", why);
+    // The raw path after the route's prefix, as the caller encoded it: refused before
+    // anything else happens when it could leave the API.
     let prefix = format!("/api/proxy/{connection}/");
     let rest = uri.path().strip_prefix(&prefix).unwrap_or_default();
+    check_path(rest).map_err(|why| bad_request(why.to_owned()))?;
     // `tenant` picks a Xero organisation; it is the broker's parameter, not the API's.
     let (query, tenant) = split_tenant(uri.query());
-    let target = target_url(base, rest, query.as_deref())
-        .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", why))?;
-    let is_xero = state
-        .broker
-        .provider(&connection)
-        .is_ok_and(|p| p.kind() == crate::config::ProviderKind::Xero);
+    let is_xero = provider.kind() == crate::config::ProviderKind::Xero;
 
-    let body = super::read_body(body, super::MAX_BODY).await?;
+    let body = start_body(body).await?;
     let mut forwarded = reqwest::header::HeaderMap::new();
     for (name, value) in headers
         .iter()
@@ -278,27 +435,27 @@ pub(super) async fn proxy(
         }
     };
     let record = token(TokenRequest::default()).await?;
+    let base = resolve_base(base, &record)?;
+    let rest = fill_placeholders(rest, &record.extra).map_err(bad_request)?;
+    let target =
+        target_url(&base, &rest, query.as_deref()).map_err(|why| bad_request(why.to_owned()))?;
     if is_xero {
         // Xero wants the organisation in `xero-tenant-id` (recorded at consent).
-        if let Some(tenant) = xero_tenant(&record.extra, tenant.as_deref())
-            .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", why))?
-        {
-            let value = reqwest::header::HeaderValue::from_str(&tenant).map_err(|_| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "not a tenant id",
-                )
-            })?;
+        if let Some(tenant) = xero_tenant(&record.extra, tenant.as_deref()).map_err(bad_request)? {
+            let value = reqwest::header::HeaderValue::from_str(&tenant)
+                .map_err(|_| bad_request("not a tenant id".to_owned()))?;
             forwarded.insert("xero-tenant-id", value);
         }
     }
-    let send = |record: Arc<TokenRecord>| {
+    let (replayable, mut streamed) = match body {
+        Outgoing::Buffered(bytes) => (Some(bytes), None),
+        Outgoing::Streamed(stream) => (None, Some(stream)),
+    };
+    let send = |record: Arc<TokenRecord>, body: Option<reqwest::Body>| {
         let request = state
             .proxy_http
             .request(method.clone(), target.clone())
             .headers(forwarded.clone());
-        let body = body.clone();
         let connection = connection.clone();
         async move {
             let Some(access_token) = record.access_token.as_ref() else {
@@ -321,10 +478,17 @@ pub(super) async fn proxy(
             })?;
             bearer.set_sensitive(true);
             let mut request = request.header(header::AUTHORIZATION, bearer);
-            if !body.is_empty() {
+            if let Some(body) = body {
                 request = request.body(body);
             }
             request.send().await.map_err(|err| {
+                if over_the_body_limit(&err) {
+                    return ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        format!("the request body is larger than the proxy accepts ({PROXY_MAX_BODY} bytes)"),
+                    );
+                }
                 tracing::warn!(connection = %connection, timeout = err.is_timeout(), "proxied request failed");
                 ApiError::new(
                     StatusCode::BAD_GATEWAY,
@@ -334,37 +498,67 @@ pub(super) async fn proxy(
             })
         }
     };
-
-    let mut upstream = send(Arc::clone(&record)).await?;
+    let first_body = match (&replayable, streamed.take()) {
+        (Some(bytes), _) if bytes.is_empty() => None,
+        (Some(bytes), _) => Some(reqwest::Body::from(bytes.clone())),
+        (None, stream) => stream,
+    };
+    let mut upstream = send(Arc::clone(&record), first_body).await?;
     if upstream.status() == StatusCode::UNAUTHORIZED {
-        // The API refused a token the broker thought valid (revoked, or its clock disagrees):
-        // one forced refresh (within the connection's force limit) and one retry — the body
-        // is buffered, so the request can be sent again. Otherwise the 401 goes back.
-        match token(TokenRequest {
-            force: true,
-            ..TokenRequest::default()
-        })
-        .await
-        {
-            Ok(fresh)
-                if fresh.access_token.as_ref().map(|t| t.secret())
-                    != record.access_token.as_ref().map(|t| t.secret()) =>
+        if let Some(bytes) = replayable {
+            // The API refused a token the broker thought valid (revoked, or its clock
+            // disagrees): one forced refresh (within the connection's force limit) and one
+            // retry — the body is buffered, so it can be sent again. Otherwise the 401 goes
+            // back.
+            match token(TokenRequest {
+                force: true,
+                ..TokenRequest::default()
+            })
+            .await
             {
-                tracing::info!(connection = %connection, "the API refused the access token; refreshed it and retrying once");
-                upstream = send(fresh).await?;
-            }
-            Ok(_) => {}
-            Err(err) => {
-                tracing::warn!(connection = %connection, "the API refused the access token and no new one could be had: {}", err.description);
+                Ok(fresh)
+                    if fresh.access_token.as_ref().map(|t| t.secret())
+                        != record.access_token.as_ref().map(|t| t.secret()) =>
+                {
+                    tracing::info!(connection = %connection, "the API refused the access token; refreshed it and retrying once");
+                    let body = (!bytes.is_empty()).then(|| reqwest::Body::from(bytes));
+                    upstream = send(fresh, body).await?;
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(connection = %connection, "the API refused the access token and no new one could be had: {}", err.description);
+                }
             }
         }
     }
     let status = upstream.status();
     tracing::info!(connection = %connection, method = %method, status = status.as_u16(), "proxied");
+    let proxy_prefix = format!(
+        "{}{prefix}",
+        state.public_url.as_str().trim_end_matches('/')
+    );
     let mut response = Response::builder().status(status).extension(Relayed);
     for (name, value) in upstream.headers() {
-        if returnable_response_header(name) {
-            response = response.header(name, value);
+        if !returnable_response_header(name) {
+            continue;
+        }
+        // Links into the API point at the proxy instead (see `to_proxy`).
+        let rewritten = match (name.as_str(), value.to_str()) {
+            ("link", Ok(text)) => Some(rewrite_links(
+                text,
+                &target,
+                &base,
+                &proxy_prefix,
+                tenant.as_deref(),
+            )),
+            ("location" | "content-location", Ok(text)) => {
+                to_proxy(text, &target, &base, &proxy_prefix, tenant.as_deref())
+            }
+            _ => None,
+        };
+        match rewritten.and_then(|text| header::HeaderValue::from_str(&text).ok()) {
+            Some(value) => response = response.header(name, value),
+            None => response = response.header(name, value),
         }
     }
     response
@@ -376,6 +570,70 @@ pub(super) async fn proxy(
                 "the provider's answer could not be relayed",
             )
         })
+}
+
+/// The most of a request body kept in memory so that the request can be sent again after
+/// a `401`; a longer body is streamed to the API as it arrives, and not retried.
+const REPLAY_MAX: usize = 64 * 1024;
+
+/// The most a proxied request body may carry (bodies stream; this bounds the upload).
+pub(super) const PROXY_MAX_BODY: usize = 32 * 1024 * 1024;
+
+/// A request body on its way to the API.
+enum Outgoing {
+    /// Short enough to be sent again.
+    Buffered(bytes::Bytes),
+    /// What was read so far, then the rest as it arrives.
+    Streamed(reqwest::Body),
+}
+
+/// Reads up to [`REPLAY_MAX`] of `body`: all of it fits (most API calls: none, or a small
+/// JSON document) → buffered; otherwise the bytes read and the rest become one stream.
+async fn start_body(body: Body) -> Result<Outgoing, ApiError> {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut read = bytes::BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(Outgoing::Buffered(read.freeze())),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    read.extend_from_slice(&data);
+                }
+                if read.len() > REPLAY_MAX {
+                    let head = futures_util::stream::once(std::future::ready(Ok::<
+                        bytes::Bytes,
+                        axum::Error,
+                    >(
+                        read.freeze()
+                    )));
+                    let stream = head.chain(body.into_data_stream());
+                    return Ok(Outgoing::Streamed(reqwest::Body::wrap_stream(stream)));
+                }
+            }
+            Some(Err(_)) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "the request body could not be read (malformed, or too slow)",
+                ))
+            }
+        }
+    }
+}
+
+/// Whether a failed upload stopped because the caller's body went over
+/// [`PROXY_MAX_BODY`] (a chunked body, cut by the limit while streaming).
+fn over_the_body_limit(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(err) = cause {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 #[cfg(test)]
@@ -451,5 +709,112 @@ mod tests {
                 "{bad:?} was accepted"
             );
         }
+    }
+
+    #[test]
+    fn placeholders_take_the_consents_values_and_nothing_else() {
+        let extra = serde_json::json!({"realm_id": "9130355", "division": 1234567, "bad": "a/b"});
+        let extra = extra.as_object().expect("map");
+        assert_eq!(
+            fill_placeholders("v3/company/{realm_id}/query", extra).as_deref(),
+            Ok("v3/company/9130355/query")
+        );
+        assert_eq!(
+            fill_placeholders("api/v1/%7Bdivision%7d/x/%7bdivision}", extra).as_deref(),
+            Ok("api/v1/1234567/x/1234567")
+        );
+        assert_eq!(
+            fill_placeholders("plain/path%7", extra).as_deref(),
+            Ok("plain/path%7")
+        );
+        assert_eq!(fill_placeholders("a{b", extra).as_deref(), Ok("a{b"));
+        assert!(fill_placeholders("{bad}", extra).is_err(), "unknown name");
+        assert!(fill_placeholders("{tenant_id}/x", extra).is_err());
+        let none = serde_json::Map::new();
+        let err = fill_placeholders("{division}", &none).expect_err("not recorded");
+        assert!(err.contains("recorded no `division`"), "{err}");
+        let hostile = serde_json::json!({"realm_id": "../admin"});
+        assert!(fill_placeholders("{realm_id}", hostile.as_object().expect("map")).is_err());
+    }
+
+    #[test]
+    fn links_into_the_api_point_at_the_proxy_and_others_stay() {
+        let base = Url::parse("https://api.example.com/v2").expect("url");
+        let target = Url::parse("https://api.example.com/v2/invoices?page=1").expect("url");
+        let prefix = "https://broker.example/api/proxy/acme/";
+        assert_eq!(
+            rewrite_links(
+                "<https://api.example.com/v2/invoices?page=2>; rel=\"next\", <https://other.example/v2/x>; rel=\"help\"",
+                &target, &base, prefix, None,
+            ),
+            "<https://broker.example/api/proxy/acme/invoices?page=2>; rel=\"next\", <https://other.example/v2/x>; rel=\"help\""
+        );
+        // Relative references resolve against the request; the tenant stays chosen.
+        assert_eq!(
+            rewrite_links(
+                "</v2/invoices?page=3>; rel=next",
+                &target,
+                &base,
+                prefix,
+                Some("Demo Co")
+            ),
+            "<https://broker.example/api/proxy/acme/invoices?page=3&tenant=Demo+Co>; rel=next"
+        );
+        assert_eq!(
+            to_proxy("page2", &target, &base, prefix, None).as_deref(),
+            Some("https://broker.example/api/proxy/acme/page2")
+        );
+        // Outside the base path, another port or scheme: untouched.
+        for other in [
+            "/v1/x",
+            "http://api.example.com/v2/x",
+            "https://api.example.com:8443/v2/x",
+        ] {
+            assert_eq!(
+                to_proxy(other, &target, &base, prefix, None),
+                None,
+                "{other}"
+            );
+        }
+        assert_eq!(
+            rewrite_links("<unclosed", &target, &base, prefix, None),
+            "<unclosed"
+        );
+    }
+
+    #[test]
+    fn an_api_base_from_the_token_response_must_be_https_without_credentials() {
+        let record = |url: Option<&str>| TokenRecord {
+            status: crate::token::GrantStatus::Connected,
+            access_token: None,
+            token_type: "Bearer".into(),
+            expires_at: None,
+            refresh_token: None,
+            scope: None,
+            extra: url
+                .map(|url| serde_json::json!({"instance_url": url}))
+                .and_then(|v| v.as_object().cloned())
+                .unwrap_or_default(),
+            obtained_at: chrono::Utc::now(),
+            consented_at: chrono::Utc::now(),
+            last_error: None,
+        };
+        let base = ProxyBase::FromRecord("instance_url");
+        let ok =
+            resolve_base(&base, &record(Some("https://acme.my.salesforce.com/"))).expect("https");
+        assert_eq!(ok.as_str(), "https://acme.my.salesforce.com/");
+        assert!(
+            resolve_base(&base, &record(Some("http://127.0.0.1:8080"))).is_ok(),
+            "loopback"
+        );
+        for bad in [
+            "http://acme.my.salesforce.com",
+            "https://user:pw@acme.my.salesforce.com",
+            "https://acme.my.salesforce.com/?x=1",
+            "not a url",
+        ] {
+            assert!(resolve_base(&base, &record(Some(bad))).is_err(), "{bad}");
+        }
+        assert!(resolve_base(&base, &record(None)).is_err(), "none named");
     }
 }

@@ -11,7 +11,7 @@ use reqwest::header::LOCATION;
 use serde_json::{json, Value};
 use url::Url;
 
-use crate::support::provider_double::{Behaviour, ProviderDouble};
+use crate::support::provider_double::{against_double, Behaviour, ProviderDouble};
 use crate::support::{Options, TestApp, ADMIN_KEY};
 
 fn query(url: &Url) -> HashMap<String, String> {
@@ -186,25 +186,6 @@ async fn authorization_urls_follow_each_providers_documented_format() {
 }
 
 /// A preset connection named `name`, with its endpoints moved to `double`.
-fn against_double(name: &str, settings: &str, double: &ProviderDouble) -> Options {
-    Options {
-        extra_config: format!(
-            r#"
-[connections.{name}]
-{settings}
-authorize_url = "{url}/authorize"
-token_url = "{url}/token"
-client_id = "{id}"
-client_secret = "{secret}"
-"#,
-            url = double.url,
-            id = double.client_id,
-            secret = double.client_secret,
-        ),
-        ..Default::default()
-    }
-}
-
 /// Checks the two token requests a preset makes (code exchange, then a forced refresh)
 /// against the documented format: POST, form-encoded, the client authenticated the way
 /// the provider documents, and exactly the documented fields.

@@ -2,105 +2,11 @@
 //! through it unchanged with the broker's token on every upstream request and the caller's
 //! credentials on none; traversal attempts refused before anything leaves the broker.
 
-use std::sync::{Arc, Mutex};
+use serde_json::Value;
 
-use axum::http::{HeaderMap, StatusCode, Uri};
-use axum::response::IntoResponse;
-use serde_json::{json, Value};
-
+use crate::support::api_double::{checksum, ApiDouble};
+use crate::support::provider_double::{against_double, Behaviour, ProviderDouble};
 use crate::support::{Options, TestApp, CALLER_KEY};
-
-/// What the API double saw of one request.
-#[derive(Clone, Debug)]
-struct Seen {
-    path_and_query: String,
-    authorization: Option<String>,
-    caller_key: bool,
-    cookie: bool,
-}
-
-/// A paged API under `/v2`: `/v2/invoices?page=N` (1..=3) with a `Link` to the next page,
-/// and a `Set-Cookie` the proxy must not pass on.
-struct ApiDouble {
-    base: String,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-impl ApiDouble {
-    async fn start() -> Self {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let record = Arc::clone(&seen);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let base = format!("http://{}/v2", listener.local_addr().expect("addr"));
-        let link_base = base.clone();
-        let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
-            let record = Arc::clone(&record);
-            let link_base = link_base.clone();
-            async move {
-                let header = |name: &str| {
-                    headers
-                        .get(name)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned)
-                };
-                record.lock().expect("lock").push(Seen {
-                    path_and_query: uri
-                        .path_and_query()
-                        .map(|p| p.to_string())
-                        .unwrap_or_default(),
-                    authorization: header("authorization"),
-                    caller_key: headers.contains_key("x-api-key"),
-                    cookie: headers.contains_key("cookie"),
-                });
-                let tries = record
-                    .lock()
-                    .expect("lock")
-                    .iter()
-                    .filter(|s| s.path_and_query == uri.path())
-                    .count();
-                match uri.path() {
-                    // Refuses the first token it sees, then takes any.
-                    "/v2/flaky" if tries == 1 => {
-                        return (StatusCode::UNAUTHORIZED, "expired").into_response()
-                    }
-                    "/v2/flaky" => return axum::Json(json!({"ok": true})).into_response(),
-                    "/v2/always401" => return (StatusCode::UNAUTHORIZED, "no").into_response(),
-                    _ => {}
-                }
-                if uri.path() != "/v2/invoices" {
-                    return (StatusCode::NOT_FOUND, "no such resource").into_response();
-                }
-                let page: u32 = uri
-                    .query()
-                    .and_then(|q| q.strip_prefix("page="))
-                    .and_then(|p| p.parse().ok())
-                    .unwrap_or(1);
-                let mut response =
-                    axum::Json(json!({"page": page, "items": [page * 10, page * 10 + 1]}))
-                        .into_response();
-                let headers = response.headers_mut();
-                headers.insert("set-cookie", "session=upstream".parse().expect("header"));
-                headers.insert(
-                    "x-continuation",
-                    format!("c{page}").parse().expect("header"),
-                );
-                if page < 3 {
-                    let link = format!("<{link_base}/invoices?page={}>; rel=\"next\"", page + 1);
-                    headers.insert("link", link.parse().expect("header"));
-                }
-                response
-            }
-        });
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { base, seen }
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().expect("lock").clone()
-    }
-}
 
 async fn app_with_api(api: &ApiDouble) -> TestApp {
     TestApp::spawn_with(Options {
@@ -142,16 +48,26 @@ async fn a_paged_pull_through_the_proxy_returns_every_page_with_the_brokers_toke
             .map(|l| l.to_str().expect("ascii").to_owned());
         let body: Value = response.json().await.expect("json");
         assert_eq!(continuation, format!("c{}", body["page"]));
+        assert_eq!(
+            body["note"],
+            api.marker.as_str(),
+            "the body comes back untouched"
+        );
         pages.push(body);
-        // The caller follows the API's own Link, re-based onto the proxy (as a Copy
-        // activity's pagination rule does).
+        // The API's Link points into the API; the proxy hands it back pointing at itself,
+        // so the caller (a Copy activity's RFC 5988 paging) follows it as it is.
         let Some(next) = next else { break };
-        let next_query = next
-            .split("?")
-            .nth(1)
-            .and_then(|q| q.split('>').next())
-            .expect("query");
-        url = format!("{}/api/proxy/acme/invoices?{next_query}", app.base);
+        let help = "<https://docs.example/paging>; rel=\"help\"";
+        assert!(next.ends_with(help), "other links untouched: {next}");
+        url = next
+            .strip_prefix('<')
+            .and_then(|l| l.split('>').next())
+            .expect("a link")
+            .to_owned();
+        assert!(
+            url.starts_with(&format!("{}/api/proxy/acme/invoices?page=", app.base)),
+            "{next}"
+        );
     }
     assert_eq!(pages.len(), 3);
     for (i, page) in pages.iter().enumerate() {
@@ -344,5 +260,256 @@ async fn a_token_that_expires_between_pages_is_refreshed_once_and_no_page_fails(
         app.upstream
             .is_active(current["access_token"].as_str().expect("token"))
             .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_stream_to_the_api_and_only_short_ones_are_sent_twice() {
+    let api = ApiDouble::start().await;
+    let app = app_with_api(&api).await;
+    app.consent("acme").await;
+    let refreshes = app.upstream.token_requests("refresh_token").await;
+    let post = |path: &str, body: reqwest::Body| {
+        app.http
+            .post(format!("{}/api/proxy/acme/{path}", app.base))
+            .header("X-API-Key", CALLER_KEY)
+            .body(body)
+    };
+
+    // 1 MB, sent chunked (no length known in advance): it arrives whole.
+    let payload: Vec<u8> = (0..1_048_576u32).map(|i| (i % 253) as u8).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        payload.chunks(10_000).map(|c| Ok(c.to_vec())).collect();
+    let response = post(
+        "upload",
+        reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)),
+    )
+    .send()
+    .await
+    .expect("upload");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["length"], payload.len());
+    assert_eq!(body["checksum"], checksum(&payload));
+
+    // A streamed body cannot be sent again: a 401 goes straight back, no refresh.
+    let response = post("always401", reqwest::Body::from(payload.clone()))
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(response.status(), 401);
+    let tries: Vec<_> = api
+        .seen()
+        .into_iter()
+        .filter(|s| s.path_and_query == "/v2/always401")
+        .collect();
+    assert_eq!(tries.len(), 1, "not retried: {tries:?}");
+    assert_eq!(tries[0].body_len, payload.len());
+    assert_eq!(
+        app.upstream.token_requests("refresh_token").await,
+        refreshes
+    );
+
+    // A short body is kept and sent again after the one refresh.
+    let response = post("always401", reqwest::Body::from(vec![b'x'; 1000]))
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(response.status(), 401);
+    let tries: Vec<_> = api
+        .seen()
+        .into_iter()
+        .filter(|s| s.path_and_query == "/v2/always401")
+        .skip(1)
+        .collect();
+    assert_eq!(tries.len(), 2, "one retry: {tries:?}");
+    assert!(tries.iter().all(|t| t.body_len == 1000), "{tries:?}");
+    assert_eq!(
+        app.upstream.token_requests("refresh_token").await,
+        refreshes + 1
+    );
+
+    // Over the proxy's limit (32 MiB): 413 whether declared or found while streaming.
+    let seen_before = api.seen().len();
+    let response = post(
+        "upload",
+        reqwest::Body::from(vec![0u8; 32 * 1024 * 1024 + 1]),
+    )
+    .send()
+    .await
+    .expect("upload");
+    assert_eq!(response.status(), 413);
+    let chunk = vec![0u8; 1024 * 1024];
+    let chunks = (0..33).map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
+    let response = post(
+        "upload",
+        reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)),
+    )
+    .send()
+    .await
+    .expect("upload");
+    assert_eq!(response.status(), 413);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "payload_too_large", "{body}");
+    assert!(
+        api.seen().len() <= seen_before + 1,
+        "no complete request over the limit reached the API"
+    );
+    assert!(api.seen()[seen_before..].iter().all(|s| s.body_len == 0));
+}
+
+/// A GET through the proxy of `connection` with the caller key; status and JSON body.
+async fn proxied(app: &TestApp, connection: &str, path: &str) -> (u16, Value) {
+    let response = app
+        .http
+        .get(format!("{}/api/proxy/{connection}/{path}", app.base))
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("proxy");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickbooks_realm_and_exact_division_fill_the_path_from_the_consent() {
+    let api = ApiDouble::start().await;
+    let quickbooks = ProviderDouble::start(Behaviour {
+        basic_auth: true,
+        access_token_lifetime: 3600,
+        redirect_extras: vec![("realmId", "9130355")],
+        ..Default::default()
+    })
+    .await;
+    let exact = ProviderDouble::start(Behaviour {
+        access_token_lifetime: 600,
+        ..Default::default()
+    })
+    .await;
+    let mut options = against_double(
+        "quickbooks",
+        &format!("provider = \"quickbooks\"\napi_base_url = \"{}\"", api.base),
+        &quickbooks,
+    );
+    options.extra_config += &against_double(
+        "exact",
+        &format!(
+            "provider = \"exact-online\"\napi_url = \"{}\"\napi_base_url = \"{}\"",
+            exact.url, api.base
+        ),
+        &exact,
+    )
+    .extra_config;
+    let app = TestApp::spawn_with(options).await;
+    app.consent("quickbooks").await;
+    app.consent("exact").await;
+
+    // Raw braces and percent-encoded ones (what a client that encodes the path sends).
+    for path in [
+        "company/{realm_id}/query?query=select%20*%20from%20Invoice",
+        "company/%7Brealm_id%7D/query?query=select%20*%20from%20Invoice",
+    ] {
+        let (status, body) = proxied(&app, "quickbooks", path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(body["path"], "/v2/company/9130355/query");
+    }
+    let (status, body) = proxied(&app, "exact", "company/%7bdivision%7d/salesinvoice").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["path"], "/v2/company/1234567/salesinvoice");
+
+    // A placeholder the consent did not record, or one the broker does not know: 400.
+    let (status, body) = proxied(&app, "exact", "company/{realm_id}/x").await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error_description"]
+            .as_str()
+            .expect("description")
+            .contains("recorded no `realm_id`"),
+        "{body}"
+    );
+    let (status, body) = proxied(&app, "quickbooks", "company/{realmId}/x").await;
+    assert_eq!(status, 400, "{body}");
+    let sent = api.seen();
+    assert_eq!(sent.len(), 3, "refused placeholders sent nothing: {sent:?}");
+    assert_eq!(
+        sent[0].path_and_query,
+        "/v2/company/9130355/query?query=select%20*%20from%20Invoice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salesforce_is_proxied_to_the_instance_url_its_token_response_named() {
+    let api = ApiDouble::start().await;
+    let double = ProviderDouble::start(Behaviour {
+        no_expires_in: true,
+        token_extras: serde_json::json!({"instance_url": api.base}),
+        ..Default::default()
+    })
+    .await;
+    let app = TestApp::spawn_with(against_double(
+        "salesforce",
+        "provider = \"salesforce\"",
+        &double,
+    ))
+    .await;
+    app.consent("salesforce").await;
+    let (status, body) = proxied(&app, "salesforce", "invoices?page=2").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["page"], 2);
+    let token = app.token("salesforce", "").await;
+    assert_eq!(
+        api.seen()[0].authorization.as_deref(),
+        Some(format!("Bearer {}", token["access_token"].as_str().expect("token")).as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xero_organisations_are_picked_by_tenant_and_sent_as_xero_tenant_id() {
+    const DEMO: &str = "70784a63-d24b-46a9-a4db-0e70a274b056";
+    const OTHER: &str = "b8b7c7a1-3f5e-4d0c-9a3e-1c2d3e4f5a6b";
+    let double = ProviderDouble::start(Behaviour {
+        basic_auth: true,
+        access_token_lifetime: 1800,
+        xero_tenants: vec![(DEMO, "Demo Company (NZ)"), (OTHER, "Maple Florist")],
+        ..Default::default()
+    })
+    .await;
+    // Xero's API base is its api_url: the double serves the accounting API too.
+    let app = TestApp::spawn_with(against_double(
+        "xero",
+        &format!("provider = \"xero\"\napi_url = \"{}\"", double.url),
+        &double,
+    ))
+    .await;
+    app.consent("xero").await;
+    let invoices = |query: &str| {
+        let path = format!("api.xro/2.0/Invoices{query}");
+        let app = &app;
+        async move { proxied(app, "xero", &path).await }
+    };
+
+    // Two organisations and none named: 400 listing both, nothing sent.
+    let (status, body) = invoices("").await;
+    assert_eq!(status, 400, "{body}");
+    let listed = body["error_description"].as_str().expect("description");
+    assert!(
+        listed.contains(&format!("{DEMO} (Demo Company (NZ))"))
+            && listed.contains(&format!("{OTHER} (Maple Florist)")),
+        "{listed}"
+    );
+    let (status, body) = invoices("?tenant=Nobody%20Ltd").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(double.xero_api_tenants().is_empty());
+
+    // By name (the parameter is the broker's: the API never sees it) and by id.
+    let (status, body) = invoices("?tenant=Maple%20Florist").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["Invoices"][0]["Tenant"], OTHER);
+    let (status, body) = invoices(&format!("?tenant={}", DEMO.to_uppercase())).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["Invoices"][0]["Tenant"], DEMO);
+    assert_eq!(
+        double.xero_api_tenants(),
+        vec![Some(OTHER.to_owned()), Some(DEMO.to_owned())]
     );
 }

@@ -2,6 +2,7 @@
 //! provider double), one configuration builder for every harness, and the two ways to run the
 //! broker — in process ([`TestApp`]) and as the real binary ([`BrokerProcess`]).
 
+pub mod api_double;
 pub mod azure_doubles;
 pub mod azurite;
 pub mod provider_double;

@@ -17,7 +17,7 @@ use axum::{Form, Json, Router};
 use base64::Engine;
 use serde_json::{json, Value};
 
-use crate::support::random;
+use crate::support::{random, Options};
 
 /// How the provider behaves.
 #[derive(Clone, Default)]
@@ -37,6 +37,9 @@ pub struct Behaviour {
     pub access_token_lifetime: u64,
     /// Issue no refresh token (Google on a repeated consent without prompt=consent).
     pub no_refresh_token: bool,
+    /// Xero organisations granted, as (tenantId, tenantName); empty: the one
+    /// documented example organisation.
+    pub xero_tenants: Vec<(&'static str, &'static str)>,
 }
 
 /// One request to the token endpoint, as received.
@@ -62,6 +65,8 @@ struct Inner {
     /// new refresh token, labelled text/plain.
     malform_next_refresh: bool,
     lookups: u64,
+    /// Calls to the Xero API (`/api.xro/2.0/…`): the `xero-tenant-id` each carried.
+    xero_api_tenants: Vec<Option<String>>,
 }
 
 /// The running double. Dropping it stops the server.
@@ -100,6 +105,7 @@ impl ProviderDouble {
             .route("/token", post(token))
             .route("/connections", get(xero_connections))
             .route("/api/v1/current/Me", get(exact_me))
+            .route("/api.xro/2.0/Invoices", get(xero_invoices))
             .with_state(state.clone());
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
@@ -128,6 +134,11 @@ impl ProviderDouble {
 
     pub fn lookups(&self) -> u64 {
         self.state.lock().lookups
+    }
+
+    /// The `xero-tenant-id` of each accepted call to the Xero API, in order.
+    pub fn xero_api_tenants(&self) -> Vec<Option<String>> {
+        self.state.lock().xero_api_tenants.clone()
     }
 
     /// The next refresh rotates, then answers malformed JSON carrying the new refresh token.
@@ -345,16 +356,57 @@ async fn xero_connections(State(state): State<Arc<DoubleState>>, headers: Header
         return StatusCode::UNAUTHORIZED.into_response();
     }
     // Shape from https://developer.xero.com/documentation/guides/oauth2/auth-flow/#5-check-the-tenants-youre-authorized-to-access
-    Json(json!([{
-        "id": "e1eede29-f875-4a5d-8470-17f6a29a88b1",
-        "authEventId": "d99ecdfe-391d-43d2-b834-17636ba90e8d",
-        "tenantId": "70784a63-d24b-46a9-a4db-0e70a274b056",
-        "tenantType": "ORGANISATION",
-        "tenantName": "Maple Florist",
-        "createdDateUtc": "2019-07-09T23:40:30.1833130",
-        "updatedDateUtc": "2020-05-15T01:35:13.8491980"
-    }]))
-    .into_response()
+    let tenants = if state.behaviour.xero_tenants.is_empty() {
+        vec![("70784a63-d24b-46a9-a4db-0e70a274b056", "Maple Florist")]
+    } else {
+        state.behaviour.xero_tenants.clone()
+    };
+    let connections: Vec<Value> = tenants
+        .iter()
+        .map(|(id, name)| {
+            json!({
+                "id": "e1eede29-f875-4a5d-8470-17f6a29a88b1",
+                "authEventId": "d99ecdfe-391d-43d2-b834-17636ba90e8d",
+                "tenantId": id,
+                "tenantType": "ORGANISATION",
+                "tenantName": name,
+                "createdDateUtc": "2019-07-09T23:40:30.1833130",
+                "updatedDateUtc": "2020-05-15T01:35:13.8491980"
+            })
+        })
+        .collect();
+    Json(Value::Array(connections)).into_response()
+}
+
+/// Xero's accounting API: a bearer token the double issued and a `xero-tenant-id` of a
+/// granted organisation, or 401/403 as Xero answers
+/// (https://developer.xero.com/documentation/guides/oauth2/troubleshooting).
+async fn xero_invoices(State(state): State<Arc<DoubleState>>, headers: HeaderMap) -> Response {
+    if !bearer_ok(&state, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let tenant = headers
+        .get("xero-tenant-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let granted = if state.behaviour.xero_tenants.is_empty() {
+        vec!["70784a63-d24b-46a9-a4db-0e70a274b056"]
+    } else {
+        state
+            .behaviour
+            .xero_tenants
+            .iter()
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    state.lock().xero_api_tenants.push(tenant.clone());
+    match tenant {
+        Some(tenant) if granted.contains(&tenant.as_str()) => {
+            Json(json!({"Invoices": [{"InvoiceID": "243216c5-369e-4056-ac67-05388f86dc81", "Tenant": tenant}]}))
+                .into_response()
+        }
+        _ => (StatusCode::FORBIDDEN, Json(json!({"Title": "Forbidden", "Detail": "AuthenticationUnsuccessful"}))).into_response(),
+    }
 }
 
 async fn exact_me(State(state): State<Arc<DoubleState>>, headers: HeaderMap) -> Response {
@@ -366,4 +418,25 @@ async fn exact_me(State(state): State<Arc<DoubleState>>, headers: HeaderMap) -> 
         "CurrentDivision": 1_234_567
     }]}}))
     .into_response()
+}
+
+/// Options for a broker whose connection `name` (with `settings`, e.g. its `provider`)
+/// talks to `double` instead of the provider.
+pub fn against_double(name: &str, settings: &str, double: &ProviderDouble) -> Options {
+    Options {
+        extra_config: format!(
+            r#"
+[connections.{name}]
+{settings}
+authorize_url = "{url}/authorize"
+token_url = "{url}/token"
+client_id = "{id}"
+client_secret = "{secret}"
+"#,
+            url = double.url,
+            id = double.client_id,
+            secret = double.client_secret,
+        ),
+        ..Default::default()
+    }
 }
