@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::Stdio;
 
+use crate::support::api_double::ApiDouble;
 use crate::support::azure_doubles::Azure;
 use crate::support::{
     free_port, random, wait_ready, BrokerConfig, BrokerProcess, Upstream, ADMIN_KEY,
@@ -110,6 +111,7 @@ async fn full_flow_logs_no_secret(azure: Option<&Azure>) {
     let base = format!("http://127.0.0.1:{port}");
     let upstream =
         Upstream::start(&format!("{base}/api/callback"), "client_secret_basic", 3600).await;
+    let api = ApiDouble::start().await;
     let caller_key = random("caller-key");
     let state_secret = random("state-secret");
     let (store, client_secret) = match azure {
@@ -131,7 +133,10 @@ async fn full_flow_logs_no_secret(azure: Option<&Azure>) {
         .top("state_secret", state_secret.clone())
         .auth("api_keys", vec!["${CALLER_KEY}".to_owned()])
         .store("path", dir.path().join("tokens").display().to_string())
-        .tables(&upstream.connection_toml("acme", &format!("{client_secret}\n{store}")))
+        .tables(&upstream.connection_toml(
+            "acme",
+            &format!("{client_secret}\n{store}\napi_base_url = \"{}\"", api.base),
+        ))
         .write(dir.path());
     let mut env = vec![
         ("RUST_LOG", "trace".to_owned()),
@@ -162,6 +167,41 @@ async fn full_flow_logs_no_secret(azure: Option<&Azure>) {
             .expect("json");
         tokens.push(body["access_token"].as_str().expect("token").to_owned());
     }
+    // Through the proxy: pages with the API's marker in body and cookie, the caller's cookie,
+    // an upload whose body is a secret, and a 401 that costs a refresh.
+    let cookie = random("caller-cookie");
+    let uploaded = random("uploaded-body");
+    let page = http
+        .get(format!("{base}/api/proxy/acme/invoices?page=1"))
+        .header("X-API-Key", &caller_key)
+        .header("Cookie", format!("c={cookie}"))
+        .send()
+        .await
+        .expect("proxy");
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.expect("page").contains(&api.marker));
+    let upload = http
+        .post(format!("{base}/api/proxy/acme/upload"))
+        .header("X-API-Key", &caller_key)
+        .body(uploaded.clone())
+        .send()
+        .await
+        .expect("proxy");
+    assert_eq!(upload.status(), 200);
+    let flaky = http
+        .get(format!("{base}/api/proxy/acme/flaky"))
+        .header("X-API-Key", &caller_key)
+        .send()
+        .await
+        .expect("proxy");
+    assert_eq!(flaky.status(), 200);
+    let forwarded: Vec<String> = api
+        .seen()
+        .iter()
+        .filter_map(|s| s.authorization.clone())
+        .collect();
+    assert_eq!(forwarded.len(), 4, "the API saw the broker's token");
+
     upstream
         .fail_next(
             1,
@@ -192,6 +232,7 @@ async fn full_flow_logs_no_secret(azure: Option<&Azure>) {
         "no refresh logged:\n{logs}"
     );
     assert!(logs.contains("consent completed"), "no consent logged");
+    assert!(logs.contains("proxied"), "no proxied call logged:\n{logs}");
     assert!(logs.contains("TRACE"), "not at trace level");
     if azure.is_some() {
         assert!(
@@ -207,7 +248,15 @@ async fn full_flow_logs_no_secret(azure: Option<&Azure>) {
         ADMIN_KEY.to_owned(),
         state_secret,
         "918273645546372819".to_owned(),
+        cookie,
+        uploaded,
+        api.marker.clone(),
     ]);
+    secrets.extend(
+        forwarded
+            .iter()
+            .filter_map(|a| a.strip_prefix("Bearer ").map(str::to_owned)),
+    );
     if let Some(azure) = azure {
         secrets.push(azure.identity_header.clone());
         secrets.extend(azure.shared.issued_tokens());

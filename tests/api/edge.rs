@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{free_port, BrokerConfig, BrokerProcess, ADMIN_KEY, CALLER_KEY};
+use crate::support::{free_port, memory_kib, BrokerConfig, BrokerProcess, ADMIN_KEY, CALLER_KEY};
 
 /// A broker with one (unconsented) connection, the given `[server]` settings and log level.
 async fn broker(
@@ -128,23 +128,13 @@ async fn slow_and_idle_connections_are_closed_and_never_lock_out_health() {
     );
 }
 
-/// Resident memory of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("status")
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bodies_declared_huge_are_refused_without_being_read() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = broker(&dir, &[], "info", None).await;
     let port = broker.port;
     let pid = broker.pid().expect("pid");
-    let before = rss_kib(pid);
+    let before = memory_kib(pid, "VmRSS");
 
     // 200 unauthenticated clients, each declaring 2 MB and sending the first 64 KB of it.
     let chunk = vec![b'{'; 64 * 1024];
@@ -190,7 +180,7 @@ async fn bodies_declared_huge_are_refused_without_being_read() {
         assert!(answer.contains("application/json"), "{answer}");
         streams.push(stream);
     }
-    let during = rss_kib(pid);
+    let during = memory_kib(pid, "VmRSS");
     drop(streams);
     let growth = during.saturating_sub(before);
     eprintln!("resident memory: {before} KiB before, {during} KiB with 200 held 2 MB bodies (+{growth} KiB)");

@@ -4,9 +4,11 @@
 
 use serde_json::Value;
 
-use crate::support::api_double::{checksum, ApiDouble};
+use crate::support::api_double::{checksum, pattern_byte, ApiDouble};
 use crate::support::provider_double::{against_double, Behaviour, ProviderDouble};
-use crate::support::{Options, TestApp, CALLER_KEY};
+use crate::support::{
+    free_port, memory_kib, BrokerConfig, BrokerProcess, Options, TestApp, Upstream, CALLER_KEY,
+};
 
 async fn app_with_api(api: &ApiDouble) -> TestApp {
     TestApp::spawn_with(Options {
@@ -512,4 +514,67 @@ async fn xero_organisations_are_picked_by_tenant_and_sent_as_xero_tenant_id() {
         double.xero_api_tenants(),
         vec![Some(OTHER.to_owned()), Some(DEMO.to_owned())]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mb_answer_streams_through_the_binary_in_bounded_memory() {
+    const TOTAL: u64 = 100 * 1024 * 1024;
+    /// The most the broker's peak resident memory may grow while relaying TOTAL bytes.
+    const BOUND_KIB: u64 = 24 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let upstream =
+        Upstream::start(&format!("{base}/api/callback"), "client_secret_basic", 3600).await;
+    let api = ApiDouble::start().await;
+    let config = BrokerConfig::default()
+        .auth("api_keys", vec![CALLER_KEY.to_owned()])
+        .store("path", dir.path().join("tokens").display().to_string())
+        .tables(&upstream.connection_toml(
+            "acme",
+            &format!(
+                "client_secret = \"{}\"\napi_base_url = \"{}\"",
+                upstream.client_secret, api.base
+            ),
+        ))
+        .write(dir.path());
+    let mut broker = BrokerProcess::start_on(
+        port,
+        &config,
+        &[("RUST_LOG", "info".to_owned())],
+        &dir.path().join("broker.log"),
+    )
+    .await;
+    crate::support::consent(&base, "acme").await;
+    let pid = broker.pid().expect("pid");
+    let before = memory_kib(pid, "VmHWM");
+
+    let mut response = reqwest::Client::new()
+        .get(format!("{base}/api/proxy/acme/big?bytes={TOTAL}"))
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("proxy");
+    assert_eq!(response.status(), 200);
+    let mut offset = 0u64;
+    let mut peak_during = 0;
+    while let Some(chunk) = response.chunk().await.expect("chunk") {
+        for (i, byte) in chunk.iter().enumerate() {
+            if *byte != pattern_byte(offset + i as u64) {
+                panic!("byte {} differs", offset + i as u64);
+            }
+        }
+        offset += chunk.len() as u64;
+        peak_during = peak_during.max(memory_kib(pid, "VmRSS"));
+    }
+    assert_eq!(offset, TOTAL, "every byte came through");
+    let peak = memory_kib(pid, "VmHWM");
+    eprintln!(
+        "100 MB relayed: broker peak RSS before {before} KiB, after {peak} KiB (sampled max during: {peak_during} KiB)"
+    );
+    assert!(
+        peak < before + BOUND_KIB,
+        "the broker's peak resident memory grew from {before} KiB to {peak} KiB relaying {TOTAL} bytes"
+    );
+    broker.stop().await;
 }

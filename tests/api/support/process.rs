@@ -146,3 +146,14 @@ pub async fn wait_ready(port: u16, child: &mut Child, log_path: &Path) {
     }
     panic!("the broker did not answer GET / within 15 s");
 }
+
+/// A memory figure of process `pid` from `/proc/{pid}/status`, in KiB: `VmRSS` (resident
+/// now) or `VmHWM` (the peak resident so far).
+pub fn memory_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} for {pid}"))
+}
