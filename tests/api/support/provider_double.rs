@@ -381,7 +381,14 @@ async fn xero_connections(State(state): State<Arc<DoubleState>>, headers: Header
 /// Xero's accounting API: a bearer token the double issued and a `xero-tenant-id` of a
 /// granted organisation, or 401/403 as Xero answers
 /// (https://developer.xero.com/documentation/guides/oauth2/troubleshooting).
-async fn xero_invoices(State(state): State<Arc<DoubleState>>, headers: HeaderMap) -> Response {
+/// Two pages of invoices (`?page=1`, `?page=2`), then empty pages, as Xero pages
+/// (https://developer.xero.com/documentation/api/accounting/invoices: `page`, up to 100 a
+/// page).
+async fn xero_invoices(
+    State(state): State<Arc<DoubleState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
     if !bearer_ok(&state, &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
@@ -402,10 +409,19 @@ async fn xero_invoices(State(state): State<Arc<DoubleState>>, headers: HeaderMap
     state.lock().xero_api_tenants.push(tenant.clone());
     match tenant {
         Some(tenant) if granted.contains(&tenant.as_str()) => {
-            Json(json!({"Invoices": [{"InvoiceID": "243216c5-369e-4056-ac67-05388f86dc81", "Tenant": tenant}]}))
-                .into_response()
+            let page: u32 = query.get("page").and_then(|p| p.parse().ok()).unwrap_or(1);
+            let invoices: Vec<Value> = if page <= 2 {
+                vec![json!({"InvoiceNumber": format!("INV-{page}"), "Tenant": tenant})]
+            } else {
+                Vec::new()
+            };
+            Json(json!({"Invoices": invoices})).into_response()
         }
-        _ => (StatusCode::FORBIDDEN, Json(json!({"Title": "Forbidden", "Detail": "AuthenticationUnsuccessful"}))).into_response(),
+        _ => (
+            StatusCode::FORBIDDEN,
+            Json(json!({"Title": "Forbidden", "Detail": "AuthenticationUnsuccessful"})),
+        )
+            .into_response(),
     }
 }
 
