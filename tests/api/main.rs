@@ -6,6 +6,7 @@
 mod alerts;
 mod architecture;
 mod bad_input;
+mod bench;
 mod binary;
 mod concurrency;
 mod edge;
