@@ -7,6 +7,11 @@
 //! provider error code and description, or a configuration problem. ERROR for
 //! `consent_required`, `failing` and `misconfigured`; INFO for `connected` and `configured`.
 //!
+//! A second event, `grant_expiring` (WARN, same target), says ahead of time that a grant is
+//! forecast to end (see `broker::forecast`): fields `connection`, `provider`, `reason`
+//! (`refresh_token_idle`, `provider_limit` or `configured_lifetime`), `expires_at` (RFC 3339),
+//! `days_left` and `detail` — never a token.
+//!
 //! The webhook runs in a task of its own behind a bounded queue: a refresh only ever puts a
 //! notification in the queue (dropping it, with a warning, when the queue is full), so a
 //! slow or failing webhook never delays one.
@@ -69,9 +74,25 @@ pub struct StateChange {
     pub at: DateTime<Utc>,
 }
 
+/// A grant forecast to end soon.
+#[derive(Debug, Clone, Serialize)]
+pub struct GrantExpiring {
+    pub connection: String,
+    pub provider: &'static str,
+    /// `refresh_token_idle`, `provider_limit` or `configured_lifetime`.
+    pub reason: &'static str,
+    pub expires_at: DateTime<Utc>,
+    pub days_left: i64,
+    /// The forecast in plain words.
+    pub detail: String,
+}
+
+/// A webhook notification: the connection (for the delivery's own log lines) and the body.
+type Notification = (String, serde_json::Value);
+
 /// Where transitions go: the log always, the webhook when configured.
 pub struct Alerts {
-    webhook: Option<mpsc::Sender<StateChange>>,
+    webhook: Option<mpsc::Sender<Notification>>,
 }
 
 impl Alerts {
@@ -119,9 +140,50 @@ impl Alerts {
                 "connection_state_changed"
             );
         }
+        self.notify(
+            change.connection.clone(),
+            body(&change),
+            "connection_state_changed",
+        );
+    }
+
+    /// Warns that a grant is forecast to end soon. Never blocks.
+    pub fn grant_expiring(&self, warning: GrantExpiring) {
+        tracing::warn!(
+            connection = %warning.connection,
+            provider = %warning.provider,
+            reason = %warning.reason,
+            expires_at = %warning.expires_at.to_rfc3339(),
+            days_left = warning.days_left,
+            detail = %warning.detail,
+            "grant_expiring"
+        );
+        let text = format!(
+            "Token Broker: the grant of connection `{}` ({}) is forecast to end on {} ({} days): {} — reconnect it at /api/authorize/{} before then",
+            warning.connection,
+            warning.provider,
+            warning.expires_at.format("%Y-%m-%d %H:%M UTC"),
+            warning.days_left,
+            warning.detail,
+            warning.connection,
+        );
+        let body = serde_json::json!({
+            "text": text,
+            "event": "grant_expiring",
+            "connection": warning.connection,
+            "provider": warning.provider,
+            "reason": warning.reason,
+            "expires_at": warning.expires_at,
+            "days_left": warning.days_left,
+            "detail": warning.detail,
+        });
+        self.notify(warning.connection, body, "grant_expiring");
+    }
+
+    fn notify(&self, connection: String, body: serde_json::Value, event: &str) {
         if let Some(sender) = &self.webhook {
-            if sender.try_send(change).is_err() {
-                tracing::warn!("the alert webhook is behind: a connection_state_changed notification was dropped (the log line above still stands)");
+            if sender.try_send((connection, body)).is_err() {
+                tracing::warn!(event, "the alert webhook is behind: a notification was dropped (the log line above still stands)");
             }
         }
     }
@@ -162,10 +224,9 @@ fn body(change: &StateChange) -> serde_json::Value {
 async fn deliver(
     client: reqwest::Client,
     url: url::Url,
-    mut receiver: mpsc::Receiver<StateChange>,
+    mut receiver: mpsc::Receiver<Notification>,
 ) {
-    while let Some(change) = receiver.recv().await {
-        let body = body(&change);
+    while let Some((connection, body)) = receiver.recv().await {
         let mut pause = FIRST_PAUSE;
         for attempt in 1..=ATTEMPTS {
             // The URL is a credential: errors are reported without it.
@@ -183,8 +244,8 @@ async fn deliver(
                     pause *= 2;
                 }
                 Err(problem) => tracing::warn!(
-                    connection = %change.connection,
-                    state = change.state.name(),
+                    connection = %connection,
+                    event = %body["event"].as_str().unwrap_or_default(),
                     problem,
                     "the alert webhook refused the notification {ATTEMPTS} times; giving up on it"
                 ),

@@ -104,21 +104,24 @@ impl Application {
             "token broker configured"
         );
 
-        let broker = Arc::new(Broker::new(
-            providers,
-            store,
-            (lock, config.lock.timings().clone()),
-            http,
-            (
-                config.refresh.min_validity,
-                ForceLimit {
-                    burst: config.refresh.force_burst,
-                    interval: config.refresh.force_interval,
-                },
-            ),
-            Arc::new(crate::clock::SystemClock),
-            Alerts::new(config.alert_webhook.as_ref())?,
-        ));
+        let broker = Arc::new(
+            Broker::new(
+                providers,
+                store,
+                (lock, config.lock.timings().clone()),
+                http,
+                (
+                    config.refresh.min_validity,
+                    ForceLimit {
+                        burst: config.refresh.force_burst,
+                        interval: config.refresh.force_interval,
+                    },
+                ),
+                Arc::new(crate::clock::SystemClock),
+                Alerts::new(config.alert_webhook.as_ref())?,
+            )
+            .with_expiry_warning(config.refresh.expiry_warning),
+        );
         tokio::spawn(retry_setups(
             Arc::downgrade(&broker),
             Arc::clone(&connections),

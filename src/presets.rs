@@ -117,6 +117,9 @@ pub struct ProviderProfile {
     pub api_base_url: Option<String>,
     /// Otherwise, the token-response field that names it (Salesforce `instance_url`).
     pub api_base_from_record: Option<&'static str>,
+    /// A documented hard limit on a grant's life, counted from consent, whatever is done
+    /// with it (QuickBooks' five years).
+    pub grant_max_lifetime: Option<Duration>,
 }
 
 /// Whether a provider replaces the refresh token when it is used. A copy of a rotating
@@ -192,6 +195,7 @@ fn generic(client_auth: ClientAuth) -> ProviderProfile {
         rotation: Rotation::Configurable,
         api_base_url: None,
         api_base_from_record: None,
+        grant_max_lifetime: None,
     }
 }
 
@@ -368,6 +372,8 @@ impl ProviderProfile {
                         "https://oauth.platform.intuit.com/oauth2/v1/tokens/bearer".into(),
                     ),
                     idle_lifetime: days(100),
+                    // "5 years" maximum from the original authorization, whatever the refreshes.
+                    grant_max_lifetime: days(5 * 365 + 1),
                     callback_params: &[("realmId", "realm_id")],
                     require_refresh_token: true,
                     static_extra: vec![("api_base_url", api_base.to_owned())],

@@ -89,6 +89,102 @@ impl TokenRecord {
     }
 }
 
+/// An organisation a consent covers (a Xero tenant, a QuickBooks company, an Exact Online
+/// division), as recorded at consent. Not a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Tenant {
+    pub id: String,
+    /// The organisation's name, when the provider gives one.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub name: String,
+}
+
+impl Tenant {
+    fn label(&self) -> String {
+        if self.name.is_empty() {
+            self.id.clone()
+        } else {
+            format!("{} ({})", self.id, self.name)
+        }
+    }
+}
+
+impl TokenRecord {
+    /// The organisations the consent covers: Xero's tenants, QuickBooks' company
+    /// (`realm_id`), Exact Online's current division.
+    pub fn tenants(&self) -> Vec<Tenant> {
+        if let Some(all) = self.extra.get("tenants").and_then(Value::as_array) {
+            return all
+                .iter()
+                .filter_map(|t| {
+                    Some(Tenant {
+                        id: t["tenant_id"].as_str()?.to_owned(),
+                        name: t["tenant_name"].as_str().unwrap_or_default().to_owned(),
+                    })
+                })
+                .collect();
+        }
+        ["realm_id", "division"]
+            .iter()
+            .filter_map(|field| match self.extra.get(*field)? {
+                Value::String(id) => Some(id.clone()),
+                Value::Number(id) => Some(id.to_string()),
+                _ => None,
+            })
+            .map(|id| Tenant {
+                id,
+                name: String::new(),
+            })
+            .collect()
+    }
+
+    /// The organisation a caller means: the one `wanted` names (its id, any case, or its
+    /// exact name), else the only one. Unknown, ambiguous, or several with none named: an
+    /// error that lists the choices by id and name.
+    pub fn pick_tenant(&self, wanted: Option<&str>) -> Result<Option<Tenant>, String> {
+        let tenants = self.tenants();
+        let list = || {
+            tenants
+                .iter()
+                .map(Tenant::label)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match wanted {
+            Some(wanted) => {
+                let by_id: Vec<&Tenant> = tenants
+                    .iter()
+                    .filter(|t| t.id.eq_ignore_ascii_case(wanted))
+                    .collect();
+                let by_name: Vec<&Tenant> =
+                    tenants.iter().filter(|t| t.name == wanted).collect();
+                match (by_id.as_slice(), by_name.as_slice()) {
+                    ([only], _) | ([], [only]) => Ok(Some((*only).clone())),
+                    ([], []) if tenants.is_empty() => Err(format!(
+                        "tenant `{wanted}`: this connection's consent recorded no organisations"
+                    )),
+                    ([], []) => Err(format!(
+                        "tenant `{wanted}` is not one this connection was granted: {}",
+                        list()
+                    )),
+                    _ => Err(format!(
+                        "tenant `{wanted}` names several organisations: use the id ({})",
+                        list()
+                    )),
+                }
+            }
+            None => match tenants.as_slice() {
+                [] => Ok(None),
+                [only] => Ok(Some(only.clone())),
+                _ => Err(format!(
+                    "this connection was granted several organisations: name one with ?tenant= ({})",
+                    list()
+                )),
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,5 +255,80 @@ mod tests {
             !text.contains("at-secret") && !text.contains("rt-secret"),
             "{text}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tenant_tests {
+    use super::*;
+
+    fn with_extra(extra: Value) -> TokenRecord {
+        let now = Utc::now();
+        TokenRecord {
+            status: GrantStatus::Connected,
+            access_token: None,
+            token_type: "Bearer".into(),
+            expires_at: None,
+            refresh_token: None,
+            scope: None,
+            extra: extra.as_object().cloned().unwrap_or_default(),
+            obtained_at: now,
+            consented_at: now,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn a_tenant_is_picked_by_id_or_exact_name_and_otherwise_listed() {
+        let xero = with_extra(serde_json::json!({"tenants": [
+            {"tenant_id": "aaa-1", "tenant_name": "Demo Co"},
+            {"tenant_id": "bbb-2", "tenant_name": "Other Ltd"},
+            {"tenant_id": "ccc-3", "tenant_name": "Other Ltd"},
+        ]}));
+        assert_eq!(
+            xero.pick_tenant(Some("Demo Co"))
+                .expect("name")
+                .map(|t| t.id),
+            Some("aaa-1".into())
+        );
+        assert_eq!(
+            xero.pick_tenant(Some("BBB-2")).expect("id").map(|t| t.id),
+            Some("bbb-2".into())
+        );
+        let ambiguous = xero
+            .pick_tenant(Some("Other Ltd"))
+            .expect_err("two by that name");
+        assert!(
+            ambiguous.contains("several") && ambiguous.contains("ccc-3 (Other Ltd)"),
+            "{ambiguous}"
+        );
+        let unknown = xero
+            .pick_tenant(Some("demo co"))
+            .expect_err("names are exact");
+        assert!(unknown.contains("aaa-1 (Demo Co)"), "{unknown}");
+        let several = xero.pick_tenant(None).expect_err("none named");
+        assert!(several.contains("bbb-2 (Other Ltd)"), "{several}");
+
+        let quickbooks =
+            with_extra(serde_json::json!({"realm_id": "9130355", "api_base_url": "x"}));
+        assert_eq!(
+            quickbooks.pick_tenant(None).expect("only").map(|t| t.id),
+            Some("9130355".into())
+        );
+        assert!(quickbooks
+            .pick_tenant(Some("123"))
+            .expect_err("unknown")
+            .contains("9130355"));
+        let exact = with_extra(serde_json::json!({"division": 1234567}));
+        assert_eq!(
+            exact
+                .pick_tenant(Some("1234567"))
+                .expect("id")
+                .map(|t| t.id),
+            Some("1234567".into())
+        );
+        let none = with_extra(serde_json::json!({}));
+        assert_eq!(none.pick_tenant(None), Ok(None));
+        assert!(none.pick_tenant(Some("x")).is_err());
     }
 }

@@ -38,6 +38,8 @@ pub(super) struct Connection {
     pub(super) failure: Mutex<Option<Failure>>,
     /// Forced refreshes this instance may still make (see [`ForceLimit`]).
     pub(super) forced: Mutex<ForceBudget>,
+    /// The forecast end last reported in a `grant_expiring` alert.
+    pub(super) warned: Mutex<Option<DateTime<Utc>>>,
 }
 
 /// How many forced refreshes a connection allows: `burst` at once, then one per `interval`.
@@ -125,6 +127,7 @@ impl Connection {
             save_failed_at: Mutex::new(None),
             failure: Mutex::new(None),
             forced: Mutex::new(ForceBudget::default()),
+            warned: Mutex::new(None),
         }
     }
 

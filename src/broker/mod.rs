@@ -27,15 +27,18 @@
 //! - `refresh`: the provider call and what its answer means (rotation, lost race, dead grant);
 //! - `consent`: storing a completed consent, under the same lease;
 //! - `timer`: the pre-refresh pass and the shutdown flush;
-//! - `status`: the status page's view of every connection.
+//! - `status`: the status page's view of every connection;
+//! - `forecast`: when each grant will end, and the `grant_expiring` warning.
 
 mod connection;
 mod consent;
 mod flight;
+mod forecast;
 mod refresh;
 mod status;
 mod timer;
 
+pub use forecast::{forecast, ExpiryReason, Forecast};
 pub use status::{ConnectionState, ConnectionStatus};
 pub use timer::{PrerefreshOutcome, PrerefreshReport};
 
@@ -161,6 +164,8 @@ pub struct Broker {
     force_limit: ForceLimit,
     clock: Arc<dyn Clock>,
     alerts: Alerts,
+    /// How far ahead a grant's forecast end is warned about (`grant_expiring`).
+    expiry_warning: Duration,
 }
 
 impl Broker {
@@ -189,6 +194,7 @@ impl Broker {
             force_limit,
             clock,
             alerts,
+            expiry_warning: Duration::from_secs(14 * 86_400),
         };
         for (name, conn) in &broker.connections {
             if let Some(reason) = conn.misconfiguration() {
@@ -196,6 +202,12 @@ impl Broker {
             }
         }
         broker
+    }
+
+    /// Warn about grants forecast to end within `window` (zero: never).
+    pub fn with_expiry_warning(mut self, window: Duration) -> Self {
+        self.expiry_warning = window;
+        self
     }
 
     /// The provider of a configured connection.

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use super::Broker;
-use crate::token::GrantStatus;
+use super::{Broker, Forecast};
+use crate::token::{GrantStatus, Tenant};
 
 /// How a connection is doing, for the status page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -25,6 +25,8 @@ pub enum ConnectionState {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ConnectionStatus {
     pub name: String,
+    /// The provider preset (`xero`, `oauth2`, …).
+    pub provider: &'static str,
     pub state: ConnectionState,
     /// When the current access token expires.
     pub expires_at: Option<DateTime<Utc>>,
@@ -33,6 +35,11 @@ pub struct ConnectionStatus {
     pub consented_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
+    /// The organisations the consent covers (Xero tenants, a QuickBooks company, an Exact
+    /// Online division).
+    pub tenants: Vec<Tenant>,
+    /// When the grant will end, as far as anyone knows; `None` before the first consent.
+    pub forecast: Option<Forecast>,
 }
 
 impl Broker {
@@ -47,52 +54,46 @@ impl Broker {
                 _ => self.store.load(name).await.map(|r| r.map(Arc::new)),
             };
             let failure = conn.failure();
-            let status = match (conn.misconfiguration(), record) {
-                (Some(reason), record) => {
-                    let record = record.ok().flatten();
-                    ConnectionStatus {
-                        name: name.clone(),
-                        state: ConnectionState::Misconfigured,
-                        expires_at: record.as_ref().and_then(|r| r.expires_at),
-                        last_refresh: record.as_ref().map(|r| r.obtained_at),
-                        consented_at: record.as_ref().map(|r| r.consented_at),
-                        last_error: Some(reason),
-                        last_error_at: None,
-                    }
-                }
-                (None, record) => match record {
-                    Err(err) => ConnectionStatus {
-                        name: name.clone(),
-                        state: ConnectionState::Failing,
-                        expires_at: None,
-                        last_refresh: None,
-                        consented_at: None,
-                        last_error: Some(err.to_string()),
-                        last_error_at: None,
-                    },
-                    Ok(record) => {
-                        let state = match (&record, &failure) {
-                            (None, _) => ConnectionState::ConsentRequired,
-                            (Some(r), _) if r.status == GrantStatus::ConsentRequired => {
-                                ConnectionState::ConsentRequired
-                            }
-                            (Some(_), Some(_)) => ConnectionState::Failing,
-                            (Some(_), None) => ConnectionState::Connected,
-                        };
-                        let dead_reason = record.as_ref().and_then(|r| r.last_error.clone());
-                        ConnectionStatus {
-                            name: name.clone(),
-                            state,
-                            expires_at: record.as_ref().and_then(|r| r.expires_at),
-                            last_refresh: record.as_ref().map(|r| r.obtained_at),
-                            consented_at: record.as_ref().map(|r| r.consented_at),
-                            last_error_at: failure.as_ref().map(|f| f.at),
-                            last_error: failure.map(|f| f.message).or(dead_reason),
+            let (state, record, last_error, last_error_at) = match (conn.misconfiguration(), record)
+            {
+                (Some(reason), record) => (
+                    ConnectionState::Misconfigured,
+                    record.ok().flatten(),
+                    Some(reason),
+                    None,
+                ),
+                (None, Err(err)) => (ConnectionState::Failing, None, Some(err.to_string()), None),
+                (None, Ok(record)) => {
+                    let state = match (&record, &failure) {
+                        (None, _) => ConnectionState::ConsentRequired,
+                        (Some(r), _) if r.status == GrantStatus::ConsentRequired => {
+                            ConnectionState::ConsentRequired
                         }
-                    }
-                },
+                        (Some(_), Some(_)) => ConnectionState::Failing,
+                        (Some(_), None) => ConnectionState::Connected,
+                    };
+                    let dead_reason = record.as_ref().and_then(|r| r.last_error.clone());
+                    let at = failure.as_ref().map(|f| f.at);
+                    (
+                        state,
+                        record,
+                        failure.map(|f| f.message).or(dead_reason),
+                        at,
+                    )
+                }
             };
-            statuses.push(status);
+            statuses.push(ConnectionStatus {
+                name: name.clone(),
+                provider: conn.provider_name,
+                state,
+                expires_at: record.as_ref().and_then(|r| r.expires_at),
+                last_refresh: record.as_ref().map(|r| r.obtained_at),
+                consented_at: record.as_ref().map(|r| r.consented_at),
+                last_error,
+                last_error_at,
+                tenants: record.as_ref().map(|r| r.tenants()).unwrap_or_default(),
+                forecast: record.as_ref().map(|r| self.forecast_for(conn, name, r)),
+            });
         }
         statuses
     }

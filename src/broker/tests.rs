@@ -22,6 +22,8 @@ use crate::token::{GrantStatus, TokenRecord};
 
 struct Setup {
     broker: Arc<Broker>,
+    /// What the alert webhook received.
+    alerts: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
     clock: Arc<ManualClock>,
     store: Arc<FileStore>,
     token_requests: Arc<AtomicUsize>,
@@ -44,6 +46,19 @@ async fn setup(connection: &str, lifetime: i64) -> Setup {
                     axum::http::StatusCode::BAD_REQUEST,
                     axum::Json(serde_json::json!({"error": "invalid_client"})),
                 )
+            }
+        }),
+    );
+    // The alert webhook (Teams/Slack style), recording what it is sent.
+    let alerts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let received = Arc::clone(&alerts);
+    let app = app.route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let received = Arc::clone(&received);
+            async move {
+                received.lock().expect("lock").push(body);
+                "1"
             }
         }),
     );
@@ -134,10 +149,11 @@ async fn setup(connection: &str, lifetime: i64) -> Setup {
             },
         ),
         clock.clone(),
-        Alerts::log_only(),
+        Alerts::new(Some(&format!("{base}/hook").into())).expect("alerts"),
     ));
     Setup {
         broker,
+        alerts,
         clock,
         store,
         token_requests,
@@ -278,4 +294,75 @@ async fn forced_refreshes_beyond_the_burst_wait_for_the_interval_and_the_timer_i
         s.forced().await,
         Err(BrokerError::ForceLimited { .. })
     ));
+}
+
+impl Setup {
+    /// The `grant_expiring` notifications the webhook has received, after giving the
+    /// webhook's task a moment to deliver.
+    async fn expiring(&self) -> Vec<serde_json::Value> {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.alerts
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|a| a["event"] == "grant_expiring")
+            .cloned()
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn grant_expiring_goes_out_once_per_forecast_within_the_warning_window() {
+    const DAY: i64 = 86_400;
+    // Refresh tokens die after 20 idle days; access tokens outlive the test.
+    let s = setup("refresh_token_idle_days = 20", 100 * DAY).await;
+    s.prerefresh(900).await;
+    assert!(
+        s.expiring().await.is_empty(),
+        "20 days ahead: outside the 14-day window"
+    );
+
+    s.at(7 * DAY);
+    s.prerefresh(900).await;
+    let sent = s.expiring().await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let warning = &sent[0];
+    assert_eq!(warning["connection"], "c");
+    assert_eq!(warning["provider"], "oauth2");
+    assert_eq!(warning["reason"], "refresh_token_idle");
+    assert_eq!(warning["expires_at"], "2026-06-21T08:00:00Z");
+    assert_eq!(warning["days_left"], 13);
+    assert!(
+        warning["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("20 days"),
+        "{warning}"
+    );
+    assert!(warning["text"]
+        .as_str()
+        .expect("text")
+        .contains("/api/authorize/c"));
+
+    // The same forecast is not reported again, however often the timer runs.
+    s.at(8 * DAY);
+    s.prerefresh(900).await;
+    s.at(9 * DAY);
+    s.prerefresh(900).await;
+    assert_eq!(s.expiring().await.len(), 1);
+
+    // Another instance refreshes on day 9: a new forecast (day 29), quiet until it too
+    // comes within the window, then reported once.
+    let mut record = s.store.load("c").await.expect("load").expect("record");
+    record.obtained_at = s.start + chrono::Duration::seconds(9 * DAY);
+    s.store.save("c", &record).await.expect("save");
+    s.prerefresh(900).await;
+    assert_eq!(s.expiring().await.len(), 1);
+    s.at(16 * DAY);
+    s.prerefresh(900).await;
+    s.prerefresh(900).await;
+    let sent = s.expiring().await;
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(sent[1]["expires_at"], "2026-06-30T08:00:00Z");
+    assert_eq!(sent[1]["days_left"], 13);
 }

@@ -98,6 +98,8 @@ impl Broker {
                 Err(err) => return report(PrerefreshOutcome::Failed, err.to_string(), None),
             },
         };
+        // A grant forecast to end soon is worth a warning whatever this run does with it.
+        self.warn_if_expiring(name, conn, &self.forecast_for(conn, name, &record));
         if record.status != GrantStatus::Connected || record.refresh_token.is_none() {
             return report(
                 PrerefreshOutcome::Skipped,

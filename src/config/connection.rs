@@ -28,6 +28,9 @@ pub(super) struct RawConnection {
     authorize_params: BTreeMap<String, String>,
     default_lifetime: Option<u64>,
     refresh_token_idle_days: Option<u64>,
+    /// Days a grant lives from consent, whatever is done with it (a Google app in
+    /// "testing" status: 7); replaces the preset's hard limit.
+    grant_lifetime_days: Option<u64>,
     min_refresh_interval: Option<u64>,
     region: Option<String>,
     tenant: Option<String>,
@@ -226,6 +229,21 @@ impl RawConnection {
                 .min_refresh_interval
                 .map(Duration::from_secs)
                 .unwrap_or(preset.min_refresh_interval),
+            grant_lifetime: match self.grant_lifetime_days {
+                Some(days) => Some(GrantLifetime {
+                    lifetime: positive_secs(
+                        &format!("{key}.grant_lifetime_days"),
+                        days.checked_mul(86_400).ok_or_else(|| {
+                            ConfigError::key(format!("{key}.grant_lifetime_days"), "is too large")
+                        })?,
+                    )?,
+                    configured: true,
+                }),
+                None => preset.grant_max_lifetime.map(|lifetime| GrantLifetime {
+                    lifetime,
+                    configured: false,
+                }),
+            },
             lookup: preset.lookup,
             callback_params: preset.callback_params,
             require_refresh_token: preset.require_refresh_token,

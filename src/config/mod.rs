@@ -167,6 +167,8 @@ pub struct RefreshConfig {
     pub force_burst: u32,
     /// …and then one per this interval.
     pub force_interval: Duration,
+    /// A `grant_expiring` warning goes out when a grant's forecast end is this close.
+    pub expiry_warning: Duration,
 }
 
 /// Where a connection's provider has its endpoints.
@@ -180,6 +182,14 @@ pub enum Endpoints {
     Discover {
         issuer: Url,
     },
+}
+
+/// A limit on a grant's life counted from consent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantLifetime {
+    pub lifetime: Duration,
+    /// Set by the admin (`grant_lifetime_days`) rather than the provider's documented cap.
+    pub configured: bool,
 }
 
 /// Where a connection's proxy forwards to.
@@ -215,6 +225,8 @@ pub struct ConnectionConfig {
     /// A refresh token unused this long dies at the provider (Xero 60 days, Exact Online 30);
     /// the timer uses it once half of that has passed.
     pub refresh_token_idle_lifetime: Option<Duration>,
+    /// How long a grant lives from consent at most, if anyone knows.
+    pub grant_lifetime: Option<GrantLifetime>,
     /// The provider refuses a refresh sooner than this after the last (Exact Online ~570 s).
     pub min_refresh_interval: Duration,
     /// A lookup made right after consent (Xero tenants, Exact Online division).

@@ -186,6 +186,7 @@ pub(super) struct RawRefresh {
     prerefresh_window: Option<u64>,
     force_burst: Option<u32>,
     force_interval: Option<u64>,
+    expiry_warning_days: Option<u64>,
 }
 
 impl RawConfig {
@@ -311,6 +312,15 @@ impl RawConfig {
                     return Err(ConfigError::key(
                         "refresh.force_interval",
                         "must be 1-86400 seconds",
+                    ))
+                }
+            },
+            expiry_warning: match self.refresh.expiry_warning_days.unwrap_or(14) {
+                days @ 0..=365 => Duration::from_secs(days * 86_400),
+                _ => {
+                    return Err(ConfigError::key(
+                        "refresh.expiry_warning_days",
+                        "must be 0-365 days (0: no warnings)",
                     ))
                 }
             },

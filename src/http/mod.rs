@@ -66,6 +66,14 @@ impl AppState {
         }
     }
 
+    /// What a pipeline's Web activity calls for `connection`'s token.
+    fn refresh_url(&self, connection: &str) -> String {
+        format!(
+            "{}/api/refresh/{connection}",
+            self.public_url.as_str().trim_end_matches('/')
+        )
+    }
+
     fn authorize_url(&self, connection: &str) -> String {
         format!(
             "{}/api/authorize/{connection}",

@@ -39,6 +39,13 @@ pub(super) struct TokenBody {
     expires_at: Option<String>,
     #[schema(nullable = false)]
     scope: Option<String>,
+    /// The organisation: with `?tenant=`, or when the consent covers exactly one Xero
+    /// organisation.
+    #[schema(nullable = false)]
+    tenant_id: Option<String>,
+    /// Its name, with `?tenant=`, when the provider gives one.
+    #[schema(nullable = false)]
+    tenant_name: Option<String>,
 }
 
 /// `POST /api/refresh` parameters, as a JSON body (the query works too).
@@ -50,6 +57,9 @@ pub(super) struct RefreshBody {
     /// Refresh even if the current token is good enough (rate-limited per connection).
     #[schema(nullable = false)]
     force: Option<bool>,
+    /// An organisation the consent covers, by id or exact name.
+    #[schema(nullable = false)]
+    tenant: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -62,6 +72,9 @@ pub(super) struct HealthBody {
 #[derive(Serialize, ToSchema)]
 pub(super) struct ConnectionRow {
     name: String,
+    /// The provider preset: `xero`, `google`, `exact-online`, `microsoft`, `quickbooks`,
+    /// `salesforce`, `hubspot`, `oauth2` or `oidc`.
+    provider: String,
     /// `connected`, `consent_required`, `failing` or `misconfigured`.
     state: String,
     #[schema(format = DateTime)]
@@ -75,6 +88,43 @@ pub(super) struct ConnectionRow {
     last_error_at: Option<String>,
     /// Where an admin (re)connects it.
     authorize_url: String,
+    /// What a pipeline's Web activity calls for this connection's token.
+    refresh_url: String,
+    /// The organisations the consent covers (Xero tenants, the QuickBooks company, the
+    /// Exact Online division); `?tenant=` picks one.
+    tenants: Vec<TenantRow>,
+    /// When the grant will end, as far as anyone knows; null before the first consent.
+    forecast: Option<ForecastBody>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct TenantRow {
+    id: String,
+    /// Absent when the provider gives no name.
+    name: Option<String>,
+}
+
+/// A connection's expiry forecast. Unknown dates are null, never guessed.
+#[derive(Serialize, ToSchema)]
+pub(super) struct ForecastBody {
+    #[schema(format = DateTime)]
+    access_token_expires_at: Option<String>,
+    /// When the grant ends if nothing changes (the earliest of the dates below).
+    #[schema(format = DateTime)]
+    grant_expires_at: Option<String>,
+    /// `refresh_token_idle`, `provider_limit` or `configured_lifetime`.
+    grant_expiry_reason: Option<String>,
+    /// Last successful refresh + the provider's idle lifetime.
+    #[schema(format = DateTime)]
+    refresh_token_idle_deadline: Option<String>,
+    /// When the timer uses an idle refresh token again (half its idle lifetime).
+    #[schema(format = DateTime)]
+    keep_alive_at: Option<String>,
+    /// Consent + `grant_lifetime_days` or the provider's documented cap.
+    #[schema(format = DateTime)]
+    grant_lifetime_deadline: Option<String>,
+    /// The forecast in plain words.
+    summary: String,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -169,6 +219,8 @@ impl Modify for Security {
         HealthBody,
         ConnectionsBody,
         ConnectionRow,
+        TenantRow,
+        ForecastBody,
         TimerBody,
         TimerReturn,
         TimerConnection

@@ -293,54 +293,6 @@ fn split_tenant(query: Option<&str>) -> (Option<String>, Option<String>) {
     ((!kept.is_empty()).then_some(kept), tenant)
 }
 
-/// The Xero organisation for a request: the one named by `tenant` (id or name), else the only
-/// one consented; several and none named is the caller's to resolve (the error lists them).
-fn xero_tenant(
-    extra: &serde_json::Map<String, serde_json::Value>,
-    requested: Option<&str>,
-) -> Result<Option<String>, String> {
-    let tenants: Vec<(String, String)> = extra
-        .get("tenants")
-        .and_then(|t| t.as_array())
-        .map(|all| {
-            all.iter()
-                .filter_map(|t| {
-                    Some((
-                        t["tenant_id"].as_str()?.to_owned(),
-                        t["tenant_name"].as_str().unwrap_or_default().to_owned(),
-                    ))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    match (requested, tenants.as_slice()) {
-        (Some(wanted), _) => tenants
-            .iter()
-            .find(|(id, name)| id.eq_ignore_ascii_case(wanted) || name == wanted)
-            .map(|(id, _)| Some(id.clone()))
-            .ok_or_else(|| {
-                format!(
-                    "tenant `{wanted}` is not one this connection was granted: {}",
-                    list(&tenants)
-                )
-            }),
-        (None, []) => Ok(None),
-        (None, [(id, _)]) => Ok(Some(id.clone())),
-        (None, _) => Err(format!(
-            "this connection was granted several Xero organisations: name one with ?tenant= ({})",
-            list(&tenants)
-        )),
-    }
-}
-
-fn list(tenants: &[(String, String)]) -> String {
-    tenants
-        .iter()
-        .map(|(id, name)| format!("{id} ({name})"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Strict percent-decoding to UTF-8: a malformed escape (`%zz`, a lone `%`) is an error,
 /// where the percent-encoding crate's decoder would pass it through as text — a proxied path
 /// with one is refused rather than guessed at.
@@ -441,8 +393,8 @@ pub(super) async fn proxy(
         target_url(&base, &rest, query.as_deref()).map_err(|why| bad_request(why.to_owned()))?;
     if is_xero {
         // Xero wants the organisation in `xero-tenant-id` (recorded at consent).
-        if let Some(tenant) = xero_tenant(&record.extra, tenant.as_deref()).map_err(bad_request)? {
-            let value = reqwest::header::HeaderValue::from_str(&tenant)
+        if let Some(tenant) = record.pick_tenant(tenant.as_deref()).map_err(bad_request)? {
+            let value = reqwest::header::HeaderValue::from_str(&tenant.id)
                 .map_err(|_| bad_request("not a tenant id".to_owned()))?;
             forwarded.insert("xero-tenant-id", value);
         }
@@ -641,7 +593,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_tenant_parameter_is_the_brokers_and_picks_a_xero_organisation() {
+    fn the_tenant_parameter_is_the_brokers() {
         assert_eq!(
             split_tenant(Some("page=2&tenant=Demo%20Co&where=a%3Db")),
             (
@@ -651,32 +603,6 @@ mod tests {
         );
         assert_eq!(split_tenant(Some("tenant=x")), (None, Some("x".to_owned())));
         assert_eq!(split_tenant(None), (None, None));
-        let two = serde_json::json!({"tenants": [
-            {"tenant_id": "aaa-1", "tenant_name": "Demo Co"},
-            {"tenant_id": "bbb-2", "tenant_name": "Other Ltd"},
-        ]});
-        let two = two.as_object().expect("map");
-        assert_eq!(
-            xero_tenant(two, Some("Demo Co")),
-            Ok(Some("aaa-1".to_owned()))
-        );
-        assert_eq!(
-            xero_tenant(two, Some("BBB-2")),
-            Ok(Some("bbb-2".to_owned()))
-        );
-        let err = xero_tenant(two, None).expect_err("several, none named");
-        assert!(
-            err.contains("aaa-1 (Demo Co)") && err.contains("bbb-2 (Other Ltd)"),
-            "{err}"
-        );
-        assert!(xero_tenant(two, Some("nope")).is_err());
-        let one =
-            serde_json::json!({"tenants": [{"tenant_id": "aaa-1", "tenant_name": "Demo Co"}]});
-        assert_eq!(
-            xero_tenant(one.as_object().expect("map"), None),
-            Ok(Some("aaa-1".to_owned()))
-        );
-        assert_eq!(xero_tenant(&serde_json::Map::new(), None), Ok(None));
     }
 
     #[test]

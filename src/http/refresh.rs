@@ -27,6 +27,9 @@ const MAX_BODY: usize = 1024;
 pub(super) struct RefreshParams {
     min_validity: Option<u64>,
     force: Option<bool>,
+    /// The organisation (Xero tenant, QuickBooks company, Exact Online division) by id or
+    /// exact name: the answer says its `tenant_id`.
+    tenant: Option<String>,
     /// An API key in the query is refused below, but named here so the error says why.
     key: Option<String>,
 }
@@ -40,6 +43,7 @@ pub(super) struct RefreshParams {
         ("connection" = String, Path, description = "The connection's name from the config"),
         ("min_validity" = Option<u64>, Query, minimum = 0, maximum = 3600, description = "Seconds of life the token must have left (default refresh.min_validity)"),
         ("force" = Option<bool>, Query, description = "Refresh even if the current token is good enough (rate-limited per connection)"),
+        ("tenant" = Option<String>, Query, description = "An organisation the consent covers (Xero tenant, QuickBooks company, Exact Online division), by id or exact name: the answer carries its tenant_id; unknown or ambiguous is a 400 listing the choices"),
     ),
     responses(
         (status = 200, description = "A valid access token", body = super::openapi::TokenBody),
@@ -74,6 +78,7 @@ pub(super) async fn refresh_get(
         ("connection" = String, Path, description = "The connection's name from the config"),
         ("min_validity" = Option<u64>, Query, minimum = 0, maximum = 3600, description = "Seconds of life the token must have left (default refresh.min_validity)"),
         ("force" = Option<bool>, Query, description = "Refresh even if the current token is good enough (rate-limited per connection)"),
+        ("tenant" = Option<String>, Query, description = "An organisation the consent covers (Xero tenant, QuickBooks company, Exact Online division), by id or exact name: the answer carries its tenant_id; unknown or ambiguous is a 400 listing the choices"),
     ),
     request_body(content = Option<super::openapi::RefreshBody>, content_type = "application/json", description = "Optional; the query parameters may be used instead"),
     responses(
@@ -157,6 +162,7 @@ async fn refresh(
         })?;
         params.min_validity = from_body.min_validity.or(params.min_validity);
         params.force = from_body.force.or(params.force);
+        params.tenant = from_body.tenant.or(params.tenant);
     }
     if params
         .min_validity
@@ -180,7 +186,14 @@ async fn refresh(
         .token(&connection, request)
         .await
         .map_err(|err| ApiError::from_broker(err, &state))?;
-    let body = record.to_response(state.broker.now()).ok_or_else(|| {
+    // The organisation asked for, from what consent recorded: the same token either way.
+    let tenant = match params.tenant.as_deref() {
+        Some(wanted) => record
+            .pick_tenant(Some(wanted))
+            .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", why))?,
+        None => None,
+    };
+    let mut body = record.to_response(state.broker.now()).ok_or_else(|| {
         ApiError::from_broker(
             BrokerError::ConsentRequired {
                 reason: format!("connection `{connection}` has no access token"),
@@ -189,6 +202,12 @@ async fn refresh(
             &state,
         )
     })?;
+    if let Some(tenant) = tenant {
+        body["tenant_id"] = tenant.id.into();
+        if !tenant.name.is_empty() {
+            body["tenant_name"] = tenant.name.into();
+        }
+    }
     Ok((
         [
             (header::CACHE_CONTROL, "no-store"),

@@ -58,8 +58,10 @@ pub(super) async fn connections(
         let list: Vec<_> = rows
             .into_iter()
             .map(|(status, url)| {
+                let refresh_url = state.refresh_url(&status.name);
                 let mut value = serde_json::to_value(status).unwrap_or_default();
                 value["authorize_url"] = url.into();
+                value["refresh_url"] = refresh_url.into();
                 value
             })
             .collect();

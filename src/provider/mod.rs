@@ -63,6 +63,8 @@ pub struct Provider {
     pub default_lifetime: Duration,
     /// A refresh token unused this long dies at the provider.
     pub refresh_token_idle_lifetime: Option<Duration>,
+    /// A limit on the grant's life from consent (configured, or the provider's cap).
+    pub grant_lifetime: Option<crate::config::GrantLifetime>,
     /// The provider refuses a refresh sooner than this after the last one.
     pub min_refresh_interval: Duration,
     lookup: Option<Lookup>,
@@ -114,6 +116,7 @@ impl Provider {
                 .collect(),
             default_lifetime: connection.default_lifetime.unwrap_or(default_lifetime),
             refresh_token_idle_lifetime: connection.refresh_token_idle_lifetime,
+            grant_lifetime: connection.grant_lifetime,
             min_refresh_interval: connection.min_refresh_interval,
             lookup: connection.lookup.clone(),
             callback_params: connection.callback_params,

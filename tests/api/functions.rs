@@ -314,6 +314,10 @@ fn the_data_factory_example_calls_the_refresh_route_with_managed_identity() {
         let activities = pipeline["properties"]["activities"]
             .as_array()
             .expect("activities");
+        // The Copy-through-the-proxy example is checked in proxy.rs.
+        if activities.iter().all(|a| a["type"] == "Copy") {
+            continue;
+        }
         let get_token = activities
             .iter()
             .find(|a| a["typeProperties"]["authentication"]["type"] == "MSI")

@@ -628,3 +628,83 @@ async fn a_malformed_answer_that_names_a_new_refresh_token_keeps_it() {
     let body = app.token("xero", "?force=true").await;
     assert!(body["access_token"].is_string());
 }
+
+#[tokio::test]
+async fn a_tenant_is_addressed_by_id_or_name_with_the_same_token_and_no_upstream_call() {
+    const DEMO: &str = "70784a63-d24b-46a9-a4db-0e70a274b056";
+    const MAPLE: &str = "b8b7c7a1-3f5e-4d0c-9a3e-1c2d3e4f5a6b";
+    const MAPLE_TWO: &str = "0c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f";
+    let double = ProviderDouble::start(Behaviour {
+        basic_auth: true,
+        access_token_lifetime: 1800,
+        xero_tenants: vec![
+            (DEMO, "Demo Company (NZ)"),
+            (MAPLE, "Maple Florist"),
+            (MAPLE_TWO, "Maple Florist"),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let app = TestApp::spawn_with(against_double(
+        "xero",
+        &format!("provider = \"xero\"\napi_url = \"{}\"", double.url),
+        &double,
+    ))
+    .await;
+    app.consent("xero").await;
+    let plain = app.token("xero", "").await;
+    assert_eq!(plain["tenants"].as_array().expect("tenants").len(), 3);
+    let (calls, lookups) = (double.token_calls().len(), double.lookups());
+
+    let by_name = app.token("xero", "?tenant=Demo%20Company%20(NZ)").await;
+    assert_eq!(by_name["tenant_id"], DEMO);
+    assert_eq!(by_name["tenant_name"], "Demo Company (NZ)");
+    assert_eq!(
+        by_name["access_token"], plain["access_token"],
+        "the same token"
+    );
+    let by_id = app
+        .token("xero", &format!("?tenant={}", MAPLE.to_uppercase()))
+        .await;
+    assert_eq!(by_id["tenant_id"], MAPLE);
+    // POST takes it in the body, too.
+    let posted: Value = app
+        .http
+        .post(format!("{}/api/refresh/xero", app.base))
+        .header("X-API-Key", crate::support::CALLER_KEY)
+        .json(&json!({"tenant": MAPLE_TWO}))
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(posted["tenant_id"], MAPLE_TWO);
+
+    for (query, says) in [
+        ("?tenant=Maple%20Florist", "several"),
+        (
+            "?tenant=Nobody%20Ltd",
+            "not one this connection was granted",
+        ),
+    ] {
+        let response = app.refresh("xero", query).await;
+        assert_eq!(response.status(), 400, "{query}");
+        let body: Value = response.json().await.expect("json");
+        let text = body["error_description"].as_str().expect("description");
+        assert!(text.contains(says), "{text}");
+        for choice in [
+            format!("{DEMO} (Demo Company (NZ))"),
+            format!("{MAPLE} (Maple Florist)"),
+            format!("{MAPLE_TWO} (Maple Florist)"),
+        ] {
+            assert!(text.contains(&choice), "{query}: {text} lacks {choice}");
+        }
+        assert!(body.get("access_token").is_none());
+    }
+    assert_eq!(
+        (double.token_calls().len(), double.lookups()),
+        (calls, lookups),
+        "no upstream call for any of it"
+    );
+}
