@@ -96,7 +96,7 @@ pub(super) fn page(status: StatusCode, title: &str, message: &str) -> Response {
             (header::CACHE_CONTROL, "no-store"),
             (header::REFERRER_POLICY, "no-referrer"),
         ],
-        Html(html::page(title, message)),
+        Html(html::page_back(title, message)),
     )
         .into_response()
 }

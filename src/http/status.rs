@@ -67,6 +67,19 @@ pub(super) async fn connections(
             .collect();
         Ok((no_store, Json(json!({ "connections": list }))).into_response())
     } else {
-        Ok((no_store, Html(html::connections(&rows))).into_response())
+        let links: Vec<(String, String)> = rows
+            .iter()
+            .map(|(status, url)| (url.clone(), state.refresh_url(&status.name)))
+            .collect();
+        let cards: Vec<html::Card<'_>> = rows
+            .iter()
+            .zip(&links)
+            .map(|((status, _), (authorize_url, refresh_url))| html::Card {
+                status,
+                authorize_url,
+                refresh_url,
+            })
+            .collect();
+        Ok((no_store, Html(html::connections(&cards))).into_response())
     }
 }

@@ -230,7 +230,7 @@ async fn connections_page_shows_each_state_without_secrets() {
         .await
         .expect("html");
     assert!(
-        html.contains("<td>acme</td>") && html.contains("connected"),
+        html.contains("<h2 id=\"c-acme\">acme") && html.contains("Connected."),
         "{html}"
     );
     assert!(!html.contains(token["access_token"].as_str().expect("token")));

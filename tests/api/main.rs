@@ -18,6 +18,7 @@ mod lease;
 mod openapi;
 mod presets;
 mod proxy;
+mod status_page;
 mod storage;
 mod support;
 mod timer;
