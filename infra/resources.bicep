@@ -384,6 +384,62 @@ resource connectionStateAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01
   }
 }
 
+// grant_expiring: a grant forecast to end soon (the timer's pass logs it once per connection
+// and forecast date, WARN; see README "When will my grant die?"). Hourly over the last two
+// hours: a warning days ahead needs no 5-minute urgency. Same line shapes as above.
+var grantExpiringQuery = '''
+traces
+| where message contains "grant_expiring" and message contains "token_broker::alert"
+| extend connection = extract(@'(?:^|[^a-z_])connection[=":]+([^\s",}]+)', 1, message)
+| extend expires_at = extract(@'(?:^|[^a-z_])expires_at[=":]+([0-9T:+\-]+)', 1, message)
+| project timestamp, connection, expires_at
+'''
+
+resource grantExpiringAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01' = if (alertsEnabled) {
+  name: 'alert-tb-${token}-grant-expiring'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'Token Broker: a grant ends soon'
+    description: 'A broker connection\'s grant is forecast to end within refresh.expiry_warning_days (an idle refresh token, the provider\'s limit, or the configured grant_lifetime_days). Reconnect it at /api/authorize/{connection} before expires_at.'
+    severity: 3
+    enabled: true
+    scopes: [
+      appInsights.id
+    ]
+    evaluationFrequency: 'PT1H'
+    windowSize: 'PT2H'
+    autoMitigate: true
+    criteria: {
+      allOf: [
+        {
+          query: grantExpiringQuery
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          dimensions: [
+            {
+              name: 'connection'
+              operator: 'Include'
+              values: [ '*' ]
+            }
+          ]
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    actions: {
+      actionGroups: [
+        alertActionGroup.id
+      ]
+    }
+  }
+}
+
 output functionAppName string = app.name
 output publicUrl string = 'https://${app.properties.defaultHostName}'
 output keyVaultUrl string = vault.properties.vaultUri

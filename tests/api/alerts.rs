@@ -74,6 +74,11 @@ struct Setup {
 
 impl Setup {
     async fn start(hang: bool) -> Self {
+        Self::with(hang, "").await
+    }
+
+    /// With `extra` settings for connection `acme`.
+    async fn with(hang: bool, extra: &str) -> Self {
         let hook = Hook::start(hang).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
@@ -85,7 +90,7 @@ impl Setup {
             .lock("failure_backoff", 1)
             .tables(&upstream.connection_toml(
                 "acme",
-                &format!("client_secret = \"{}\"", upstream.client_secret),
+                &format!("client_secret = \"{}\"\n{extra}", upstream.client_secret),
             ))
             .write(dir.path());
         let env = [
@@ -228,4 +233,66 @@ async fn a_webhook_that_never_answers_never_delays_a_refresh() {
         1,
         "the first try reached it"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_forecast_to_end_soon_is_warned_about_once() {
+    // Refresh tokens die after 10 idle days: inside the default 14-day warning window from
+    // the moment of consent.
+    let setup = Setup::with(false, "refresh_token_idle_days = 10").await;
+    consent(&setup.broker.base, "acme").await;
+    for _ in 0..3 {
+        crate::support::invoke_timer(
+            &setup.http,
+            &setup.broker.base,
+            &crate::support::timer_payload(),
+        )
+        .await;
+    }
+    let received = setup.hook.wait_for(1).await;
+    let warnings: Vec<&Value> = received
+        .iter()
+        .filter(|b| b["event"] == "grant_expiring")
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "once, however often the timer runs: {received:?}"
+    );
+    let warning = warnings[0];
+    assert_eq!(warning["connection"], "acme");
+    assert_eq!(warning["provider"], "oauth2");
+    assert_eq!(warning["reason"], "refresh_token_idle");
+    assert!(
+        matches!(warning["days_left"].as_i64(), Some(9 | 10)),
+        "{warning}"
+    );
+    assert!(warning["expires_at"].is_string(), "{warning}");
+    assert!(
+        warning["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("/api/authorize/acme")),
+        "{warning}"
+    );
+
+    // The log line the deployed alert rule searches for: the documented fields.
+    let logs = setup.broker.logs();
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("grant_expiring"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{logs}");
+    let line = lines[0];
+    for part in [
+        "WARN",
+        "token_broker::alert",
+        "connection=acme",
+        " provider=oauth2 ",
+        " reason=refresh_token_idle ",
+        " expires_at=",
+        " days_left=",
+        " detail=",
+    ] {
+        assert!(line.contains(part), "{part} missing: {line}");
+    }
 }
