@@ -155,6 +155,11 @@ impl Application {
         })
     }
 
+    /// The broker behind the routes (the CLI's `token` and `login` use it directly).
+    pub fn broker(&self) -> Arc<Broker> {
+        Arc::clone(&self.state.broker)
+    }
+
     /// The port actually bound.
     pub fn port(&self) -> u16 {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)

@@ -1,4 +1,4 @@
-//! The `token-broker` binary: `serve` (default) and `check`.
+//! The `token-broker` binary: `serve` (default), `check`, `login`, `token` and `openapi`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -36,8 +36,41 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API (the default).
     Serve,
-    /// Validate the configuration and show each connection's stored status.
+    /// Validate the configuration and list each connection with its state
     Check,
+    /// Connect a connection from this machine and store its tokens (first refresh token)
+    ///
+    /// Opens the consent in your browser (or prints the address), waits for
+    /// the provider to send it back to http://localhost:PORT/api/callback (register that
+    /// redirect URI at the provider), and stores the tokens in the configured store (the
+    /// token file, or Key Vault — so a vault can be seeded before the app is deployed).
+    Login {
+        /// The connection's name in the config.
+        connection: String,
+        /// The loopback port the provider redirects back to.
+        #[arg(long, default_value_t = 7071)]
+        port: u16,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Only print the URL to open; do not start a browser.
+        #[arg(long)]
+        no_browser: bool,
+    },
+    /// Print a valid access token for a connection as JSON, as /api/refresh answers
+    ///
+    /// Refreshes it when needed through the same code as the service (single flight, the lease when
+    /// configured, a rotated refresh token saved first).
+    Token {
+        /// The connection's name in the config.
+        connection: String,
+        /// Seconds of life the token must have left (default refresh.min_validity).
+        #[arg(long)]
+        min_validity: Option<u64>,
+        /// Refresh even if the current token is good enough.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the OpenAPI document (what `/api/openapi.json` serves; needs no config).
     Openapi,
 }
@@ -81,6 +114,17 @@ fn main() -> ExitCode {
                 serve(config, bind).await
             }
             Command::Check => check(config).await,
+            Command::Login {
+                connection,
+                port,
+                timeout,
+                no_browser,
+            } => login(config, &connection, port, timeout, no_browser).await,
+            Command::Token {
+                connection,
+                min_validity,
+                force,
+            } => token(config, &connection, min_validity, force).await,
             Command::Openapi => Ok(()),
         }
     });
@@ -151,6 +195,172 @@ async fn check(config: Config) -> anyhow::Result<()> {
         println!("{name}: {status}");
     }
     Ok(())
+}
+
+/// The broker over `config`, without serving (its routes are not reachable: the listener is
+/// a loopback port nobody is told about).
+async fn offline_app(config: Config) -> anyhow::Result<Application> {
+    let listener = tokio::net::TcpListener::bind((IpAddr::from([127, 0, 0, 1]), 0)).await?;
+    Application::build(config, listener).await
+}
+
+async fn token(
+    config: Config,
+    connection: &str,
+    min_validity: Option<u64>,
+    force: bool,
+) -> anyhow::Result<()> {
+    if !config.connections.contains_key(connection) {
+        anyhow::bail!("no connection `{connection}` in the config");
+    }
+    let app = offline_app(config).await?;
+    let broker = app.broker();
+    let request = token_broker::broker::TokenRequest {
+        min_validity: min_validity.map(std::time::Duration::from_secs),
+        force,
+        internal: false,
+    };
+    let result = broker.token(connection, request).await;
+    // A refresh token the store has not accepted yet must not leave with this process.
+    broker.flush_pending().await;
+    let record = result.map_err(|err| anyhow::anyhow!("{err}"))?;
+    let body = record.to_response(broker.now()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "connection `{connection}` has no access token: run `token-broker login {connection}`"
+        )
+    })?;
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    Ok(())
+}
+
+async fn login(
+    mut config: Config,
+    connection: &str,
+    port: u16,
+    timeout: u64,
+    no_browser: bool,
+) -> anyhow::Result<()> {
+    if !config.connections.contains_key(connection) {
+        anyhow::bail!("no connection `{connection}` in the config");
+    }
+    // The provider sends the browser back to this machine; nothing else can reach it.
+    let public_url = format!("http://localhost:{port}");
+    config.public_url = Some(url::Url::parse(&public_url)?);
+    // A one-time admin key, alive as long as this process, admits this browser to the
+    // consent (the usual ?key= exchange for a session cookie, then /api/authorize).
+    let one_time: String = {
+        use rand::Rng;
+        let bytes: [u8; 24] = rand::thread_rng().gen();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    };
+    config.auth.admin_keys.push(one_time.clone().into());
+    let listener = tokio::net::TcpListener::bind((IpAddr::from([127, 0, 0, 1]), port))
+        .await
+        .with_context(|| format!("binding 127.0.0.1:{port} (choose another with --port)"))?;
+    let app = Application::build(config, listener).await?;
+    let broker = app.broker();
+    let started = broker.now();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+
+    let url = format!("{public_url}/api/authorize/{connection}?key={one_time}");
+    eprintln!("Register this redirect URI at the provider: {public_url}/api/callback");
+    eprintln!(
+        "Open this address in a browser on this machine to connect `{connection}`:\n\n    {url}\n"
+    );
+    if !no_browser {
+        open_browser(&url);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let outcome = loop {
+        let status = broker
+            .statuses()
+            .await
+            .into_iter()
+            .find(|s| s.name == connection);
+        if let Some(status) = status.filter(|s| s.consented_at.is_some_and(|at| at > started)) {
+            break Ok(status);
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break Err(anyhow::anyhow!(
+                "no consent for `{connection}` within {timeout} s (run it again, or give more time with --timeout)"
+            ));
+        }
+        if progress {
+            eprint!(
+                "\rWaiting for the consent to come back… {:>3} s left ",
+                left.as_secs()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    if progress {
+        eprintln!();
+    }
+    let _ = stop.send(());
+    server.await??;
+    let status = outcome?;
+    let organisations = match status.tenants.len() {
+        0 => String::new(),
+        n => format!(
+            "; {n} organisation{}: {}",
+            if n == 1 { "" } else { "s" },
+            status
+                .tenants
+                .iter()
+                .map(|t| if t.name.is_empty() {
+                    t.id.clone()
+                } else {
+                    format!("{} ({})", t.name, t.id)
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let ends = status
+        .forecast
+        .as_ref()
+        .map(|f| format!("; grant {}", f.summary))
+        .unwrap_or_default();
+    println!(
+        "{connection}: connected ({}), access token until {}{organisations}{ends}",
+        status.provider,
+        status
+            .expires_at
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| "-".into()),
+    );
+    Ok(())
+}
+
+/// Opens `url` in the desktop's browser when there is one (best effort: the URL is printed
+/// either way).
+fn open_browser(url: &str) {
+    let candidates: &[&str] = if cfg!(target_os = "macos") {
+        &["open"]
+    } else if cfg!(windows) {
+        &["explorer"]
+    } else if std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some()
+    {
+        &["xdg-open"]
+    } else {
+        &[]
+    };
+    for program in candidates {
+        let spawned = std::process::Command::new(program)
+            .arg(url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        if spawned.is_ok() {
+            return;
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -9,13 +9,22 @@ use super::*;
 /// Drives the consent flow like a browser against the broker at `base`, stopping before
 /// the broker's callback.
 pub async fn consent_until_callback(base: &str, connection: &str) -> Browser {
+    walk_to_callback(
+        &format!("{base}/api/authorize/{connection}?key={ADMIN_KEY}"),
+        &format!("{base}/api/callback"),
+    )
+    .await
+}
+
+/// Drives a browser from `start` (an authorize URL with `?key=`) through redirects and
+/// meta refreshes until the provider sends it to `callback`.
+pub async fn walk_to_callback(start: &str, callback: &str) -> Browser {
     let client = reqwest::Client::builder()
         .cookie_store(true)
         .redirect(Policy::none())
         .build()
         .expect("browser");
-    let mut url = format!("{base}/api/authorize/{connection}?key={ADMIN_KEY}");
-    let callback = format!("{base}/api/callback");
+    let mut url = start.to_owned();
     for _ in 0..20 {
         let response = client.get(&url).send().await.expect("browser request");
         let status = response.status();
@@ -40,7 +49,7 @@ pub async fn consent_until_callback(base: &str, connection: &str) -> Browser {
             .join(&location)
             .expect("join")
             .to_string();
-        if url.starts_with(&callback) {
+        if url.starts_with(callback) {
             return Browser {
                 client,
                 callback_url: url,

@@ -14,7 +14,7 @@ mod process;
 mod upstream;
 
 pub use app::{Options, TestApp};
-pub use browser::{consent, consent_until_callback, meta_refresh, Browser};
+pub use browser::{consent, consent_until_callback, meta_refresh, walk_to_callback, Browser};
 pub use config::BrokerConfig;
 pub use process::{memory_kib, wait_ready, BrokerProcess};
 pub use upstream::Upstream;
