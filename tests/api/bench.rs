@@ -142,3 +142,377 @@ async fn proxy_latency_against_calling_the_api_directly() {
     );
     broker.stop().await;
 }
+
+/// What `wrk` measured.
+#[derive(Debug)]
+struct Load {
+    requests_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+    requests: u64,
+    non_2xx: u64,
+}
+
+/// Microseconds from a wrk figure (`403.00us`, `2.31ms`, `1.02s`).
+fn micros(text: &str) -> f64 {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(text.len()),
+    );
+    let value: f64 = number.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => value,
+        "ms" => value * 1_000.0,
+        "s" => value * 1_000_000.0,
+        _ => f64::NAN,
+    }
+}
+
+/// `wrk --latency` against `url` (2 threads, `connections` connections, `secs` seconds).
+async fn wrk(url: &str, header: Option<&str>, connections: u32, secs: u32) -> Load {
+    let mut command = tokio::process::Command::new("wrk");
+    command.args([
+        "--latency",
+        "-t2",
+        &format!("-c{connections}"),
+        &format!("-d{secs}s"),
+    ]);
+    if let Some(header) = header {
+        command.args(["-H", header]);
+    }
+    let output = command
+        .arg(url)
+        .output()
+        .await
+        .expect("wrk (scripts/bench installs it)");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|line| line.strip_prefix(prefix))
+            .map(|rest| {
+                rest.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+    };
+    Load {
+        requests_per_sec: field("Requests/sec:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no Requests/sec in {text}")),
+        p50_us: micros(&field("50%").expect("p50")),
+        p99_us: micros(&field("99%").expect("p99")),
+        requests: text
+            .lines()
+            .find(|l| l.contains(" requests in "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
+        non_2xx: field("Non-2xx or 3xx responses:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    }
+}
+
+/// The release (or debug) build's `bare_handler` example, next to the test binary's folder.
+fn bare_handler() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>");
+    profile_dir.join("examples/bare_handler")
+}
+
+/// A broker binary with connection `acme` consented (file store unless `azure` is given).
+struct Consented {
+    upstream: Upstream,
+    broker: BrokerProcess,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Access tokens live `ttl` seconds.
+async fn consented(azure: Option<&crate::support::azure_doubles::Azure>, ttl: u64) -> Consented {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let upstream =
+        Upstream::start(&format!("{base}/api/callback"), "client_secret_basic", ttl).await;
+    let config = BrokerConfig::default()
+        .auth("api_keys", vec![CALLER_KEY.to_owned()])
+        .store("path", dir.path().join("tokens").display().to_string())
+        .tables(&format!(
+            "[server]\nmax_connections = 4096\n{}",
+            upstream.connection_toml(
+                "acme",
+                &format!("client_secret = \"{}\"", upstream.client_secret),
+            )
+        ))
+        .write(dir.path());
+    let mut env = vec![("RUST_LOG", "info".to_owned())];
+    if let Some(azure) = azure {
+        env.extend(azure.env());
+    }
+    let broker = BrokerProcess::start_on(port, &config, &env, &dir.path().join("broker.log")).await;
+    crate::support::consent(&base, "acme").await;
+    Consented {
+        upstream,
+        broker,
+        base,
+        _dir: dir,
+    }
+}
+
+/// A cached `/api/refresh` against a bare axum handler answering the same bytes: requests
+/// per second and latency under the same load, in one run. The smoke run checks that the
+/// cached path makes no token request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_refresh_throughput_against_a_bare_handler() {
+    let setup = consented(None, 3600).await;
+    let url = format!("{}/api/refresh/acme", setup.base);
+    let http = reqwest::Client::new();
+    let body = http
+        .get(&url)
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("refresh")
+        .text()
+        .await
+        .expect("body");
+    let bare_port = free_port();
+    let mut bare = tokio::process::Command::new(bare_handler())
+        .env("PORT", bare_port.to_string())
+        .env("BARE_BODY", &body)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("bare_handler (an example: built with the tests)");
+    let bare_url = format!("http://127.0.0.1:{bare_port}/api/refresh/acme");
+    for _ in 0..200 {
+        if http.get(&bare_url).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let token_requests = setup.upstream.token_requests("refresh_token").await;
+    let key = format!("X-API-Key: {CALLER_KEY}");
+
+    if full() {
+        // Twice each, alternating, after a warm-up; the better run of each counts.
+        wrk(&bare_url, None, 64, 3).await;
+        wrk(&url, Some(&key), 64, 3).await;
+        let mut best: [Option<Load>; 2] = [None, None];
+        for _ in 0..2 {
+            for (i, (target, header)) in [(&bare_url, None), (&url, Some(key.as_str()))]
+                .into_iter()
+                .enumerate()
+            {
+                let load = wrk(target, header, 64, 10).await;
+                assert_eq!(load.non_2xx, 0, "{load:?}");
+                if best[i]
+                    .as_ref()
+                    .is_none_or(|b| load.requests_per_sec > b.requests_per_sec)
+                {
+                    best[i] = Some(load);
+                }
+            }
+        }
+        let [Some(bare_load), Some(broker_load)] = best else {
+            panic!("no runs")
+        };
+        eprintln!(
+            "bench refresh: bare   {:.0} req/s, p50 {:.0} µs, p99 {:.0} µs",
+            bare_load.requests_per_sec, bare_load.p50_us, bare_load.p99_us
+        );
+        eprintln!(
+            "bench refresh: broker {:.0} req/s, p50 {:.0} µs, p99 {:.0} µs ({} requests)",
+            broker_load.requests_per_sec,
+            broker_load.p50_us,
+            broker_load.p99_us,
+            broker_load.requests
+        );
+        eprintln!(
+            "bench refresh: ratio {:.3} of the bare handler's throughput, p99 {:.2}x",
+            broker_load.requests_per_sec / bare_load.requests_per_sec,
+            broker_load.p99_us / bare_load.p99_us
+        );
+    } else {
+        for target in [&bare_url, &url] {
+            for _ in 0..100 {
+                let response = http
+                    .get(target)
+                    .header("X-API-Key", CALLER_KEY)
+                    .send()
+                    .await
+                    .expect("request");
+                assert_eq!(response.status(), 200);
+                assert_eq!(response.text().await.expect("body").len(), body.len());
+            }
+        }
+    }
+    assert_eq!(
+        setup.upstream.token_requests("refresh_token").await,
+        token_requests,
+        "the cached path makes no token request"
+    );
+    // Resident memory after the load (over 100 000 requests in the full run).
+    let pid = setup.broker.pid().expect("pid");
+    eprintln!(
+        "bench memory: broker resident {} KiB (peak {} KiB) after the load",
+        crate::support::memory_kib(pid, "VmRSS"),
+        crate::support::memory_kib(pid, "VmHWM")
+    );
+    let _ = bare.kill().await;
+}
+
+/// A thousand callers at once on a token they all find too short: one token request, and
+/// the time until every caller has its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_in_on_an_expiring_token_costs_one_token_request() {
+    let callers = if full() { 1000 } else { 100 };
+    // Tokens live 303 s and callers want 300 s of life: four seconds after the consent the
+    // token no longer does for anyone, and every caller arrives needing a new one.
+    let setup = consented(None, 303).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let before = setup.upstream.token_requests("refresh_token").await;
+    let url = format!("{}/api/refresh/acme", setup.base);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(callers)
+        .build()
+        .expect("client");
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let http = http.clone();
+            let url = url.clone();
+            tokio::spawn(async move {
+                let response = http
+                    .get(url)
+                    .header("X-API-Key", CALLER_KEY)
+                    .send()
+                    .await
+                    .expect("refresh");
+                assert_eq!(response.status(), 200);
+                let body: serde_json::Value = response.json().await.expect("json");
+                body["access_token"].as_str().expect("token").to_owned()
+            })
+        })
+        .collect();
+    let mut tokens = std::collections::BTreeSet::new();
+    for task in tasks {
+        tokens.insert(task.await.expect("caller"));
+    }
+    let took = started.elapsed();
+    let requests = setup.upstream.token_requests("refresh_token").await - before;
+    eprintln!(
+        "bench fan-in: {callers} callers answered in {} ms with {requests} token request(s)",
+        took.as_millis()
+    );
+    assert_eq!(requests, 1, "one token request for all");
+    assert_eq!(tokens.len(), 1, "every caller got the one new token");
+}
+
+/// Process start to the first 200 on `/api/health`, polled every millisecond.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_to_the_first_healthy_answer() {
+    let runs = if full() { 20 } else { 2 };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = BrokerConfig::default()
+        .store("path", dir.path().join("tokens").display().to_string())
+        .write(dir.path());
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let port = free_port();
+        let started = Instant::now();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_token-broker"))
+            .env_clear()
+            .env("BROKER_CONFIG", &config)
+            .env("PORT", port.to_string())
+            .env("BROKER_BIND", "127.0.0.1")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("broker");
+        loop {
+            if let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let request = "GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+                if stream.write_all(request.as_bytes()).await.is_ok() {
+                    let mut answer = String::new();
+                    let _ = stream.read_to_string(&mut answer).await;
+                    if answer.starts_with("HTTP/1.1 200") {
+                        break;
+                    }
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no healthy answer"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        times.push(started.elapsed().as_micros());
+        let pid = child.id().expect("pid");
+        eprintln!(
+            "bench startup: {} µs, resident {} KiB",
+            times.last().copied().unwrap_or_default(),
+            crate::support::memory_kib(pid, "VmRSS")
+        );
+        let _ = child.kill().await;
+    }
+    let times = Latencies(times);
+    eprintln!("bench startup: {}", times.summary());
+}
+
+/// Key Vault operations per cached request (none) and per refresh, against the vault double.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_vault_operations_per_cached_request_and_per_refresh() {
+    let (cached_n, forced_n) = if full() { (10_000, 20) } else { (100, 3) };
+    let azure = crate::support::azure_doubles::Azure::start().await;
+    // Refreshes asked for with min_validity (an hour of life from hour-long tokens), not
+    // force: the force limit is not what this counts.
+    let setup = consented(Some(&azure), 3600).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/refresh/acme", setup.base);
+    let get = |query: &'static str| {
+        let request = http
+            .get(format!("{url}{query}"))
+            .header("X-API-Key", CALLER_KEY);
+        async move {
+            let response = request.send().await.expect("refresh");
+            assert_eq!(response.status(), 200);
+        }
+    };
+    get("").await;
+    let before = azure.shared.vault_operations();
+    for _ in 0..cached_n {
+        get("").await;
+    }
+    let cached_ops = azure.shared.vault_operations() - before;
+    let before = azure.shared.vault_operations();
+    let refreshes = setup.upstream.token_requests("refresh_token").await;
+    for _ in 0..forced_n {
+        get("?min_validity=3600").await;
+    }
+    let refresh_ops = azure.shared.vault_operations() - before;
+    let made = setup.upstream.token_requests("refresh_token").await - refreshes;
+    assert_eq!(
+        made, forced_n as u64,
+        "each asked-for refresh made one token request"
+    );
+    eprintln!(
+        "bench vault: {cached_ops} operations for {cached_n} cached requests; {refresh_ops} for {forced_n} refreshes ({:.1} per refresh: {} reads, {} writes in all)",
+        refresh_ops as f64 / forced_n as f64,
+        azure.shared.count("get"),
+        azure.shared.count("set"),
+    );
+    assert_eq!(cached_ops, 0, "a cached request never touches the vault");
+    assert!(
+        refresh_ops >= forced_n as u64,
+        "each refresh saves its record"
+    );
+}
