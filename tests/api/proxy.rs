@@ -711,3 +711,59 @@ async fn the_data_factory_example_copies_every_page_of_xero_invoices_through_the
     assert!(invoices.iter().all(|i| i["Tenant"] == MAPLE));
     assert_eq!(double.xero_api_tenants(), vec![Some(MAPLE.to_owned()); 3]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_and_outages_come_back_as_they_are_and_the_proxy_can_be_off() {
+    let api = ApiDouble::start().await;
+    let app = TestApp::spawn_with(Options {
+        acme_extra: format!("api_base_url = \"{}\"", api.base),
+        extra_config: format!(
+            "[connections.off]\nprovider = \"oauth2\"\nauthorize_url = \"${{UPSTREAM}}/auth\"\ntoken_url = \"${{UPSTREAM}}/token\"\nclient_id = \"x\"\nclient_secret = \"y\"\napi_base_url = \"{}\"\nproxy = false\n",
+            api.base
+        ),
+        ..Default::default()
+    })
+    .await;
+    app.consent("acme").await;
+    let refreshes = app.upstream.token_requests("refresh_token").await;
+    for (path, status, retry_after, body) in [
+        ("busy", 429, "7", "slow down"),
+        ("down", 503, "30", "maintenance"),
+    ] {
+        let response = app
+            .http
+            .get(format!("{}/api/proxy/acme/{path}", app.base))
+            .header("X-API-Key", CALLER_KEY)
+            .send()
+            .await
+            .expect("proxy");
+        assert_eq!(response.status(), status);
+        assert_eq!(response.headers()["retry-after"], retry_after);
+        if path == "busy" {
+            assert_eq!(response.headers()["x-rate-limit-problem"], "minute");
+        }
+        assert_eq!(
+            response.text().await.expect("body"),
+            body,
+            "the API's own answer"
+        );
+    }
+    assert_eq!(api.seen().len(), 2, "not retried by the broker");
+    assert_eq!(
+        app.upstream.token_requests("refresh_token").await,
+        refreshes
+    );
+
+    // `proxy = false`: no proxy for that connection, even with a base URL.
+    let response = app
+        .http
+        .get(format!("{}/api/proxy/off/busy", app.base))
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("proxy");
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "no_proxy", "{body}");
+    assert_eq!(api.seen().len(), 2);
+}

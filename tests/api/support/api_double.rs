@@ -47,6 +47,7 @@ impl ApiDouble {
     ///   URL into the API), an `x-continuation` header and a `Set-Cookie`;
     /// - `/v2/flaky`: refuses the first request with 401, then answers 200;
     /// - `/v2/always401`: always 401 (`no`);
+    /// - `/v2/busy`: 429 with `Retry-After: 7`; `/v2/down`: 503 with `Retry-After: 30`;
     /// - `POST /v2/upload`: answers the body's length and checksum;
     /// - `GET /v2/big?bytes=N`: N bytes of [`pattern_byte`], generated as they stream;
     /// - `/v2/company/{id}/…`: echoes the path (for placeholders).
@@ -97,6 +98,18 @@ impl ApiDouble {
                         }
                         "/v2/flaky" => return axum::Json(json!({"ok": true})).into_response(),
                         "/v2/always401" => return (StatusCode::UNAUTHORIZED, "no").into_response(),
+                        "/v2/busy" => {
+                            return (
+                                StatusCode::TOO_MANY_REQUESTS,
+                                [("retry-after", "7"), ("x-rate-limit-problem", "minute")],
+                                "slow down",
+                            )
+                                .into_response()
+                        }
+                        "/v2/down" => {
+                            return (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "30")], "maintenance")
+                                .into_response()
+                        }
                         "/v2/upload" => {
                             return axum::Json(json!({
                                 "length": body.len(),
