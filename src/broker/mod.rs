@@ -279,6 +279,19 @@ impl Broker {
             .ok_or_else(|| BrokerError::UnknownConnection(name.to_owned()))
     }
 
+    /// The cached record when it satisfies `request` as it is (no `force`, the provider set
+    /// up, enough life left), without waiting for anything; `None`: ask [`Broker::token`].
+    pub fn cached(&self, name: &str, request: TokenRequest) -> Option<Arc<TokenRecord>> {
+        if request.force {
+            return None;
+        }
+        let conn = self.connections.get(name)?;
+        conn.provider(name).ok()?;
+        let min_validity = request.min_validity.unwrap_or(self.min_validity);
+        let now = self.clock.now();
+        conn.cached_if(|r| r.is_valid_for(min_validity, now))
+    }
+
     /// A record whose access token satisfies `request`, refreshing if needed.
     ///
     /// Everything past the cache runs in its own task: a caller that goes away (an ADF

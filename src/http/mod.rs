@@ -139,20 +139,44 @@ pub fn router(state: Arc<AppState>) -> Router {
             // Both fields are capped and stripped of control characters: a 60 KB path
             // must not become a 60 KB log line.
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
-                let invocation = request
-                    .headers()
-                    .get("x-azure-functions-invocationid")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
-                tracing::info_span!(
-                    "request",
-                    method = %loggable(request.method().as_str()),
-                    path = %loggable(request.uri().path()),
-                    invocation_id = %loggable(invocation),
-                )
+                // A cached token logs nothing, so `/api/refresh` gets its INFO span from
+                // the handler, past the cache (`refresh::refresh`); here only at DEBUG.
+                if request.uri().path().starts_with("/api/refresh/") {
+                    return tracing::debug_span!(
+                        "request",
+                        method = %loggable(request.method().as_str()),
+                        path = %loggable(request.uri().path()),
+                        invocation_id = %loggable(invocation_id(request.headers())),
+                    );
+                }
+                request_span(request.method(), request.uri().path(), request.headers())
             }),
         )
         .with_state(state)
+}
+
+/// The Functions host's invocation id of a request, if any.
+fn invocation_id(headers: &axum::http::HeaderMap) -> &str {
+    headers
+        .get("x-azure-functions-invocationid")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+/// The INFO span of a request: method, path and the host's invocation id — never the query
+/// (it can hold an authorization code or an admin key). Both fields are capped and stripped
+/// of control characters: a 60 KB path must not become a 60 KB log line.
+pub(super) fn request_span(
+    method: &axum::http::Method,
+    path: &str,
+    headers: &axum::http::HeaderMap,
+) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        method = %loggable(method.as_str()),
+        path = %loggable(path),
+        invocation_id = %loggable(invocation_id(headers)),
+    )
 }
 
 /// The most of a request's path or header value a log line carries.

@@ -9,6 +9,7 @@ use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
+use tracing::Instrument;
 
 use super::{ApiError, AppState};
 use crate::auth::Role;
@@ -115,6 +116,69 @@ async fn refresh(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // The hot path — a GET whose token is in the cache — writes no log line, so it runs
+    // without the request span; everything else (refreshes, errors, their log lines) runs in
+    // it, with method, path and invocation id.
+    if method == Method::GET {
+        if let Some(answer) = cached_answer(&state, &connection, &uri, &headers).await {
+            return Ok(answer);
+        }
+    }
+    let span = super::request_span(&method, uri.path(), &headers);
+    refresh_traced(State(state), Path(connection), method, uri, headers, body)
+        .instrument(span)
+        .await
+}
+
+/// The answer for a GET the cache can serve as it is (valid parameters, an authenticated
+/// caller, no organisation to pick), or `None` to take the full path.
+async fn cached_answer(
+    state: &AppState,
+    connection: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Option<Response> {
+    let params: RefreshParams = Query::try_from_uri(uri).ok()?.0;
+    if params.key.is_some()
+        || params.tenant.is_some()
+        || params.force == Some(true)
+        || params
+            .min_validity
+            .is_some_and(|secs| secs > MAX_MIN_VALIDITY)
+    {
+        return None;
+    }
+    state.auth.authenticate(headers, Role::Caller).await.ok()?;
+    let request = TokenRequest {
+        min_validity: params.min_validity.map(Duration::from_secs),
+        force: false,
+        internal: false,
+    };
+    let record = state.broker.cached(connection, request)?;
+    let body = record.to_response(state.broker.now())?;
+    Some(token_answer(body))
+}
+
+/// A token's JSON with the headers that keep it out of caches.
+fn token_answer(body: serde_json::Value) -> Response {
+    (
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::PRAGMA, "no-cache"),
+        ],
+        Json(body),
+    )
+        .into_response()
+}
+
+async fn refresh_traced(
+    State(state): State<Arc<AppState>>,
+    Path(connection): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     // Parameters before the key, so that a key sent in the URL gets a helpful 400.
     let mut params: RefreshParams = Query::try_from_uri(&uri).map(|Query(p)| p).map_err(|err| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", err.body_text())
@@ -208,14 +272,7 @@ async fn refresh(
             body["tenant_name"] = tenant.name.into();
         }
     }
-    Ok((
-        [
-            (header::CACHE_CONTROL, "no-store"),
-            (header::PRAGMA, "no-cache"),
-        ],
-        Json(body),
-    )
-        .into_response())
+    Ok(token_answer(body))
 }
 
 /// serde_json messages can quote the input; name only the kind of problem.
