@@ -177,7 +177,8 @@ impl Application {
         let broker = Arc::clone(&self.state.broker);
         let served = api::serve(
             self.listener,
-            api::router(self.state),
+            api::router(Arc::clone(&self.state)),
+            self.state,
             &self.limits,
             shutdown,
         )

@@ -159,6 +159,30 @@ async fn cached_answer(
     Some(token_answer(body))
 }
 
+/// The cached answer for a plain `GET /api/refresh/{connection}` taken before the router
+/// (see `server`): only a bodiless GET whose connection is named exactly; anything else —
+/// and every answer but a cached token — goes through the router as usual.
+pub(super) async fn cached_fast_path<B: axum::body::HttpBody>(
+    state: &AppState,
+    request: &axum::http::Request<B>,
+) -> Option<Response> {
+    if request.method() != Method::GET
+        || request.headers().contains_key(header::CONTENT_LENGTH)
+        || request.headers().contains_key(header::TRANSFER_ENCODING)
+    {
+        return None;
+    }
+    let connection = request.uri().path().strip_prefix("/api/refresh/")?;
+    if connection.is_empty()
+        || !connection
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return None;
+    }
+    cached_answer(state, connection, request.uri(), request.headers()).await
+}
+
 /// A token's JSON with the headers that keep it out of caches.
 fn token_answer(body: serde_json::Value) -> Response {
     (

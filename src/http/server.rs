@@ -36,6 +36,7 @@ const DRAIN: Duration = Duration::from_secs(20);
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    state: Arc<super::AppState>,
     limits: &ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -76,10 +77,18 @@ pub async fn serve(
         }
         let Ok(service) = make_service.call(peer).await;
         let (id, activity, evicted) = registry.add();
+        let state = Arc::clone(&state);
         let service = tower::service_fn(move |request: Request<hyper::body::Incoming>| {
             let service = service.clone();
+            let state = Arc::clone(&state);
             let guard = activity.begin();
             async move {
+                // A cached token is answered before the router and its layers: the request
+                // the service exists for, at the cost of a few map lookups.
+                if let Some(response) = super::refresh::cached_fast_path(&state, &request).await {
+                    drop(guard);
+                    return Ok(response);
+                }
                 let response = service.oneshot(request.map(axum::body::Body::new)).await;
                 drop(guard);
                 response

@@ -372,3 +372,59 @@ async fn an_admin_key_in_the_url_is_exchanged_for_a_session_cookie_and_dropped_f
         .expect("refresh");
     assert_eq!(response.status(), 200);
 }
+
+/// A cached token is answered before the router (`refresh::cached_fast_path`); a request
+/// the fast path declines (here: one that declares a body) goes through the router. Both
+/// must read the same.
+#[tokio::test]
+async fn a_cached_token_reads_the_same_before_and_through_the_router() {
+    let app = TestApp::spawn().await;
+    app.consent("acme").await;
+    let url = format!("{}/api/refresh/acme?min_validity=600", app.base);
+    let fast = app
+        .http
+        .get(&url)
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("fast");
+    let routed = app
+        .http
+        .get(&url)
+        .header("X-API-Key", CALLER_KEY)
+        .header("Content-Length", "0")
+        .send()
+        .await
+        .expect("routed");
+    for name in ["content-type", "cache-control", "pragma"] {
+        assert_eq!(
+            fast.headers().get(name),
+            routed.headers().get(name),
+            "{name}"
+        );
+    }
+    assert_eq!(fast.status(), 200);
+    assert_eq!(routed.status(), 200);
+    let mut fast: Value = fast.json().await.expect("json");
+    let mut routed: Value = routed.json().await.expect("json");
+    let (a, b) = (fast["expires_in"].take(), routed["expires_in"].take());
+    assert!(a.as_u64().expect("n").abs_diff(b.as_u64().expect("n")) <= 1);
+    assert_eq!(fast, routed);
+    // Declined by the fast path, answered by the router: wrong key, unknown connection.
+    let wrong = app
+        .http
+        .get(&url)
+        .header("X-API-Key", "nope-nope-nope-nope")
+        .send()
+        .await
+        .expect("wrong key");
+    assert_eq!(wrong.status(), 401);
+    let unknown = app
+        .http
+        .get(format!("{}/api/refresh/nope", app.base))
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("unknown");
+    assert_eq!(unknown.status(), 404);
+}
