@@ -155,8 +155,18 @@ async fn cached_answer(
         internal: false,
     };
     let record = state.broker.cached(connection, request)?;
-    let body = record.to_response(state.broker.now())?;
-    Some(token_answer(body))
+    let body = record.response_bytes(state.broker.now())?;
+    Some(
+        (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CACHE_CONTROL, "no-store"),
+                (header::PRAGMA, "no-cache"),
+            ],
+            body,
+        )
+            .into_response(),
+    )
 }
 
 /// The cached answer for a plain `GET /api/refresh/{connection}` taken before the router
