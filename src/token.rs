@@ -6,15 +6,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::time::Duration;
 
-/// The fields of `/api/refresh`'s answer that provider extras never override.
-const STANDARD_FIELDS: &[&str] = &[
-    "access_token",
-    "token_type",
-    "expires_in",
-    "expires_at",
-    "scope",
-];
-
 /// Whether a connection can be served without a person consenting (again).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -73,60 +64,49 @@ impl TokenRecord {
             && self.remaining(now) > min_validity
     }
 
-    /// [`TokenRecord::to_response`] written straight to JSON, without building a map first:
-    /// the cached path's answer, where the map was a measurable part of the cost.
-    pub fn response_bytes(&self, now: DateTime<Utc>) -> Option<Vec<u8>> {
-        use serde::ser::SerializeMap;
-        struct Answer<'a>(&'a TokenRecord, &'a AccessToken, DateTime<Utc>);
-        impl Serialize for Answer<'_> {
-            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                let Answer(record, access_token, now) = self;
-                let mut map = serializer.serialize_map(None)?;
-                for (key, value) in &record.extra {
-                    if !STANDARD_FIELDS.contains(&key.as_str()) {
-                        map.serialize_entry(key, value)?;
-                    }
-                }
-                map.serialize_entry("access_token", access_token.secret())?;
-                map.serialize_entry("token_type", &record.token_type)?;
-                map.serialize_entry("expires_in", &record.remaining(*now).as_secs())?;
-                if let Some(expires_at) = record.expires_at {
-                    map.serialize_entry(
-                        "expires_at",
-                        &expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                    )?;
-                }
-                if let Some(scope) = &record.scope {
-                    map.serialize_entry("scope", scope)?;
-                }
-                map.end()
-            }
-        }
-        serde_json::to_vec(&Answer(self, self.access_token.as_ref()?, now)).ok()
-    }
-
     /// The JSON object `/api/refresh` answers. Standard fields win over provider extras.
     pub fn to_response(&self, now: DateTime<Utc>) -> Option<Value> {
-        let access_token = self.access_token.as_ref()?;
-        let mut body = Map::new();
-        for (key, value) in &self.extra {
-            body.insert(key.clone(), value.clone());
+        serde_json::to_value(Answer(self, self.access_token.as_ref()?, now)).ok()
+    }
+
+    /// The same answer written straight to JSON bytes, without building a map first: the
+    /// cached path's answer, where the map was a measurable part of the cost.
+    pub fn response_bytes(&self, now: DateTime<Utc>) -> Option<Vec<u8>> {
+        serde_json::to_vec(&Answer(self, self.access_token.as_ref()?, now)).ok()
+    }
+}
+
+/// `/api/refresh`'s answer for a record at a moment: the provider's extras, then the
+/// standard fields, which win over an extra of the same name.
+struct Answer<'a>(&'a TokenRecord, &'a AccessToken, DateTime<Utc>);
+
+impl Serialize for Answer<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let Answer(record, access_token, now) = self;
+        let expires_at = record
+            .expires_at
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        let written = |key: &str| match key {
+            "access_token" | "token_type" | "expires_in" => true,
+            "expires_at" => expires_at.is_some(),
+            "scope" => record.scope.is_some(),
+            _ => false,
+        };
+        let mut map = serializer.serialize_map(None)?;
+        for (key, value) in record.extra.iter().filter(|(k, _)| !written(k)) {
+            map.serialize_entry(key, value)?;
         }
-        body.insert("access_token".into(), access_token.secret().clone().into());
-        body.insert("token_type".into(), self.token_type.clone().into());
-        body.insert("expires_in".into(), self.remaining(now).as_secs().into());
-        if let Some(expires_at) = self.expires_at {
-            body.insert(
-                "expires_at".into(),
-                expires_at
-                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                    .into(),
-            );
+        map.serialize_entry("access_token", access_token.secret())?;
+        map.serialize_entry("token_type", &record.token_type)?;
+        map.serialize_entry("expires_in", &record.remaining(*now).as_secs())?;
+        if let Some(expires_at) = &expires_at {
+            map.serialize_entry("expires_at", expires_at)?;
         }
-        if let Some(scope) = &self.scope {
-            body.insert("scope".into(), scope.clone().into());
+        if let Some(scope) = &record.scope {
+            map.serialize_entry("scope", scope)?;
         }
-        Some(Value::Object(body))
+        map.end()
     }
 }
 

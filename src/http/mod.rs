@@ -134,21 +134,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .layer(axum::middleware::map_response(json_framework_errors))
         .layer(
-            // Our own span: method and path only. The default span records the full URI,
-            // whose query can hold an authorization code or an admin key.
-            // Both fields are capped and stripped of control characters: a 60 KB path
-            // must not become a 60 KB log line.
+            // Our own span (`request_span`): the default one records the full URI.
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
-                // A cached token logs nothing, so `/api/refresh` gets its INFO span from
-                // the handler, past the cache (`refresh::refresh`); here only at DEBUG.
-                if request.uri().path().starts_with("/api/refresh/") {
-                    return tracing::debug_span!(
-                        "request",
-                        method = %loggable(request.method().as_str()),
-                        path = %loggable(request.uri().path()),
-                        invocation_id = %loggable(invocation_id(request.headers())),
-                    );
-                }
                 request_span(request.method(), request.uri().path(), request.headers())
             }),
         )
@@ -166,7 +153,7 @@ fn invocation_id(headers: &axum::http::HeaderMap) -> &str {
 /// The INFO span of a request: method, path and the host's invocation id — never the query
 /// (it can hold an authorization code or an admin key). Both fields are capped and stripped
 /// of control characters: a 60 KB path must not become a 60 KB log line.
-pub(super) fn request_span(
+fn request_span(
     method: &axum::http::Method,
     path: &str,
     headers: &axum::http::HeaderMap,

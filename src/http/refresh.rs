@@ -9,7 +9,6 @@ use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use tracing::Instrument;
 
 use super::{ApiError, AppState};
 use crate::auth::Role;
@@ -108,30 +107,8 @@ pub(super) async fn refresh_post(
     refresh(state, connection, method, uri, headers, body).await
 }
 
-async fn refresh(
-    State(state): State<Arc<AppState>>,
-    Path(connection): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    // The hot path — a GET whose token is in the cache — writes no log line, so it runs
-    // without the request span; everything else (refreshes, errors, their log lines) runs in
-    // it, with method, path and invocation id.
-    if method == Method::GET {
-        if let Some(answer) = cached_answer(&state, &connection, &uri, &headers).await {
-            return Ok(answer);
-        }
-    }
-    let span = super::request_span(&method, uri.path(), &headers);
-    refresh_traced(State(state), Path(connection), method, uri, headers, body)
-        .instrument(span)
-        .await
-}
-
 /// The answer for a GET the cache can serve as it is (valid parameters, an authenticated
-/// caller, no organisation to pick), or `None` to take the full path.
+/// caller, no organisation to pick), or `None` to take the router's path.
 async fn cached_answer(
     state: &AppState,
     connection: &str,
@@ -205,7 +182,7 @@ fn token_answer(body: serde_json::Value) -> Response {
         .into_response()
 }
 
-async fn refresh_traced(
+async fn refresh(
     State(state): State<Arc<AppState>>,
     Path(connection): Path<String>,
     method: Method,
