@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::api_double::ApiDouble;
-use crate::support::{free_port, BrokerConfig, BrokerProcess, Upstream, CALLER_KEY};
+use crate::support::{free_port, BrokerConfig, ConsentedBroker, CALLER_KEY};
 
 /// Whether this is the real benchmark (`scripts/bench`) rather than the smoke run.
 fn full() -> bool {
@@ -68,31 +68,11 @@ async fn sequential(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_latency_against_calling_the_api_directly() {
     let (warmup, n) = if full() { (500, 20_000) } else { (10, 100) };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let upstream =
-        Upstream::start(&format!("{base}/api/callback"), "client_secret_basic", 3600).await;
     let api = ApiDouble::start().await;
-    let config = BrokerConfig::default()
-        .auth("api_keys", vec![CALLER_KEY.to_owned()])
-        .store("path", dir.path().join("tokens").display().to_string())
-        .tables(&upstream.connection_toml(
-            "acme",
-            &format!(
-                "client_secret = \"{}\"\napi_base_url = \"{}\"",
-                upstream.client_secret, api.base
-            ),
-        ))
-        .write(dir.path());
-    let mut broker = BrokerProcess::start_on(
-        port,
-        &config,
-        &[("RUST_LOG", "info".to_owned())],
-        &dir.path().join("broker.log"),
-    )
-    .await;
-    crate::support::consent(&base, "acme").await;
+    // Kept whole: its folder holds the broker's token store.
+    let mut setup =
+        ConsentedBroker::start(3600, &format!("api_base_url = \"{}\"", api.base), "", &[]).await;
+    let (upstream, broker, base) = (&setup.upstream, &mut setup.broker, setup.base.clone());
     let token_requests = upstream.token_requests("refresh_token").await
         + upstream.token_requests("authorization_code").await;
 
@@ -225,44 +205,14 @@ fn bare_handler() -> std::path::PathBuf {
     profile_dir.join("examples/bare_handler")
 }
 
-/// A broker binary with connection `acme` consented (file store unless `azure` is given).
-struct Consented {
-    upstream: Upstream,
-    broker: BrokerProcess,
-    base: String,
-    _dir: tempfile::TempDir,
-}
-
-/// Access tokens live `ttl` seconds.
-async fn consented(azure: Option<&crate::support::azure_doubles::Azure>, ttl: u64) -> Consented {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let upstream =
-        Upstream::start(&format!("{base}/api/callback"), "client_secret_basic", ttl).await;
-    let config = BrokerConfig::default()
-        .auth("api_keys", vec![CALLER_KEY.to_owned()])
-        .store("path", dir.path().join("tokens").display().to_string())
-        .tables(&format!(
-            "[server]\nmax_connections = 4096\n{}",
-            upstream.connection_toml(
-                "acme",
-                &format!("client_secret = \"{}\"", upstream.client_secret),
-            )
-        ))
-        .write(dir.path());
-    let mut env = vec![("RUST_LOG", "info".to_owned())];
-    if let Some(azure) = azure {
-        env.extend(azure.env());
-    }
-    let broker = BrokerProcess::start_on(port, &config, &env, &dir.path().join("broker.log")).await;
-    crate::support::consent(&base, "acme").await;
-    Consented {
-        upstream,
-        broker,
-        base,
-        _dir: dir,
-    }
+/// The broker binary with `acme` consented, room for many connections, and the vault
+/// double as its store when `azure` is given.
+async fn consented(
+    azure: Option<&crate::support::azure_doubles::Azure>,
+    ttl: u64,
+) -> ConsentedBroker {
+    let env = azure.map(|a| a.env()).unwrap_or_default();
+    ConsentedBroker::start(ttl, "", "[server]\nmax_connections = 4096", &env).await
 }
 
 /// A cached `/api/refresh` against a bare axum handler answering the same bytes: requests

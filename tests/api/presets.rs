@@ -11,7 +11,7 @@ use reqwest::header::LOCATION;
 use serde_json::{json, Value};
 use url::Url;
 
-use crate::support::provider_double::{against_double, Behaviour, ProviderDouble};
+use crate::support::provider_double::{against_double, xero, Behaviour, ProviderDouble};
 use crate::support::{Options, TestApp, ADMIN_KEY};
 
 fn query(url: &Url) -> HashMap<String, String> {
@@ -634,23 +634,13 @@ async fn a_tenant_is_addressed_by_id_or_name_with_the_same_token_and_no_upstream
     const DEMO: &str = "70784a63-d24b-46a9-a4db-0e70a274b056";
     const MAPLE: &str = "b8b7c7a1-3f5e-4d0c-9a3e-1c2d3e4f5a6b";
     const MAPLE_TWO: &str = "0c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f";
-    let double = ProviderDouble::start(Behaviour {
-        basic_auth: true,
-        access_token_lifetime: 1800,
-        xero_tenants: vec![
-            (DEMO, "Demo Company (NZ)"),
-            (MAPLE, "Maple Florist"),
-            (MAPLE_TWO, "Maple Florist"),
-        ],
-        ..Default::default()
-    })
+    let (double, options) = xero(vec![
+        (DEMO, "Demo Company (NZ)"),
+        (MAPLE, "Maple Florist"),
+        (MAPLE_TWO, "Maple Florist"),
+    ])
     .await;
-    let app = TestApp::spawn_with(against_double(
-        "xero",
-        &format!("provider = \"xero\"\napi_url = \"{}\"", double.url),
-        &double,
-    ))
-    .await;
+    let app = TestApp::spawn_with(options).await;
     app.consent("xero").await;
     let plain = app.token("xero", "").await;
     assert_eq!(plain["tenants"].as_array().expect("tenants").len(), 3);

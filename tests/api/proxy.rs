@@ -5,10 +5,8 @@
 use serde_json::Value;
 
 use crate::support::api_double::{checksum, pattern_byte, ApiDouble};
-use crate::support::provider_double::{against_double, Behaviour, ProviderDouble};
-use crate::support::{
-    free_port, memory_kib, BrokerConfig, BrokerProcess, Options, TestApp, Upstream, CALLER_KEY,
-};
+use crate::support::provider_double::{against_double, xero, Behaviour, ProviderDouble};
+use crate::support::{memory_kib, ConsentedBroker, Options, TestApp, CALLER_KEY};
 
 async fn app_with_api(api: &ApiDouble) -> TestApp {
     TestApp::spawn_with(Options {
@@ -482,20 +480,8 @@ async fn salesforce_is_proxied_to_the_instance_url_its_token_response_named() {
 async fn xero_organisations_are_picked_by_tenant_and_sent_as_xero_tenant_id() {
     const DEMO: &str = "70784a63-d24b-46a9-a4db-0e70a274b056";
     const OTHER: &str = "b8b7c7a1-3f5e-4d0c-9a3e-1c2d3e4f5a6b";
-    let double = ProviderDouble::start(Behaviour {
-        basic_auth: true,
-        access_token_lifetime: 1800,
-        xero_tenants: vec![(DEMO, "Demo Company (NZ)"), (OTHER, "Maple Florist")],
-        ..Default::default()
-    })
-    .await;
-    // Xero's API base is its api_url: the double serves the accounting API too.
-    let app = TestApp::spawn_with(against_double(
-        "xero",
-        &format!("provider = \"xero\"\napi_url = \"{}\"", double.url),
-        &double,
-    ))
-    .await;
+    let (double, options) = xero(vec![(DEMO, "Demo Company (NZ)"), (OTHER, "Maple Florist")]).await;
+    let app = TestApp::spawn_with(options).await;
     app.consent("xero").await;
     let invoices = |query: &str| {
         let path = format!("api.xro/2.0/Invoices{query}");
@@ -534,31 +520,11 @@ async fn a_100_mb_answer_streams_through_the_binary_in_bounded_memory() {
     const TOTAL: u64 = 100 * 1024 * 1024;
     /// The most the broker's peak resident memory may grow while relaying TOTAL bytes.
     const BOUND_KIB: u64 = 24 * 1024;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let upstream =
-        Upstream::start(&format!("{base}/api/callback"), "client_secret_basic", 3600).await;
     let api = ApiDouble::start().await;
-    let config = BrokerConfig::default()
-        .auth("api_keys", vec![CALLER_KEY.to_owned()])
-        .store("path", dir.path().join("tokens").display().to_string())
-        .tables(&upstream.connection_toml(
-            "acme",
-            &format!(
-                "client_secret = \"{}\"\napi_base_url = \"{}\"",
-                upstream.client_secret, api.base
-            ),
-        ))
-        .write(dir.path());
-    let mut broker = BrokerProcess::start_on(
-        port,
-        &config,
-        &[("RUST_LOG", "info".to_owned())],
-        &dir.path().join("broker.log"),
-    )
-    .await;
-    crate::support::consent(&base, "acme").await;
+    // Kept whole: its folder holds the broker's token store.
+    let mut setup =
+        ConsentedBroker::start(3600, &format!("api_base_url = \"{}\"", api.base), "", &[]).await;
+    let (broker, base) = (&mut setup.broker, setup.base.clone());
     let pid = broker.pid().expect("pid");
     let before = memory_kib(pid, "VmHWM");
 
@@ -654,19 +620,8 @@ async fn the_data_factory_example_copies_every_page_of_xero_invoices_through_the
 
     const DEMO: &str = "70784a63-d24b-46a9-a4db-0e70a274b056";
     const MAPLE: &str = "b8b7c7a1-3f5e-4d0c-9a3e-1c2d3e4f5a6b";
-    let double = ProviderDouble::start(Behaviour {
-        basic_auth: true,
-        access_token_lifetime: 1800,
-        xero_tenants: vec![(DEMO, "Demo Company (NZ)"), (MAPLE, "Maple Florist")],
-        ..Default::default()
-    })
-    .await;
-    let app = TestApp::spawn_with(against_double(
-        "xero",
-        &format!("provider = \"xero\"\napi_url = \"{}\"", double.url),
-        &double,
-    ))
-    .await;
+    let (double, options) = xero(vec![(DEMO, "Demo Company (NZ)"), (MAPLE, "Maple Florist")]).await;
+    let app = TestApp::spawn_with(options).await;
     app.consent("xero").await;
 
     // The pipeline's parameters: this broker, connection `xero`, tenant "Maple Florist".

@@ -8,26 +8,16 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::support::provider_double::{against_double, Behaviour, ProviderDouble};
+use crate::support::provider_double::xero;
 use crate::support::{Options, TestApp, ADMIN_KEY};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_reconnects_a_connection_from_the_status_page_in_a_real_browser() {
-    let xero = ProviderDouble::start(Behaviour {
-        basic_auth: true,
-        access_token_lifetime: 1800,
-        xero_tenants: vec![
-            ("70784a63-d24b-46a9-a4db-0e70a274b056", "Demo Company (NZ)"),
-            ("b8b7c7a1-3f5e-4d0c-9a3e-1c2d3e4f5a6b", "Maple Florist"),
-        ],
-        ..Default::default()
-    })
+    let (_xero, xero_config) = xero(vec![
+        ("70784a63-d24b-46a9-a4db-0e70a274b056", "Demo Company (NZ)"),
+        ("b8b7c7a1-3f5e-4d0c-9a3e-1c2d3e4f5a6b", "Maple Florist"),
+    ])
     .await;
-    let xero_config = against_double(
-        "xero",
-        &format!("provider = \"xero\"\napi_url = \"{}\"", xero.url),
-        &xero,
-    );
     let app = TestApp::spawn_with(Options {
         acme_extra: "refresh_token_idle_days = 30".to_owned(),
         extra_config: xero_config.extra_config,

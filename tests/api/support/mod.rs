@@ -16,7 +16,7 @@ mod upstream;
 pub use app::{Options, TestApp};
 pub use browser::{consent, consent_until_callback, meta_refresh, walk_to_callback, Browser};
 pub use config::BrokerConfig;
-pub use process::{memory_kib, wait_ready, BrokerProcess};
+pub use process::{memory_kib, wait_ready, BrokerProcess, ConsentedBroker};
 pub use upstream::Upstream;
 
 use rand::Rng;

@@ -157,3 +157,48 @@ pub fn memory_kib(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no {field} for {pid}"))
 }
+
+/// The broker binary with connection `acme` consented at a fresh strict upstream: file
+/// store, callers with [`super::CALLER_KEY`], `RUST_LOG=info`.
+pub struct ConsentedBroker {
+    pub upstream: super::Upstream,
+    pub broker: BrokerProcess,
+    pub base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ConsentedBroker {
+    /// Access tokens live `ttl` seconds; `acme_extra` are more settings for `acme`, `tables`
+    /// more of the config, `env` more of the environment.
+    pub async fn start(ttl: u64, acme_extra: &str, tables: &str, env: &[(&str, String)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = super::free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let upstream =
+            super::Upstream::start(&format!("{base}/api/callback"), "client_secret_basic", ttl)
+                .await;
+        let config = super::BrokerConfig::default()
+            .auth("api_keys", vec![super::CALLER_KEY.to_owned()])
+            .store("path", dir.path().join("tokens").display().to_string())
+            .tables(&upstream.connection_toml(
+                "acme",
+                &format!(
+                    "client_secret = \"{}\"\n{acme_extra}",
+                    upstream.client_secret
+                ),
+            ))
+            .tables(tables)
+            .write(dir.path());
+        let mut all_env = vec![("RUST_LOG", "info".to_owned())];
+        all_env.extend(env.iter().cloned());
+        let broker =
+            BrokerProcess::start_on(port, &config, &all_env, &dir.path().join("broker.log")).await;
+        super::consent(&base, "acme").await;
+        Self {
+            upstream,
+            broker,
+            base,
+            _dir: dir,
+        }
+    }
+}

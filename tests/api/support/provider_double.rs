@@ -456,3 +456,21 @@ client_secret = "{secret}"
         ..Default::default()
     }
 }
+
+/// A Xero double granting `tenants` (none: the one documented example organisation), and the
+/// options of a broker whose connection `xero` uses it for OAuth and for the API.
+pub async fn xero(tenants: Vec<(&'static str, &'static str)>) -> (ProviderDouble, Options) {
+    let double = ProviderDouble::start(Behaviour {
+        basic_auth: true,
+        access_token_lifetime: 1800,
+        xero_tenants: tenants,
+        ..Default::default()
+    })
+    .await;
+    let options = against_double(
+        "xero",
+        &format!("provider = \"xero\"\napi_url = \"{}\"", double.url),
+        &double,
+    );
+    (double, options)
+}
