@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
 use super::{BrokerError, ConnectionSetup};
@@ -112,6 +113,9 @@ pub(super) struct Cached {
     /// The record holds a refresh token the store has not accepted yet. It must be saved
     /// before anything else happens, and the store's older copy must never be used.
     pub(super) unsaved: bool,
+    /// The record's `/api/refresh` answer and the `expires_in` it was written for: the
+    /// answer changes only with the record and that second, so busy callers share it.
+    pub(super) answer: Option<(u64, Bytes)>,
 }
 
 impl Connection {
@@ -141,6 +145,12 @@ impl Connection {
                 connection: name.to_owned(),
                 reason,
             })
+    }
+
+    /// True when the provider is set up (what [`Connection::provider`] checks, without
+    /// handing it out).
+    pub(super) fn is_set_up(&self) -> bool {
+        self.setup.lock().unwrap_or_else(|p| p.into_inner()).is_ok()
     }
 
     /// Why the provider cannot be set up, if it cannot.
@@ -184,8 +194,36 @@ impl Connection {
         }
     }
 
+    /// The `/api/refresh` answer for the cached record when it satisfies `accept`, written
+    /// at most once per second of `expires_in` and then reused: a cached call costs this
+    /// lock and a reference count rather than a JSON serialization.
+    pub(super) fn cached_answer(
+        &self,
+        accept: impl Fn(&TokenRecord) -> bool,
+        now: DateTime<Utc>,
+    ) -> Option<Bytes> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let record = cache
+            .record
+            .as_ref()
+            .filter(|record| !cache.unsaved && accept(record))?;
+        let expires_in = record.remaining(now).as_secs();
+        if let Some((written_for, answer)) = &cache.answer {
+            if *written_for == expires_in {
+                return Some(answer.clone());
+            }
+        }
+        let answer = Bytes::from(record.response_bytes(now)?);
+        cache.answer = Some((expires_in, answer.clone()));
+        Some(answer)
+    }
+
     pub(super) fn set_cache(&self, record: Option<Arc<TokenRecord>>, unsaved: bool) {
-        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Cached { record, unsaved };
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Cached {
+            record,
+            unsaved,
+            answer: None,
+        };
     }
 
     pub(super) fn note_save_failure(&self, now: DateTime<Utc>) {

@@ -279,17 +279,21 @@ impl Broker {
             .ok_or_else(|| BrokerError::UnknownConnection(name.to_owned()))
     }
 
-    /// The cached record when it satisfies `request` as it is (no `force`, the provider set
-    /// up, enough life left), without waiting for anything; `None`: ask [`Broker::token`].
-    pub fn cached(&self, name: &str, request: TokenRequest) -> Option<Arc<TokenRecord>> {
+    /// The `/api/refresh` answer (JSON bytes, as [`TokenRecord::response_bytes`] writes
+    /// them) when the cached record satisfies `request` as it is (no `force`, the provider
+    /// set up, enough life left), without waiting for anything; `None`: ask
+    /// [`Broker::token`].
+    pub fn cached_answer(&self, name: &str, request: TokenRequest) -> Option<bytes::Bytes> {
         if request.force {
             return None;
         }
         let conn = self.connections.get(name)?;
-        conn.provider(name).ok()?;
+        if !conn.is_set_up() {
+            return None;
+        }
         let min_validity = request.min_validity.unwrap_or(self.min_validity);
         let now = self.clock.now();
-        conn.cached_if(|r| r.is_valid_for(min_validity, now))
+        conn.cached_answer(|r| r.is_valid_for(min_validity, now), now)
     }
 
     /// A record whose access token satisfies `request`, refreshing if needed.

@@ -366,3 +366,68 @@ async fn grant_expiring_goes_out_once_per_forecast_within_the_warning_window() {
     assert_eq!(sent[1]["expires_at"], "2026-06-30T08:00:00Z");
     assert_eq!(sent[1]["days_left"], 13);
 }
+
+#[tokio::test]
+async fn the_cached_answer_is_rewritten_each_second_and_with_each_record() {
+    let s = setup("", 3600).await;
+    let plain = TokenRequest::default();
+    // Nothing is cached before the record has been read once.
+    assert!(s.broker.cached_answer("c", plain).is_none());
+    let record = s.broker.token("c", plain).await.expect("token");
+    let answer = |at: &str| -> serde_json::Value {
+        let bytes = s.broker.cached_answer("c", plain).expect(at);
+        serde_json::from_slice(&bytes).expect("json")
+    };
+    let first = s.broker.cached_answer("c", plain).expect("cached");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&first).expect("json"),
+        record.to_response(s.start).expect("answer"),
+        "the same answer as the router's path"
+    );
+    // Within the same second of expires_in the bytes are shared, not written again.
+    s.clock.set(s.start + chrono::Duration::milliseconds(100));
+    let early = s.broker.cached_answer("c", plain).expect("cached");
+    assert_ne!(
+        early.as_ptr(),
+        first.as_ptr(),
+        "3599 s left, no longer 3600"
+    );
+    s.clock.set(s.start + chrono::Duration::milliseconds(900));
+    let late = s.broker.cached_answer("c", plain).expect("cached");
+    assert_eq!(late.as_ptr(), early.as_ptr());
+    // The next second has its own expires_in.
+    s.at(1);
+    assert_eq!(answer("at 1 s")["expires_in"], 3599);
+    s.at(2);
+    assert_eq!(answer("at 2 s")["expires_in"], 3598);
+    // A record from another instance replaces the answer at once.
+    s.store
+        .save(
+            "c",
+            &TokenRecord {
+                access_token: Some(AccessToken::new("at-2".into())),
+                expires_at: Some(s.start + chrono::Duration::seconds(7200)),
+                obtained_at: s.start + chrono::Duration::seconds(2),
+                ..(*record).clone()
+            },
+        )
+        .await
+        .expect("save");
+    s.at(3);
+    let longer = TokenRequest {
+        min_validity: Some(Duration::from_secs(3598)),
+        ..plain
+    };
+    assert!(
+        s.broker.cached_answer("c", longer).is_none(),
+        "too short for the caller: not from the cache"
+    );
+    s.broker.token("c", longer).await.expect("token");
+    assert_eq!(answer("the new record")["access_token"], "at-2");
+    assert_eq!(answer("the new record")["expires_in"], 7197);
+    let forced = TokenRequest {
+        force: true,
+        ..plain
+    };
+    assert!(s.broker.cached_answer("c", forced).is_none());
+}

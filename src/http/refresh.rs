@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -115,7 +115,10 @@ async fn cached_answer(
     uri: &Uri,
     headers: &HeaderMap,
 ) -> Option<Response> {
-    let params: RefreshParams = Query::try_from_uri(uri).ok()?.0;
+    let params: RefreshParams = match uri.query() {
+        Some(_) => Query::try_from_uri(uri).ok()?.0,
+        None => RefreshParams::default(),
+    };
     if params.key.is_some()
         || params.tenant.is_some()
         || params.force == Some(true)
@@ -131,19 +134,17 @@ async fn cached_answer(
         force: false,
         internal: false,
     };
-    let record = state.broker.cached(connection, request)?;
-    let body = record.response_bytes(state.broker.now())?;
-    Some(
-        (
-            [
-                (header::CONTENT_TYPE, "application/json"),
-                (header::CACHE_CONTROL, "no-store"),
-                (header::PRAGMA, "no-cache"),
-            ],
-            body,
-        )
-            .into_response(),
-    )
+    let body = state.broker.cached_answer(connection, request)?;
+    // The same headers as the router's answer, without its conversions.
+    let mut response = Response::new(Body::from(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    Some(response)
 }
 
 /// The cached answer for a plain `GET /api/refresh/{connection}` taken before the router
