@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::support::api_double::{checksum, pattern_byte, ApiDouble};
 use crate::support::provider_double::{against_double, xero, Behaviour, ProviderDouble};
-use crate::support::{memory_kib, ConsentedBroker, Options, TestApp, CALLER_KEY};
+use crate::support::{memory_kib, raw_request, ConsentedBroker, Options, TestApp, CALLER_KEY};
 
 async fn app_with_api(api: &ApiDouble) -> TestApp {
     TestApp::spawn_with(Options {
@@ -112,19 +112,15 @@ async fn traversal_and_host_escapes_are_refused_before_anything_leaves() {
         "invoices\\..\\x",
     ] {
         // Raw, so that no client normalises the path first.
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", app.port))
-            .await
-            .expect("connect");
-        let request = format!(
-            "GET /api/proxy/acme/{path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {CALLER_KEY}\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.expect("write");
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).await.expect("read");
-        let status = answer.split(' ').nth(1).unwrap_or_default().to_owned();
-        assert_eq!(status, "400", "{path}: {answer}");
-        assert!(answer.contains("\"error\""), "{answer}");
+        let answer = raw_request(
+            app.port,
+            &format!(
+                "GET /api/proxy/acme/{path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {CALLER_KEY}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(answer.status, 400, "{path}: {}{}", answer.head, answer.body);
+        assert!(answer.body.contains("\"error\""), "{}", answer.body);
     }
     assert!(
         api.seen().is_empty(),
