@@ -7,14 +7,17 @@
 //! feature. The Functions host and every caller speak HTTP/1.1 to the handler.
 //!
 //! At the cap, the connection that has waited longest without a request in progress (an
-//! idle keep-alive connection, or one still sending its headers) is closed to make room, so
+//! idle keep-alive connection, or one still sending its headers; a request is in progress
+//! until its answer's body is written) is closed to make room, so
 //! slow or idle clients can never lock out a caller that sends its request at once.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::Request;
@@ -85,13 +88,20 @@ pub async fn serve(
             async move {
                 // A cached token is answered before the router and its layers: the request
                 // the service exists for, at the cost of a few map lookups.
-                if let Some(response) = super::refresh::cached_fast_path(&state, &request).await {
-                    drop(guard);
-                    return Ok(response);
-                }
-                let response = service.oneshot(request.map(axum::body::Body::new)).await;
-                drop(guard);
-                response
+                let response = match super::refresh::cached_fast_path(&state, &request).await {
+                    Some(response) => response,
+                    None => {
+                        let Ok(response) =
+                            service.oneshot(request.map(axum::body::Body::new)).await;
+                        response
+                    }
+                };
+                // The connection stays busy until the answer's body is written: a streamed
+                // answer (the proxy's) must not count as an idle connection to evict.
+                Ok::<_, std::convert::Infallible>(response.map(|body| Tracked {
+                    body,
+                    _guard: guard,
+                }))
             }
         });
         let connection = http1::Builder::new()
@@ -152,6 +162,33 @@ impl Activity {
 
 /// Ends a request's activity when dropped (also when its future is).
 struct ActivityGuard(Arc<Activity>);
+
+/// An answer's body with its request's activity: hyper drops it once the body is written
+/// (or the connection is gone), and only then is the connection idle.
+struct Tracked {
+    body: axum::body::Body,
+    _guard: ActivityGuard,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 impl Drop for ActivityGuard {
     fn drop(&mut self) {

@@ -554,6 +554,62 @@ async fn a_100_mb_answer_streams_through_the_binary_in_bounded_memory() {
     broker.stop().await;
 }
 
+/// A proxied answer still streaming keeps its connection busy: at the connection cap the
+/// broker closes idle connections to make room, never one still sending an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_answer_is_not_evicted_as_idle_at_the_connection_cap() {
+    const TOTAL: u64 = 64 * 1024 * 1024;
+    const CAP: usize = 8;
+    let api = ApiDouble::start().await;
+    let mut setup = ConsentedBroker::start(
+        3600,
+        &format!("api_base_url = \"{}\"", api.base),
+        &format!("[server]\nmax_connections = {CAP}"),
+        &[],
+    )
+    .await;
+    let port: u16 = setup
+        .base
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let mut response = reqwest::Client::new()
+        .get(format!("{}/api/proxy/acme/big?bytes={TOTAL}", setup.base))
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("proxy");
+    assert_eq!(response.status(), 200);
+    let first = response
+        .chunk()
+        .await
+        .expect("chunk")
+        .expect("a first chunk");
+    // While the answer waits for the reader, twice the cap of new connections arrive, each
+    // making room by closing the connection idle the longest.
+    let mut idle = Vec::new();
+    for _ in 0..2 * CAP {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect"),
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut offset = first.len() as u64;
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => offset += chunk.len() as u64,
+            Ok(None) => break,
+            Err(err) => panic!("the answer was cut after {offset} bytes: {err}"),
+        }
+    }
+    assert_eq!(offset, TOTAL, "every byte came through");
+    drop(idle);
+    setup.broker.stop().await;
+}
+
 /// A file of the Data Factory example in `infra/adf/`.
 fn adf_example(path: &str) -> Value {
     let path = format!("{}/infra/adf/{path}", env!("CARGO_MANIFEST_DIR"));
