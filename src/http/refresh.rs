@@ -140,14 +140,11 @@ async fn cached_answer(
     tracing::debug!(connection, "served from cache");
     // The same headers as the router's answer, without its conversions.
     let mut response = Response::new(Body::from(body));
-    let headers = response.headers_mut();
-    headers.insert(
+    response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    Some(response)
+    Some(no_store(response))
 }
 
 /// The cached answer for a plain `GET /api/refresh/{connection}` taken before the router
@@ -174,16 +171,12 @@ pub(super) async fn cached_fast_path<B: axum::body::HttpBody>(
     cached_answer(state, connection, request.uri(), request.headers()).await
 }
 
-/// A token's JSON with the headers that keep it out of caches.
-fn token_answer(body: serde_json::Value) -> Response {
-    (
-        [
-            (header::CACHE_CONTROL, "no-store"),
-            (header::PRAGMA, "no-cache"),
-        ],
-        Json(body),
-    )
-        .into_response()
+/// A token's answer with the headers that keep it out of caches (both paths').
+fn no_store(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
 }
 
 async fn refresh(
@@ -287,7 +280,7 @@ async fn refresh(
             body["tenant_name"] = tenant.name.into();
         }
     }
-    Ok(token_answer(body))
+    Ok(no_store(Json(body).into_response()))
 }
 
 /// serde_json messages can quote the input; name only the kind of problem.

@@ -163,6 +163,13 @@ impl Activity {
 /// Ends a request's activity when dropped (also when its future is).
 struct ActivityGuard(Arc<Activity>);
 
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        *self.0.since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// An answer's body with its request's activity: hyper drops it once the body is written
 /// (or the connection is gone), and only then is the connection idle.
 struct Tracked {
@@ -187,13 +194,6 @@ impl hyper::body::Body for Tracked {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
-    }
-}
-
-impl Drop for ActivityGuard {
-    fn drop(&mut self) {
-        *self.0.since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -8,6 +8,20 @@ use crate::support::api_double::{checksum, pattern_byte, ApiDouble};
 use crate::support::provider_double::{against_double, xero, Behaviour, ProviderDouble};
 use crate::support::{memory_kib, raw_request, ConsentedBroker, Options, TestApp, CALLER_KEY};
 
+/// `/api/proxy/{path}` (connection first) answers 404 `no_proxy`.
+async fn assert_no_proxy(app: &TestApp, path: &str) {
+    let response = app
+        .http
+        .get(format!("{}/api/proxy/{path}", app.base))
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("proxy");
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "no_proxy", "{body}");
+}
+
 async fn app_with_api(api: &ApiDouble) -> TestApp {
     TestApp::spawn_with(Options {
         acme_extra: format!("api_base_url = \"{}\"", api.base),
@@ -136,16 +150,7 @@ async fn traversal_and_host_escapes_are_refused_before_anything_leaves() {
         .await
         .expect("proxy");
     assert_eq!(response.status(), 401);
-    let response = app
-        .http
-        .get(format!("{}/api/proxy/deny/invoices", app.base))
-        .header("X-API-Key", CALLER_KEY)
-        .send()
-        .await
-        .expect("proxy");
-    assert_eq!(response.status(), 404);
-    let body: Value = response.json().await.expect("json");
-    assert_eq!(body["error"], "no_proxy", "{body}");
+    assert_no_proxy(&app, "deny/invoices").await;
     assert!(api.seen().is_empty());
 }
 
@@ -762,15 +767,6 @@ async fn rate_limits_and_outages_come_back_as_they_are_and_the_proxy_can_be_off(
     );
 
     // `proxy = false`: no proxy for that connection, even with a base URL.
-    let response = app
-        .http
-        .get(format!("{}/api/proxy/off/busy", app.base))
-        .header("X-API-Key", CALLER_KEY)
-        .send()
-        .await
-        .expect("proxy");
-    assert_eq!(response.status(), 404);
-    let body: Value = response.json().await.expect("json");
-    assert_eq!(body["error"], "no_proxy", "{body}");
+    assert_no_proxy(&app, "off/busy").await;
     assert_eq!(api.seen().len(), 2);
 }
