@@ -5,12 +5,36 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use super::connection::{validate_connection_name, RawConnection};
 use super::values::*;
 use super::*;
+
+/// Variables that say the broker runs behind the Functions host's relay or in App Service:
+/// the host's port for its custom handler, and the instance variables App Service sets on
+/// every instance (azure-docs `reference-app-settings.md`, "Environment variables").
+const HOSTED_VARIABLES: &[&str] = &[
+    "FUNCTIONS_CUSTOMHANDLER_PORT",
+    "WEBSITE_INSTANCE_ID",
+    "WEBSITE_OWNER_NAME",
+    "WEBSITE_SITE_NAME",
+    "WEBSITE_HOSTNAME",
+    "WEBSITE_RESOURCE_GROUP",
+    "WEBSITE_ROLE_INSTANCE_ID",
+    "WEBSITE_DEPLOYMENT_ID",
+];
+
+/// Key Vault secrets the deployment itself keeps (infra/resources.bicep), never a
+/// connection's record, mirror or client secret.
+const DEPLOYMENT_SECRETS: &[&str] = &[
+    "broker-state-secret",
+    "broker-api-key",
+    "broker-admin-key",
+    "broker-alert-webhook-secret",
+    "broker-sign-in-client-secret",
+];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -227,19 +251,32 @@ impl RawConfig {
                 placeholders.push(key);
             }
         }
-        // In Azure (not under a local `func start`): App Service sets these on every
-        // instance (the Functions host reads WEBSITE_INSTANCE_ID to tell it runs in App
-        // Service); Core Tools sets neither. (Not CONTAINER_NAME: many container runtimes
-        // set that on a developer's machine.)
-        let in_azure = ["WEBSITE_INSTANCE_ID", "WEBSITE_OWNER_NAME"]
+        // Behind a relay: under the Functions host (which sets FUNCTIONS_CUSTOMHANDLER_PORT,
+        // `func start` included) or in App Service (which sets the WEBSITE_* instance
+        // variables). The broker then always listens on loopback, and the host relays the
+        // Internet to it, so "only on loopback" protects nothing: both settings that rest
+        // on it are refused. (Not CONTAINER_NAME: many container runtimes set that on a
+        // developer's machine.)
+        let relayed_by = HOSTED_VARIABLES
             .iter()
-            .any(|name| env(name).is_some_and(|v| !v.is_empty()));
-        if self.local_mode && in_azure {
-            return Err(ConfigError::key(
-                "local_mode",
-                "is for trying the broker on your own machine, not in Azure: remove it and set \
-                 real secrets",
-            ));
+            .find(|name| env(name).is_some_and(|v| !v.trim().is_empty()));
+        if let Some(variable) = relayed_by {
+            for (key, set) in [
+                ("auth.allow_anonymous", self.auth.allow_anonymous),
+                ("local_mode", self.local_mode),
+            ] {
+                if set {
+                    return Err(ConfigError::key(
+                        key,
+                        format!(
+                            "is refused under the Functions host or in Azure ({variable} is set): \
+                             the host relays every caller to the broker's loopback port, so \
+                             loopback-only protects nothing; remove it and configure real \
+                             credentials"
+                        ),
+                    ));
+                }
+            }
         }
 
         // The environment wins over the file for the public URL: the same config file serves
@@ -268,6 +305,23 @@ impl RawConfig {
             allow_anonymous: self.auth.allow_anonymous,
             entra: self.auth.entra.map(RawEntra::validate).transpose()?,
         };
+        // One key in both lists would make a caller key an admin key without anyone saying
+        // so (and rotating it out of one list would leave it in the other).
+        for (i, admin) in auth.admin_keys.iter().enumerate() {
+            if let Some(j) = auth
+                .api_keys
+                .iter()
+                .position(|caller| caller.expose_secret() == admin.expose_secret())
+            {
+                return Err(ConfigError::key(
+                    format!("auth.admin_keys[{i}]"),
+                    format!(
+                        "is also listed as auth.api_keys[{j}]: a key is either a caller key or \
+                         an admin key (admin keys already work on every caller route)"
+                    ),
+                ));
+            }
+        }
         if auth.api_keys.is_empty()
             && auth.admin_keys.is_empty()
             && auth.entra.is_none()
@@ -362,7 +416,18 @@ impl RawConfig {
         let mut connections = BTreeMap::new();
         // Secret names the broker writes (records, mirrors), by their lower-case form: Key
         // Vault names are case-insensitive, so `Acme` and `acme` would share one secret.
-        let mut secret_names: BTreeMap<String, String> = BTreeMap::new();
+        // The names the deployment keeps its own secrets under (infra/resources.bicep) are
+        // taken from the start: a connection named `api-key` under the prefix `broker-`
+        // would otherwise write its record over the broker's API key.
+        let mut secret_names: BTreeMap<String, String> = DEPLOYMENT_SECRETS
+            .iter()
+            .map(|name| {
+                (
+                    name.to_string(),
+                    "the deployment's own secrets (infra/)".to_owned(),
+                )
+            })
+            .collect();
         // Client secrets the broker reads: shared between connections is fine, but never one
         // of the names it writes.
         let mut read_names: Vec<(String, String)> = Vec::new();

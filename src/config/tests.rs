@@ -382,3 +382,54 @@ fn the_local_example_runs_in_local_mode_only() {
     assert!(err.contains("placeholder"), "{err}");
     assert!(!err.contains("change-me"), "the value is not echoed: {err}");
 }
+
+#[test]
+fn a_connection_never_takes_a_secret_name_the_deployment_keeps() {
+    let vault = "[store]\nkind = \"key-vault\"\nvault_url = \"https://v.vault.azure.net\"\nsecret_prefix = \"broker-\"\n";
+    let connection = |name: &str, extra: &str| {
+        format!("\n[connections.{name}]\nprovider = \"oauth2\"\nauthorize_url = \"https://x.example/a\"\ntoken_url = \"https://x.example/t\"\nclient_id = \"c\"\n{extra}")
+    };
+    let auth = "[auth]\napi_keys = [\"0123456789abcdef-key\"]\n";
+    // `api_key` under the prefix `broker-` is the secret `broker-api-key`: the caller key.
+    for (name, extra, key) in [
+        ("api_key", "", "connections.api_key"),
+        ("Admin-Key", "", "connections.Admin-Key"),
+        ("state-secret", "", "connections.state-secret"),
+        (
+            "acme",
+            "mirror_refresh_token_secret = \"broker-admin-key\"",
+            "connections.acme.mirror_refresh_token_secret",
+        ),
+        (
+            "acme",
+            "client_secret_name = \"broker-api-key\"",
+            "connections.acme.client_secret_name",
+        ),
+    ] {
+        let text = format!("{auth}{vault}{}", connection(name, extra));
+        let err = Config::parse(&text, &env_of(ENV))
+            .expect_err("a deployment secret's name is refused")
+            .to_string();
+        assert!(err.contains(key), "{name}: {err}");
+    }
+    Config::parse(
+        &format!("{auth}{vault}{}", connection("acme", "")),
+        &env_of(ENV),
+    )
+    .expect("another name is fine");
+}
+
+#[test]
+fn a_key_is_a_caller_key_or_an_admin_key_never_both() {
+    let text = MINIMAL.replace(
+        "api_keys = [\"${API_KEY}\"]",
+        "api_keys = [\"other-caller-key-0123\", \"${API_KEY}\"]\nadmin_keys = [\"${API_KEY}\"]",
+    );
+    let err = parse_err(&text, ENV);
+    assert!(err.contains("auth.admin_keys[0]"), "{err}");
+    assert!(err.contains("auth.api_keys[1]"), "{err}");
+    assert!(
+        !err.contains("0123456789abcdef-key"),
+        "the key is not echoed: {err}"
+    );
+}

@@ -467,3 +467,55 @@ async fn local_mode_listens_on_loopback_only() {
     );
     assert!(!logs.contains("change-me"), "values are not echoed: {logs}");
 }
+
+/// Under the Functions host the broker listens on loopback and the host relays the Internet
+/// to it: `allow_anonymous` and `local_mode`, which rest on "loopback only", are refused at
+/// startup (exit 2, naming the key) whenever the host's port or an App Service instance
+/// variable is set — even with BROKER_BIND=127.0.0.1.
+#[tokio::test]
+async fn anonymous_and_local_mode_are_refused_under_the_functions_host_and_in_azure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("broker.toml");
+    let tokens = dir.path().join("tokens");
+    let anonymous = format!(
+        "[auth]\nallow_anonymous = true\n[store]\npath = \"{}\"\n",
+        tokens.display()
+    );
+    let local = format!(
+        "local_mode = true\n[auth]\napi_keys = [\"local-caller-key-change-me\"]\n[store]\npath = \"{}\"\n",
+        tokens.display()
+    );
+    for (text, key) in [(&anonymous, "auth.allow_anonymous"), (&local, "local_mode")] {
+        for variable in [
+            "FUNCTIONS_CUSTOMHANDLER_PORT",
+            "WEBSITE_INSTANCE_ID",
+            "WEBSITE_SITE_NAME",
+        ] {
+            std::fs::write(&config, text).expect("write");
+            let port = free_port();
+            let value = if variable == "FUNCTIONS_CUSTOMHANDLER_PORT" {
+                port.to_string()
+            } else {
+                "tb-instance-1".to_owned()
+            };
+            let run = broker(&config)
+                .env("PORT", port.to_string())
+                .env("BROKER_BIND", "127.0.0.1")
+                .env(variable, &value)
+                .output();
+            // A broker that started would serve until killed: give it a bound.
+            let output = tokio::time::timeout(std::time::Duration::from_secs(20), run)
+                .await
+                .unwrap_or_else(|_| panic!("{key} with {variable} set: the broker started"))
+                .expect("run");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(
+                output.status.code(),
+                Some(2),
+                "{key} with {variable}: {stderr}"
+            );
+            assert!(stderr.contains(key), "{key} with {variable}: {stderr}");
+            assert!(stderr.contains(variable), "{key} with {variable}: {stderr}");
+        }
+    }
+}
