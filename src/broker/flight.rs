@@ -44,13 +44,12 @@ impl Broker {
         if let Some(err) = conn.backing_off(now) {
             return Err(err);
         }
-        // Out of forced refreshes, and only the force would refresh: say so before waiting
-        // for the lease (the budget is spent below, when the provider is actually asked).
-        if request.force
-            && !request.internal
-            && conn
-                .cached_if(|r| r.is_valid_for(min_validity, now))
-                .is_some()
+        // Out of the caller's refresh budget, and only the caller's request would refresh:
+        // say so before waiting for the lease (the budget is spent below, when the provider
+        // is actually asked).
+        if conn
+            .cached_if(|r| self.caller_caused(request, min_validity, r, now))
+            .is_some()
         {
             self.force_budget(name, conn, now, false)?;
         }
@@ -81,9 +80,26 @@ impl Broker {
         result
     }
 
-    /// A caller's forced refresh of a token that would otherwise do: within the
-    /// connection's [`super::ForceLimit`], or refused with the time until the next one.
-    /// `take` spends one.
+    /// Whether refreshing `record` for `request` is the caller's doing rather than the
+    /// token's age: the record would still serve a request with the broker's default
+    /// `min_validity` (or the caller's, when lower), so only `force=true` or a `min_validity`
+    /// above the default makes this a token request. Such refreshes spend the connection's
+    /// budget ([`super::ForceLimit`]): a `min_validity` above what the provider grants can
+    /// never be met, and would otherwise make every call a token request and a vault version.
+    /// The broker's own requests (the timer) are exempt.
+    fn caller_caused(
+        &self,
+        request: TokenRequest,
+        min_validity: Duration,
+        record: &TokenRecord,
+        now: DateTime<Utc>,
+    ) -> bool {
+        !request.internal && record.is_valid_for(min_validity.min(self.min_validity), now)
+    }
+
+    /// A refresh the caller caused ([`Broker::caller_caused`]): within the connection's
+    /// [`super::ForceLimit`], or refused with the time until the next one. `take` spends
+    /// one.
     fn force_budget(
         &self,
         name: &str,
@@ -100,7 +116,7 @@ impl Broker {
         result.map_err(|retry_after| {
             warn!(
                 connection = name,
-                "forced refresh refused: over the connection's force limit"
+                "refresh refused: over the connection's limit of caller-requested refreshes (force=true, or a min_validity above the default)"
             );
             BrokerError::ForceLimited {
                 connection: name.to_owned(),
@@ -276,7 +292,7 @@ impl Broker {
             );
             return Ok(record);
         }
-        if request.force && !request.internal && record.is_valid_for(min_validity, now) {
+        if self.caller_caused(request, min_validity, &record, now) {
             self.force_budget(name, conn, now, true)?;
         }
         let result = self

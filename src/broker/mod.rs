@@ -64,8 +64,9 @@ pub use connection::ForceLimit;
 pub struct TokenRequest {
     /// Life the token must have left; the broker default when `None`.
     pub min_validity: Option<Duration>,
-    /// Refresh even if the cached token is good enough. Callers' forced refreshes are
-    /// rate-limited per connection ([`ForceLimit`]).
+    /// Refresh even if the cached token is good enough. Callers' forced refreshes — and
+    /// refreshes for a `min_validity` above the default — are rate-limited per connection
+    /// ([`ForceLimit`]).
     pub force: bool,
     /// The broker's own request (the timer): not subject to the forced-refresh limit.
     pub internal: bool,
@@ -95,8 +96,9 @@ pub enum BrokerError {
     /// Another instance holds the connection's lease (refreshing, or saving a refresh token).
     #[error("{0}")]
     Busy(String),
-    /// The caller forced refreshes faster than the connection allows.
-    #[error("too many forced refreshes of `{connection}`: the next is allowed in {} s; call without force=true for the current token", retry_after.as_secs().max(1))]
+    /// The caller asked for refreshes (`force=true`, or a `min_validity` above the default
+    /// that the current token cannot meet) faster than the connection allows.
+    #[error("too many caller-requested refreshes of `{connection}` (force=true, or a min_validity above what its current token has left): the next is allowed in {} s; call without force and with a min_validity the provider's tokens can meet for the current token", retry_after.as_secs().max(1))]
     ForceLimited {
         connection: String,
         retry_after: Duration,

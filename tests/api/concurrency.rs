@@ -242,3 +242,72 @@ async fn forced_refreshes_beyond_the_connections_limit_get_429_with_retry_after(
     );
     assert_eq!(app.upstream.token_requests("refresh_token").await, 2);
 }
+
+/// Every refresh a caller causes beyond what the cached token serves — `force=true`, a
+/// `min_validity` above the default that the provider's tokens can never meet (30-minute
+/// tokens, `min_validity=3600`), with or without `tenant`, in the query or a POST body, and
+/// the proxy's forced retry after an upstream 401 — spends the connection's one budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_caused_refreshes_of_every_kind_stay_within_the_connections_budget() {
+    let api = crate::support::api_double::ApiDouble::start().await;
+    let app = TestApp::spawn_with(crate::support::Options {
+        access_token_ttl: 1800,
+        extra_config: "[refresh]\nforce_burst = 3\nforce_interval = 3600\n".into(),
+        acme_extra: format!("api_base_url = \"{}\"", api.base),
+        ..Default::default()
+    })
+    .await;
+    app.consent("acme").await;
+    let key = crate::support::CALLER_KEY;
+    let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
+    for round in 0..6 {
+        let mut answers = Vec::new();
+        for query in [
+            "?min_validity=3600",
+            "?min_validity=0",
+            "?force=true",
+            "?min_validity=2000&tenant=nobody",
+            "?min_validity=1799",
+            "",
+        ] {
+            answers.push(app.refresh("acme", query).await);
+        }
+        answers.push(
+            app.http
+                .post(format!("{}/api/refresh/acme", app.base))
+                .header("X-API-Key", key)
+                .json(&serde_json::json!({"min_validity": 3000 + round}))
+                .send()
+                .await
+                .expect("post"),
+        );
+        // The API refuses every token: the proxy asks for one forced refresh each time.
+        answers.push(
+            app.http
+                .get(format!("{}/api/proxy/acme/always401", app.base))
+                .header("X-API-Key", key)
+                .send()
+                .await
+                .expect("proxy"),
+        );
+        for answer in answers {
+            let status = answer.status().as_u16();
+            *statuses.entry(status).or_default() += 1;
+            if status == 429 {
+                assert!(answer.headers().contains_key("retry-after"));
+                let body: serde_json::Value = answer.json().await.expect("json");
+                assert_eq!(body["error"], "force_rate_limited", "{body}");
+            }
+        }
+    }
+    let refreshes = app.upstream.token_requests("refresh_token").await;
+    assert!(
+        refreshes <= 3,
+        "{refreshes} token requests for a budget of 3 (answers: {statuses:?})"
+    );
+    assert!(refreshes >= 1, "nothing refreshed at all: {statuses:?}");
+    assert!(statuses.contains_key(&429), "{statuses:?}");
+    // Requests the cached token meets are still served.
+    assert_eq!(app.refresh("acme", "?min_validity=60").await.status(), 200);
+    assert_eq!(app.upstream.grants_revoked().await, 0);
+}
