@@ -14,7 +14,6 @@ use crate::auth::CallerAuth;
 use crate::broker::{Broker, ConnectionSetup, ForceLimit};
 use crate::config::{Config, ConnectionConfig, Endpoints};
 use crate::http::{self as api, AppState};
-use crate::presets;
 use crate::provider::{Provider, UpstreamHttp};
 use crate::state::StateSigner;
 use crate::store::{self, KeyVaultStore};
@@ -224,9 +223,11 @@ impl Setup {
                 token_url,
             } => (authorize_url.clone(), token_url.clone()),
             Endpoints::Discover { issuer } => {
-                let endpoints = presets::discover(&self.http, issuer).await.map_err(|err| {
-                    format!("connections.{name}.issuer: OIDC discovery failed: {err:#}")
-                })?;
+                let endpoints = crate::provider::discover(&self.http, issuer)
+                    .await
+                    .map_err(|err| {
+                        format!("connections.{name}.issuer: OIDC discovery failed: {err:#}")
+                    })?;
                 tracing::info!(connection = %name, issuer = %issuer, "discovered OIDC endpoints");
                 endpoints
             }

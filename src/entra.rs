@@ -255,9 +255,10 @@ impl EntraVerifier {
                 response.status().as_u16()
             )));
         }
-        let set: JwkSet = response
-            .json()
+        let body = crate::http_client::read_capped(response, crate::http_client::PEER_BODY_MAX)
             .await
+            .map_err(|err| TokenError::KeysUnavailable(format!("key set: {err}")))?;
+        let set: JwkSet = serde_json::from_slice(&body)
             .map_err(|err| TokenError::KeysUnavailable(format!("bad key set: {err}")))?;
         tracing::info!(keys = set.keys.len(), url = %self.jwks_url, "fetched Entra ID signing keys");
         Ok(set)

@@ -32,6 +32,47 @@ pub fn builder() -> anyhow::Result<reqwest::ClientBuilder> {
     Ok(builder)
 }
 
+/// The most of a body the broker reads from a peer it calls: a token response, a key set,
+/// a discovery document or a post-consent lookup is a few KB (a Xero connections list with
+/// hundreds of organisations, some tens of KB). A peer that sends more is refused rather
+/// than buffered: memory is the other callers' too.
+pub const PEER_BODY_MAX: usize = 1024 * 1024;
+
+/// A body longer than its cap.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the answer is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("the answer could not be read: {0}")]
+    Read(String),
+}
+
+/// Reads `response`'s body, refusing it (without reading further) once it passes `limit`
+/// bytes: a declared length over the limit is refused before anything is read.
+pub async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<bytes::Bytes, BodyError> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        return Err(BodyError::TooLarge(limit));
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|err| BodyError::Read(err.without_url().to_string()))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
 /// `host=ip` pairs, comma-separated.
 fn parse_resolve(pins: &str) -> anyhow::Result<Vec<(String, std::net::IpAddr)>> {
     pins.split(',')

@@ -437,42 +437,6 @@ impl ProviderProfile {
     }
 }
 
-/// OpenID Connect Discovery 1.0 (§4): the authorization and token endpoints from
-/// `{issuer}/.well-known/openid-configuration`. The document must name the same issuer
-/// (§4.3), so a misconfigured issuer cannot send codes elsewhere.
-pub async fn discover(http: &reqwest::Client, issuer: &Url) -> anyhow::Result<(Url, Url)> {
-    use anyhow::Context;
-
-    #[derive(serde::Deserialize)]
-    struct Metadata {
-        issuer: String,
-        authorization_endpoint: Url,
-        token_endpoint: Url,
-    }
-    let base = issuer.as_str().trim_end_matches('/');
-    let url = format!("{base}/.well-known/openid-configuration");
-    let response = http
-        .get(&url)
-        .send()
-        .await
-        .with_context(|| format!("fetching {url}"))?;
-    anyhow::ensure!(
-        response.status().is_success(),
-        "{url} answered HTTP {}",
-        response.status().as_u16()
-    );
-    let metadata: Metadata = response
-        .json()
-        .await
-        .with_context(|| format!("{url} is not an OpenID provider configuration"))?;
-    anyhow::ensure!(
-        metadata.issuer.trim_end_matches('/') == base,
-        "{url} names the issuer `{}`, not `{base}`",
-        metadata.issuer
-    );
-    Ok((metadata.authorization_endpoint, metadata.token_endpoint))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,12 +11,15 @@
 //! - this file: [`Provider`], a connection's provider and its token requests;
 //! - `response`: the lenient token response (string `expires_in`, extra fields callers need);
 //! - `error`: [`UpstreamError`], told apart by what the broker must do;
-//! - `transport`: [`UpstreamHttp`], the one HTTP client for token requests (no redirects).
+//! - `transport`: [`UpstreamHttp`], the one HTTP client for token requests (no redirects);
+//! - `discovery`: [`discover`], an OIDC issuer's endpoints (https only, off this machine).
 
+mod discovery;
 mod error;
 mod response;
 mod transport;
 
+pub use discovery::discover;
 pub use error::UpstreamError;
 pub use response::ProviderTokenResponse;
 pub use transport::{TransportError, UpstreamHttp};

@@ -74,7 +74,10 @@ impl UpstreamHttp {
                 status: status.as_u16(),
             });
         }
-        response.json().await.map_err(|_| {
+        let body = crate::http_client::read_capped(response, crate::http_client::PEER_BODY_MAX)
+            .await
+            .map_err(|err| UpstreamError::Malformed(format!("GET {}: {err}", url.path())))?;
+        serde_json::from_slice(&body).map_err(|_| {
             UpstreamError::Malformed(format!("GET {} did not answer JSON", url.path()))
         })
     }
@@ -100,8 +103,8 @@ impl<'c> AsyncHttpClient<'c> for UpstreamHttp {
                 return Err(TransportError::Status(status.as_u16()));
             }
             let mut headers = response.headers().clone();
-            let body = response
-                .bytes()
+            // Capped: a token endpoint that streams without end must not fill the memory.
+            let body = crate::http_client::read_capped(response, crate::http_client::PEER_BODY_MAX)
                 .await
                 .map_err(|err| TransportError::Send(error_chain(&err)))?;
             // Some providers label JSON `text/plain` or `text/html`; the oauth2 crate would

@@ -698,3 +698,76 @@ async fn a_tenant_is_addressed_by_id_or_name_with_the_same_token_and_no_upstream
         "no upstream call for any of it"
     );
 }
+
+/// An issuer whose discovery document names plain-http endpoints off this machine is
+/// refused: the broker would send the browser there and the client secret, codes and
+/// refresh tokens in clear. The connection is misconfigured; nothing is redirected.
+#[tokio::test]
+async fn oidc_discovery_refuses_endpoints_that_are_not_https() {
+    for (authorization, token, refused) in [
+        (
+            "http://auth.example.invalid/authorize",
+            "https://auth.example.invalid/token",
+            "authorization_endpoint",
+        ),
+        (
+            "https://auth.example.invalid/authorize",
+            "http://auth.example.invalid/token",
+            "token_endpoint",
+        ),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let issuer = format!("http://{}", listener.local_addr().expect("addr"));
+        let document = json!({
+            "issuer": issuer,
+            "authorization_endpoint": authorization,
+            "token_endpoint": token,
+        });
+        let discovery = axum::Router::new().route(
+            "/.well-known/openid-configuration",
+            axum::routing::get(move || {
+                let document = document.clone();
+                async move { axum::Json(document) }
+            }),
+        );
+        let served = tokio::spawn(async move { axum::serve(listener, discovery).await });
+        let text = format!(
+            "[auth]\nadmin_keys = [\"{}\"]\n[connections.idp]\nprovider = \"oidc\"\nissuer = \"{issuer}\"\nclient_id = \"broker\"\n",
+            crate::support::ADMIN_KEY
+        );
+        let config = token_broker::Config::parse(&text, &|_| None).expect("config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let app = token_broker::Application::build(config, listener)
+            .await
+            .expect("startup survives a refused discovery");
+        let base = format!("http://127.0.0.1:{}", app.port());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        let authorize = http
+            .get(format!("{base}/api/authorize/idp"))
+            .header("X-API-Key", crate::support::ADMIN_KEY)
+            .send()
+            .await
+            .expect("authorize");
+        assert_eq!(authorize.status(), 503, "{refused}");
+        assert!(authorize.headers().get("location").is_none());
+        let body: Value = authorize.json().await.expect("json");
+        assert_eq!(body["error"], "connection_misconfigured", "{body}");
+        let description = body["error_description"].as_str().expect("description");
+        assert!(description.contains(refused), "{description}");
+        assert!(description.contains("not https"), "{description}");
+        let _ = stop.send(());
+        server.await.expect("join").expect("served");
+        served.abort();
+    }
+}
