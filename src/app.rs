@@ -146,6 +146,7 @@ impl Application {
             public_url,
             prerefresh_window: config.refresh.prerefresh_window,
             functions_host: config.functions_host,
+            local_mode: config.local_mode,
         });
         Ok(Self {
             listener,

@@ -49,6 +49,8 @@ pub struct AppState {
     pub prerefresh_window: Duration,
     /// Under the Functions host, which calls the timer route over loopback without a key.
     pub functions_host: bool,
+    /// A trial on this machine (`local_mode`): a provider-named proxy base may be loopback.
+    pub local_mode: bool,
     /// Connections with a proxy, and where it forwards to.
     pub proxy_bases: std::collections::BTreeMap<String, crate::config::ProxyBase>,
     /// The proxy's client: no redirects, timeouts.
@@ -128,9 +130,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         // layer above, which applies only to the routes before it).
         .route(
             "/api/proxy/{connection}/{*path}",
-            axum::routing::any(proxy::proxy).layer(tower_http::limit::RequestBodyLimitLayer::new(
-                proxy::PROXY_MAX_BODY,
-            )),
+            // Only the relayed methods (`proxy::RELAYED_METHODS`): TRACE, CONNECT and the rest
+            // answer 405 with `Allow`.
+            get(proxy::proxy)
+                .post(proxy::proxy)
+                .put(proxy::proxy)
+                .patch(proxy::proxy)
+                .delete(proxy::proxy)
+                .layer(tower_http::limit::RequestBodyLimitLayer::new(
+                    proxy::PROXY_MAX_BODY,
+                )),
         )
         .layer(axum::middleware::map_response(json_framework_errors))
         .layer(

@@ -26,8 +26,22 @@ use crate::token::TokenRecord;
 #[derive(Clone, Copy)]
 pub(super) struct Relayed;
 
+/// The methods relayed to the API (and documented): what REST APIs and a Copy activity's
+/// REST source use. TRACE would echo the request — the broker's bearer token included —
+/// back to the caller; CONNECT and the rest have no place in an API call.
+pub(super) const RELAYED_METHODS: [Method; 5] = [
+    Method::GET,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+];
+
 /// Request headers never forwarded: the caller's credentials and cookies, hop-by-hop
-/// headers (RFC 9110 §7.6.1), and what the Functions host and proxies in front add.
+/// headers (RFC 9110 §7.6.1), what the Functions host, App Service and proxies in front add
+/// (Easy Auth's principal and token store — `X-MS-TOKEN-AAD-ACCESS-TOKEN` and friends are
+/// the signed-in caller's own tokens — and the client's address), and Xero's tenant header,
+/// which the broker sets from the consent.
 fn forwardable_request_header(name: &HeaderName) -> bool {
     let name = name.as_str();
     !matches!(
@@ -47,11 +61,37 @@ fn forwardable_request_header(name: &HeaderName) -> bool {
             | "upgrade"
             | "content-length"
             | "forwarded"
+            | "x-client-ip"
+            | "x-client-port"
+            | "x-real-ip"
+            | "xero-tenant-id"
     ) && !name.starts_with("x-forwarded-")
         && !name.starts_with("x-azure-")
         && !name.starts_with("x-ms-client-principal")
+        && !name.starts_with("x-ms-token-")
         && !name.starts_with("x-arr-")
         && !name.starts_with("x-original-")
+}
+
+/// The caller's headers that go on to the API: [`forwardable_request_header`], less every
+/// header the caller's `Connection` header names — those are hop-by-hop for this hop only
+/// (RFC 9110 §7.6.1: "a proxy … MUST remove … each connection option").
+fn forwarded_headers(headers: &HeaderMap) -> reqwest::header::HeaderMap {
+    let nominated: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|option| option.trim().to_ascii_lowercase())
+        .filter(|option| !option.is_empty())
+        .collect();
+    let mut forwarded = reqwest::header::HeaderMap::new();
+    for (name, value) in headers {
+        if forwardable_request_header(name) && !nominated.iter().any(|n| n == name.as_str()) {
+            forwarded.append(name.clone(), value.clone());
+        }
+    }
+    forwarded
 }
 
 /// Response headers never returned: cookies and hop-by-hop headers (the length is the
@@ -189,8 +229,13 @@ fn fill_placeholders(
 }
 
 /// The API base for a request: the configured one, or the one the provider named in the
-/// token response (Salesforce's `instance_url`) — https, or http to this machine only.
-fn resolve_base(base: &ProxyBase, record: &TokenRecord) -> Result<Url, ApiError> {
+/// token response (Salesforce's `instance_url`). A provider-named base must be https,
+/// without credentials or query, and — unless `local_mode` — not on this machine or a
+/// private, link-local or otherwise internal address: a hostile or compromised provider
+/// must not turn the proxy against the broker's own network (the instance metadata
+/// service at 169.254.169.254, the Functions host's loopback port) with a bearer token.
+/// Host names are judged as written; the proxy client does not follow redirects.
+fn resolve_base(base: &ProxyBase, record: &TokenRecord, local_mode: bool) -> Result<Url, ApiError> {
     match base {
         ProxyBase::Fixed(url) => Ok(url.clone()),
         ProxyBase::FromRecord(field) => {
@@ -200,7 +245,9 @@ fn resolve_base(base: &ProxyBase, record: &TokenRecord) -> Result<Url, ApiError>
                 .and_then(|v| v.as_str())
                 .and_then(|text| Url::parse(text.trim_end_matches('/')).ok())
                 .filter(|url| {
-                    (url.scheme() == "https" || crate::presets::is_loopback(url))
+                    let internal = is_internal(url);
+                    (url.scheme() == "https" || (local_mode && crate::presets::is_loopback(url)))
+                        && (local_mode || !internal)
                         && url.query().is_none()
                         && url.username().is_empty()
                         && url.password().is_none()
@@ -209,9 +256,49 @@ fn resolve_base(base: &ProxyBase, record: &TokenRecord) -> Result<Url, ApiError>
                 ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     "provider_error",
-                    format!("the provider named no usable `{field}` for the proxy (consent again, or set api_base_url)"),
+                    format!("the provider named no usable `{field}` for the proxy (https, on a public address; consent again, or set api_base_url)"),
                 )
             })
+        }
+    }
+}
+
+/// Whether `url`'s host is this machine or an address that is not on the public Internet:
+/// loopback, private (RFC 1918, RFC 4193), link-local (the cloud metadata services),
+/// shared (RFC 6598), unspecified, or a name for this machine.
+fn is_internal(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(domain)) => {
+            let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+            domain == "localhost" || domain.ends_with(".localhost") || domain.ends_with(".internal")
+        }
+        Some(url::Host::Ipv4(ip)) => is_internal_ip(ip.into()),
+        Some(url::Host::Ipv6(ip)) => is_internal_ip(ip.into()),
+        None => true,
+    }
+}
+
+fn is_internal_ip(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(ip) => {
+            let [a, b, ..] = ip.octets();
+            ip.is_loopback()
+                || ip.is_private()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || (a == 100 && (64..128).contains(&b))
+                || a == 0
+        }
+        std::net::IpAddr::V6(ip) => {
+            let first = ip.segments()[0];
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || ip
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| is_internal_ip(v4.into()))
         }
     }
 }
@@ -314,11 +401,11 @@ fn percent_decode(text: &str) -> Option<String> {
 }
 
 /// Forwards to the connection's API with a fresh access token; the API's answer comes back
-/// as it is (status, body, `Link` and other headers; never `Set-Cookie`). POST, PUT, PATCH
-/// and DELETE are forwarded the same way (the document lists GET, what a Copy activity's
-/// REST source sends).
+/// as it is (status, body, `Link` and other headers; never `Set-Cookie`). GET, POST, PUT,
+/// PATCH and DELETE are relayed (what REST APIs and a Copy activity's REST source send);
+/// any other method is refused with 405 before anything leaves.
 #[utoipa::path(
-    get,
+    method(get, post, put, patch, delete),
     path = "/api/proxy/{connection}/{path}",
     tag = "proxy",
     params(
@@ -341,6 +428,14 @@ pub(super) async fn proxy(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    if !RELAYED_METHODS.contains(&method) {
+        // The router sends HEAD to GET's handler; nothing else gets here.
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "the proxy relays GET, POST, PUT, PATCH and DELETE",
+        ));
+    }
     state.auth.authenticate(&headers, Role::Caller).await?;
     // Unknown connections answer as /api/refresh does.
     let provider = state
@@ -365,15 +460,7 @@ pub(super) async fn proxy(
     let is_xero = provider.kind() == crate::config::ProviderKind::Xero;
 
     let body = start_body(body).await?;
-    let mut forwarded = reqwest::header::HeaderMap::new();
-    for (name, value) in headers
-        .iter()
-        .filter(|(n, _)| n.as_str() != "xero-tenant-id")
-    {
-        if forwardable_request_header(name) {
-            forwarded.append(name.clone(), value.clone());
-        }
-    }
+    let mut forwarded = forwarded_headers(&headers);
 
     let token = |request: TokenRequest| {
         let state = Arc::clone(&state);
@@ -387,7 +474,7 @@ pub(super) async fn proxy(
         }
     };
     let record = token(TokenRequest::default()).await?;
-    let base = resolve_base(base, &record)?;
+    let base = resolve_base(base, &record, state.local_mode)?;
     let rest = fill_placeholders(rest, &record.extra).map_err(bad_request)?;
     let target =
         target_url(&base, &rest, query.as_deref()).map_err(|why| bad_request(why.to_owned()))?;
@@ -593,6 +680,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn connection_options_easy_auth_tokens_and_client_addresses_stay_behind() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, X-Hop-Secret"),
+            ("x-hop-secret", "1"),
+            ("x-ms-token-aad-access-token", "eyJ"),
+            ("x-ms-token-aad-id-token", "eyJ"),
+            ("x-client-ip", "203.0.113.9"),
+            ("xero-tenant-id", "caller-picked"),
+            ("accept", "application/json"),
+            ("if-none-match", "\"v1\""),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                value.parse().expect("header value"),
+            );
+        }
+        let forwarded = forwarded_headers(&headers);
+        let names: Vec<&str> = forwarded.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["accept", "if-none-match"]);
+    }
+
+    #[test]
     fn the_tenant_parameter_is_the_brokers() {
         assert_eq!(
             split_tenant(Some("page=2&tenant=Demo%20Co&where=a%3Db")),
@@ -726,12 +836,42 @@ mod tests {
             last_error: None,
         };
         let base = ProxyBase::FromRecord("instance_url");
-        let ok =
-            resolve_base(&base, &record(Some("https://acme.my.salesforce.com/"))).expect("https");
+        let ok = resolve_base(
+            &base,
+            &record(Some("https://acme.my.salesforce.com/")),
+            false,
+        )
+        .expect("https");
         assert_eq!(ok.as_str(), "https://acme.my.salesforce.com/");
+        // This machine and internal networks only in local mode.
+        for internal in [
+            "http://127.0.0.1:8080",
+            "https://127.0.0.1:8443",
+            "https://localhost",
+            "https://10.1.2.3",
+            "https://172.16.0.1",
+            "https://192.168.1.1",
+            "https://169.254.169.254",
+            "https://100.64.0.1",
+            "https://[::1]",
+            "https://[fd00::1]",
+            "https://[fe80::1]",
+            "https://[::ffff:10.0.0.1]",
+            "https://0.0.0.0",
+            "https://metadata.google.internal",
+        ] {
+            assert!(
+                resolve_base(&base, &record(Some(internal)), false).is_err(),
+                "{internal} accepted outside local mode"
+            );
+        }
         assert!(
-            resolve_base(&base, &record(Some("http://127.0.0.1:8080"))).is_ok(),
-            "loopback"
+            resolve_base(&base, &record(Some("http://127.0.0.1:8080")), true).is_ok(),
+            "loopback in local mode"
+        );
+        assert!(
+            resolve_base(&base, &record(Some("http://192.168.1.1")), true).is_err(),
+            "plain http only to this machine, even in local mode"
         );
         for bad in [
             "http://acme.my.salesforce.com",
@@ -739,8 +879,16 @@ mod tests {
             "https://acme.my.salesforce.com/?x=1",
             "not a url",
         ] {
-            assert!(resolve_base(&base, &record(Some(bad))).is_err(), "{bad}");
+            for local_mode in [false, true] {
+                assert!(
+                    resolve_base(&base, &record(Some(bad)), local_mode).is_err(),
+                    "{bad}"
+                );
+            }
         }
-        assert!(resolve_base(&base, &record(None)).is_err(), "none named");
+        assert!(
+            resolve_base(&base, &record(None), false).is_err(),
+            "none named"
+        );
     }
 }

@@ -95,7 +95,9 @@ fn function_json_files_declare_every_route_and_the_timer() {
             "callback",
             "connections",
             "health",
+            "openapi",
             "prerefresh",
+            "proxy",
             "refresh"
         ]
     );
@@ -131,6 +133,86 @@ fn function_json_files_declare_every_route_and_the_timer() {
     assert_eq!(host["extensionBundle"]["version"], "[4.*, 5.0.0)");
     assert_eq!(host["customHandler"]["enableProxyingHttpRequest"], true);
     assert_eq!(host["extensions"]["http"]["routePrefix"], "api");
+}
+
+/// Whether the concrete `path` (below the route prefix, no leading slash) matches a function
+/// route template as the host's ASP.NET routing reads it: literal segments, `{name}` (one
+/// segment; a `:constraint` is ignored here), and a final `{*rest}` (one or more segments).
+fn route_matches(template: &str, path: &str) -> bool {
+    let template: Vec<&str> = template.split('/').collect();
+    let path: Vec<&str> = path.split('/').collect();
+    for (i, part) in template.iter().enumerate() {
+        if part.starts_with("{*") && part.ends_with('}') {
+            return i == template.len() - 1 && path.len() > i;
+        }
+        let Some(segment) = path.get(i) else {
+            return false;
+        };
+        let is_parameter = part.starts_with('{') && part.ends_with('}');
+        if segment.is_empty() || (!is_parameter && !part.eq_ignore_ascii_case(segment)) {
+            return false;
+        }
+    }
+    template.len() == path.len()
+}
+
+#[test]
+fn route_templates_match_as_the_host_reads_them() {
+    assert!(route_matches("refresh/{connection}", "refresh/acme"));
+    assert!(!route_matches("refresh/{connection}", "refresh/acme/x"));
+    assert!(!route_matches("refresh/{connection}", "refresh"));
+    assert!(route_matches(
+        "proxy/{connection}/{*path}",
+        "proxy/acme/a/b/c"
+    ));
+    assert!(!route_matches("proxy/{connection}/{*path}", "proxy/acme"));
+    assert!(route_matches("openapi.json", "openapi.json"));
+    assert!(!route_matches("health", "openapi.json"));
+}
+
+/// Every operation `openapi.json` documents under `/api/` is relayed by the host: some HTTP
+/// function declares its route (under host.json's `routePrefix`) and its method. A route the
+/// binary serves but no function declares answers 404 once deployed.
+#[test]
+fn every_documented_route_and_method_is_declared_to_the_host() {
+    let host = read_json(&root().join("host.json"));
+    let prefix = host["extensions"]["http"]["routePrefix"]
+        .as_str()
+        .expect("routePrefix");
+    let functions = http_functions();
+    let document = read_json(&root().join("openapi.json"));
+    let mut checked = 0;
+    for (path, operations) in document["paths"].as_object().expect("paths") {
+        let Some(below) = path.strip_prefix(&format!("/{prefix}/")) else {
+            // `/` (the host's probe) and `/prerefresh` (the timer) are the host's own calls.
+            continue;
+        };
+        // A concrete path: each `{parameter}` becomes a sample segment.
+        let concrete: String = below
+            .split('/')
+            .map(|segment| {
+                if segment.starts_with('{') {
+                    "sample"
+                } else {
+                    segment
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        for method in operations.as_object().expect("operations").keys() {
+            let declared = functions.iter().any(|(_, route, methods, _)| {
+                route_matches(route, &concrete) && methods.iter().any(|m| m == method)
+            });
+            assert!(
+                declared,
+                "{} {path} is documented but no function.json declares it: the host answers 404",
+                method.to_uppercase()
+            );
+            checked += 1;
+        }
+    }
+    // authorize, callback, connections, health, openapi.json, refresh ×2, proxy ×5.
+    assert!(checked >= 12, "only {checked} operations checked");
 }
 
 /// Whether `.funcignore` leaves `name` (an entry of the repository root) out of a publish.
@@ -490,7 +572,12 @@ async fn the_packaged_app_speaks_the_functions_host_protocol() {
         .build()
         .expect("client");
     for (name, route, methods, _) in http_functions() {
-        let url = format!("{base}/api/{}", route.replace("{connection}", "acme"));
+        let url = format!(
+            "{base}/api/{}",
+            route
+                .replace("{connection}", "acme")
+                .replace("{*path}", "v2/invoices")
+        );
         for method in methods {
             let response = host_request(&client, &method, &url)
                 .header("X-API-Key", ADMIN_KEY)
@@ -507,6 +594,11 @@ async fn the_packaged_app_speaks_the_functions_host_protocol() {
                 "authorize" => 302,
                 "callback" => 400,
                 "refresh" => 409,
+                // The handler itself: this connection names no API to forward to.
+                "proxy" => {
+                    assert!(body.contains("\"no_proxy\""), "{name} {method}: {body}");
+                    404
+                }
                 _ => 200,
             };
             assert_eq!(status, expected, "{name} {method} {url}: {body}");

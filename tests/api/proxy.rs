@@ -460,11 +460,29 @@ async fn salesforce_is_proxied_to_the_instance_url_its_token_response_named() {
         ..Default::default()
     })
     .await;
-    let app = TestApp::spawn_with(against_double(
+    let options = against_double("salesforce", "provider = \"salesforce\"", &double);
+    // Outside local mode a provider-named base on this machine is refused (it would turn
+    // the proxy against the broker's own network).
+    let deployed = TestApp::spawn_with(against_double(
         "salesforce",
         "provider = \"salesforce\"",
         &double,
     ))
+    .await;
+    deployed.consent("salesforce").await;
+    let (status, body) = proxied(&deployed, "salesforce", "invoices?page=2").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"], "provider_error", "{body}");
+    assert!(
+        api.seen().is_empty(),
+        "the proxy reached a loopback instance_url"
+    );
+
+    // The double listens on loopback: a trial on this machine.
+    let app = TestApp::spawn_with(Options {
+        local_mode: true,
+        ..options
+    })
     .await;
     app.consent("salesforce").await;
     let (status, body) = proxied(&app, "salesforce", "invoices?page=2").await;
@@ -769,4 +787,56 @@ async fn rate_limits_and_outages_come_back_as_they_are_and_the_proxy_can_be_off(
     // `proxy = false`: no proxy for that connection, even with a base URL.
     assert_no_proxy(&app, "off/busy").await;
     assert_eq!(api.seen().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_options_easy_auth_tokens_and_undocumented_methods_stay_behind() {
+    let api = ApiDouble::start().await;
+    let app = app_with_api(&api).await;
+    app.consent("acme").await;
+
+    let response = app
+        .http
+        .get(format!("{}/api/proxy/acme/invoices?page=1", app.base))
+        .header("X-API-Key", CALLER_KEY)
+        .header("Connection", "X-Hop-Secret")
+        .header("X-Hop-Secret", "for this hop only")
+        .header(
+            "X-MS-TOKEN-AAD-ACCESS-TOKEN",
+            "the signed-in caller's own token",
+        )
+        .header("X-Client-IP", "203.0.113.9")
+        .header("X-Custom-Kept", "1")
+        .send()
+        .await
+        .expect("proxy");
+    assert_eq!(response.status(), 200);
+    let seen = api.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let names = &seen[0].header_names;
+    assert!(names.iter().any(|n| n == "x-custom-kept"), "{names:?}");
+    for dropped in ["x-hop-secret", "x-ms-token-aad-access-token", "x-client-ip"] {
+        assert!(
+            !names.iter().any(|n| n == dropped),
+            "{dropped} was forwarded: {names:?}"
+        );
+    }
+
+    // Only GET, POST, PUT, PATCH and DELETE are relayed: the rest answer 405 (JSON, with
+    // Allow) and nothing reaches the API.
+    for method in ["TRACE", "CONNECT", "OPTIONS", "HEAD"] {
+        let answer = raw_request(
+            app.port,
+            &format!(
+                "{method} /api/proxy/acme/invoices HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {CALLER_KEY}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(answer.status, 405, "{method}: {}", answer.head);
+    }
+    assert_eq!(
+        api.seen().len(),
+        1,
+        "an undocumented method reached the API"
+    );
 }

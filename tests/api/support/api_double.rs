@@ -18,6 +18,8 @@ pub struct Seen {
     pub caller_key: bool,
     pub cookie: bool,
     pub body_len: usize,
+    /// Every request header's name, lower-cased.
+    pub header_names: Vec<String>,
 }
 
 /// The running double (stopped with the test's runtime).
@@ -85,6 +87,7 @@ impl ApiDouble {
                             caller_key: headers.contains_key("x-api-key"),
                             cookie: headers.contains_key("cookie"),
                             body_len: body.len(),
+                            header_names: headers.keys().map(|n| n.as_str().to_owned()).collect(),
                         });
                         seen.iter()
                             .filter(|s| s.path_and_query == uri.path())

@@ -22,6 +22,8 @@ pub struct Options {
     pub failure_backoff: u64,
     /// Extra lines in the `acme` connection's table.
     pub acme_extra: String,
+    /// `local_mode = true`: a trial on this machine (e.g. a provider naming a loopback API).
+    pub local_mode: bool,
 }
 
 impl Default for Options {
@@ -32,6 +34,7 @@ impl Default for Options {
             extra_config: String::new(),
             failure_backoff: 1,
             acme_extra: String::new(),
+            local_mode: false,
         }
     }
 }
@@ -86,6 +89,7 @@ authorize_params = {{ test_deny = "1" }}"#,
             secret = upstream.client_secret,
         );
         let config_text = BrokerConfig::default()
+            .top("local_mode", options.local_mode)
             .top("public_url", base.clone())
             .top("state_secret", STATE_SECRET)
             .file_store(&store_dir)
