@@ -162,7 +162,7 @@ impl TokenRecord {
     /// The organisation a caller means: the one `wanted` names (its id, any case, or its
     /// exact name), else the only one. Unknown, ambiguous, or several with none named: an
     /// error that lists the choices by id and name.
-    pub fn pick_tenant(&self, wanted: Option<&str>) -> Result<Option<Tenant>, String> {
+    pub fn pick_tenant(&self, wanted: Option<&str>) -> Result<Option<Tenant>, TenantError> {
         let tenants = self.tenants();
         let list = || {
             tenants
@@ -181,29 +181,42 @@ impl TokenRecord {
                     tenants.iter().filter(|t| t.name == wanted).collect();
                 match (by_id.as_slice(), by_name.as_slice()) {
                     ([only], _) | ([], [only]) => Ok(Some((*only).clone())),
-                    ([], []) if tenants.is_empty() => Err(format!(
+                    ([], []) if tenants.is_empty() => Err(TenantError::Unknown(format!(
                         "tenant `{wanted}`: this connection's consent recorded no organisations"
-                    )),
-                    ([], []) => Err(format!(
+                    ))),
+                    ([], []) => Err(TenantError::Unknown(format!(
                         "tenant `{wanted}` is not one this connection was granted: {}",
                         list()
-                    )),
-                    _ => Err(format!(
+                    ))),
+                    _ => Err(TenantError::Ambiguous(format!(
                         "tenant `{wanted}` names several organisations: use the id ({})",
                         list()
-                    )),
+                    ))),
                 }
             }
             None => match tenants.as_slice() {
                 [] => Ok(None),
                 [only] => Ok(Some(only.clone())),
-                _ => Err(format!(
+                _ => Err(TenantError::Ambiguous(format!(
                     "this connection was granted several organisations: name one with ?tenant= ({})",
                     list()
-                )),
+                ))),
             },
         }
     }
+}
+
+/// Why no organisation could be picked; the message lists the choices by id and name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TenantError {
+    /// The named organisation is not one the consent recorded (a 404: like an unknown
+    /// connection, the data is not there).
+    #[error("{0}")]
+    Unknown(String),
+    /// A name several organisations share, or several and none named (a 400: the request
+    /// must say which).
+    #[error("{0}")]
+    Ambiguous(String),
 }
 
 #[cfg(test)]
@@ -328,6 +341,8 @@ mod tenant_tests {
         let ambiguous = xero
             .pick_tenant(Some("Other Ltd"))
             .expect_err("two by that name");
+        assert!(matches!(ambiguous, TenantError::Ambiguous(_)));
+        let ambiguous = ambiguous.to_string();
         assert!(
             ambiguous.contains("several") && ambiguous.contains("ccc-3 (Other Ltd)"),
             "{ambiguous}"
@@ -335,8 +350,12 @@ mod tenant_tests {
         let unknown = xero
             .pick_tenant(Some("demo co"))
             .expect_err("names are exact");
+        assert!(matches!(unknown, TenantError::Unknown(_)));
+        let unknown = unknown.to_string();
         assert!(unknown.contains("aaa-1 (Demo Co)"), "{unknown}");
         let several = xero.pick_tenant(None).expect_err("none named");
+        assert!(matches!(several, TenantError::Ambiguous(_)));
+        let several = several.to_string();
         assert!(several.contains("bbb-2 (Other Ltd)"), "{several}");
 
         let quickbooks =
@@ -348,6 +367,7 @@ mod tenant_tests {
         assert!(quickbooks
             .pick_tenant(Some("123"))
             .expect_err("unknown")
+            .to_string()
             .contains("9130355"));
         let exact = with_extra(serde_json::json!({"division": 1234567}));
         assert_eq!(
@@ -359,6 +379,9 @@ mod tenant_tests {
         );
         let none = with_extra(serde_json::json!({}));
         assert_eq!(none.pick_tenant(None), Ok(None));
-        assert!(none.pick_tenant(Some("x")).is_err());
+        assert!(matches!(
+            none.pick_tenant(Some("x")),
+            Err(TenantError::Unknown(_))
+        ));
     }
 }

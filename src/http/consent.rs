@@ -108,10 +108,12 @@ pub(super) fn page(status: StatusCode, title: &str, message: &str) -> Response {
     path = "/api/callback",
     tag = "consent",
     params(
-        ("code" = Option<String>, Query, description = "The authorization code"),
-        ("state" = Option<String>, Query, description = "The broker's signed state"),
-        ("error" = Option<String>, Query, description = "The provider's refusal"),
-        ("error_description" = Option<String>, Query, description = "The provider's explanation"),
+        // What RFC 6749 §4.1.2 sends back: always the state the broker issued, and a code
+        // or an error. None of them is ever empty; without a state the answer is a 400.
+        ("code" = Option<String>, Query, min_length = 1, description = "The authorization code (or `error`)"),
+        ("state" = String, Query, min_length = 1, description = "The broker's signed state, as issued by /api/authorize (any other value is a 400)"),
+        ("error" = Option<String>, Query, min_length = 1, description = "The provider's refusal (or `code`)"),
+        ("error_description" = Option<String>, Query, min_length = 1, description = "The provider's explanation"),
     ),
     responses(
         (status = 200, description = "Connected", content_type = "text/html", body = String),

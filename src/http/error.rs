@@ -95,6 +95,19 @@ impl ApiError {
     }
 }
 
+impl From<crate::token::TenantError> for ApiError {
+    fn from(err: crate::token::TenantError) -> Self {
+        match err {
+            crate::token::TenantError::Unknown(why) => {
+                Self::new(StatusCode::NOT_FOUND, "unknown_tenant", why)
+            }
+            crate::token::TenantError::Ambiguous(why) => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_request", why)
+            }
+        }
+    }
+}
+
 impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> Self {
         match err {

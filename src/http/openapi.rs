@@ -14,7 +14,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 #[derive(Serialize, ToSchema)]
 pub(super) struct ErrorBody {
     /// A stable code: `invalid_request`, `unauthorized`, `forbidden`, `unknown_connection`,
-    /// `consent_required`, `force_rate_limited`, `payload_too_large`,
+    /// `unknown_tenant`, `consent_required`, `force_rate_limited`, `payload_too_large`,
     /// `unsupported_media_type`, `provider_error`, `provider_unavailable`,
     /// `store_unavailable`, `refresh_in_progress`, `lock_unavailable`,
     /// `connection_misconfigured`, `not_found`, `method_not_allowed`, `internal_error`.
@@ -193,6 +193,67 @@ impl Modify for Security {
     }
 }
 
+/// One handler serving several methods (the proxy's) gives each operation the handler's
+/// name; OpenAPI wants operation ids unique (§4.8.10), so such ids get their method:
+/// `proxy_get`, `proxy_post`, …
+struct UniqueOperationIds;
+
+impl Modify for UniqueOperationIds {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for item in openapi.paths.paths.values() {
+            for (_, operation) in operations(item) {
+                if let Some(id) = &operation.operation_id {
+                    *seen.entry(id.clone()).or_default() += 1;
+                }
+            }
+        }
+        for item in openapi.paths.paths.values_mut() {
+            for (method, operation) in operations_mut(item) {
+                if let Some(id) = operation.operation_id.as_mut() {
+                    if seen.get(id.as_str()).is_some_and(|count| *count > 1) {
+                        *id = format!("{id}_{method}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn operations(
+    item: &utoipa::openapi::path::PathItem,
+) -> impl Iterator<Item = (&'static str, &utoipa::openapi::path::Operation)> {
+    [
+        ("get", &item.get),
+        ("put", &item.put),
+        ("post", &item.post),
+        ("delete", &item.delete),
+        ("options", &item.options),
+        ("head", &item.head),
+        ("patch", &item.patch),
+        ("trace", &item.trace),
+    ]
+    .into_iter()
+    .filter_map(|(method, operation)| Some((method, operation.as_ref()?)))
+}
+
+fn operations_mut(
+    item: &mut utoipa::openapi::path::PathItem,
+) -> impl Iterator<Item = (&'static str, &mut utoipa::openapi::path::Operation)> {
+    [
+        ("get", &mut item.get),
+        ("put", &mut item.put),
+        ("post", &mut item.post),
+        ("delete", &mut item.delete),
+        ("options", &mut item.options),
+        ("head", &mut item.head),
+        ("patch", &mut item.patch),
+        ("trace", &mut item.trace),
+    ]
+    .into_iter()
+    .filter_map(|(method, operation)| Some((method, operation.as_mut()?)))
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -225,7 +286,7 @@ impl Modify for Security {
         TimerReturn,
         TimerConnection
     )),
-    modifiers(&Security),
+    modifiers(&Security, &UniqueOperationIds),
 )]
 pub(super) struct ApiDoc;
 

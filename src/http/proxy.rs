@@ -410,13 +410,15 @@ fn percent_decode(text: &str) -> Option<String> {
     tag = "proxy",
     params(
         ("connection" = String, Path, description = "The connection's name from the config"),
-        ("path" = String, Path, description = "The path under the connection's api_base_url; no `.`/`..` segments, encoded slashes or backslashes"),
+        // One segment as OpenAPI writes a path parameter (the route takes several, separated
+        // by `/`): no `.`/`..` segment, no backslash, no control character — those are a 400.
+        ("path" = String, Path, pattern = "^[^./\\\\\\u0000-\\u001f\\u007f-\\u009f][^/\\\\\\u0000-\\u001f\\u007f-\\u009f]*$", description = "The path under the connection's api_base_url (several segments separated by `/` in practice); `.`/`..` segments, empty segments, encoded slashes, backslashes and control characters are a 400"),
         ("tenant" = Option<String>, Query, description = "Xero: the organisation (id or name) when the connection was granted several; the broker's parameter, not forwarded"),
     ),
     // Any status can come from the API itself, with any body, so no status is the
     // broker's alone: one `default` answer, described.
     responses(
-        (status = "default", description = "The API's own answer, relayed untouched; or the broker's JSON error (ErrorBody): 400 a path that would leave the API, 401/403 the caller's credential, 404 no such connection or no proxy for it, 409 consent required, 413 a body over 64 KB, 429 the force limit, 502 the API unreachable, 503 store, lease or setup unavailable"),
+        (status = "default", description = "The API's own answer, relayed untouched; or the broker's JSON error (ErrorBody): 400 a path that would leave the API or an ambiguous tenant, 401/403 the caller's credential, 404 no such connection, no proxy for it or an unknown tenant, 405 a method not relayed, 409 consent required, 413 a body over 32 MiB, 429 the refresh limit, 502 the API unreachable, 503 store, lease or setup unavailable"),
     ),
     security(("api_key" = []), ("entra" = []))
 )]
@@ -480,7 +482,7 @@ pub(super) async fn proxy(
         target_url(&base, &rest, query.as_deref()).map_err(|why| bad_request(why.to_owned()))?;
     if is_xero {
         // Xero wants the organisation in `xero-tenant-id` (recorded at consent).
-        if let Some(tenant) = record.pick_tenant(tenant.as_deref()).map_err(bad_request)? {
+        if let Some(tenant) = record.pick_tenant(tenant.as_deref())? {
             let value = reqwest::header::HeaderValue::from_str(&tenant.id)
                 .map_err(|_| bad_request("not a tenant id".to_owned()))?;
             forwarded.insert("xero-tenant-id", value);

@@ -43,14 +43,14 @@ pub(super) struct RefreshParams {
         ("connection" = String, Path, description = "The connection's name from the config"),
         ("min_validity" = Option<u64>, Query, minimum = 0, maximum = 3600, description = "Seconds of life the token must have left (default refresh.min_validity)"),
         ("force" = Option<bool>, Query, description = "Refresh even if the current token is good enough (rate-limited per connection)"),
-        ("tenant" = Option<String>, Query, description = "An organisation the consent covers (Xero tenant, QuickBooks company, Exact Online division), by id or exact name: the answer carries its tenant_id; unknown or ambiguous is a 400 listing the choices"),
+        ("tenant" = Option<String>, Query, min_length = 1, description = "An organisation the consent covers (Xero tenant, QuickBooks company, Exact Online division), by id or exact name: the answer carries its tenant_id; one the consent did not record is a 404 (unknown_tenant), an ambiguous name a 400, both listing the choices"),
     ),
     responses(
         (status = 200, description = "A valid access token", body = super::openapi::TokenBody),
         (status = 400, description = "Bad parameters, an API key in the URL, or a malformed request", body = super::openapi::ErrorBody),
         (status = 401, description = "No or wrong credential", body = super::openapi::ErrorBody),
         (status = 403, description = "A credential without the right", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such connection", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such connection (unknown_connection), or no such organisation in its consent (unknown_tenant)", body = super::openapi::ErrorBody),
         (status = 409, description = "No token yet, or the grant is dead: an admin must consent (authorize_url)", body = super::openapi::ErrorBody),
         (status = 429, description = "force=true beyond the connection's limit (Retry-After)", body = super::openapi::ErrorBody),
         (status = 502, description = "The provider refused or failed (Retry-After)", body = super::openapi::ErrorBody),
@@ -78,7 +78,7 @@ pub(super) async fn refresh_get(
         ("connection" = String, Path, description = "The connection's name from the config"),
         ("min_validity" = Option<u64>, Query, minimum = 0, maximum = 3600, description = "Seconds of life the token must have left (default refresh.min_validity)"),
         ("force" = Option<bool>, Query, description = "Refresh even if the current token is good enough (rate-limited per connection)"),
-        ("tenant" = Option<String>, Query, description = "An organisation the consent covers (Xero tenant, QuickBooks company, Exact Online division), by id or exact name: the answer carries its tenant_id; unknown or ambiguous is a 400 listing the choices"),
+        ("tenant" = Option<String>, Query, min_length = 1, description = "An organisation the consent covers (Xero tenant, QuickBooks company, Exact Online division), by id or exact name: the answer carries its tenant_id; one the consent did not record is a 404 (unknown_tenant), an ambiguous name a 400, both listing the choices"),
     ),
     request_body(content = Option<super::openapi::RefreshBody>, content_type = "application/json", description = "Optional; the query parameters may be used instead"),
     responses(
@@ -86,7 +86,7 @@ pub(super) async fn refresh_get(
         (status = 400, description = "Bad parameters, an API key in the URL, or a malformed request", body = super::openapi::ErrorBody),
         (status = 401, description = "No or wrong credential", body = super::openapi::ErrorBody),
         (status = 403, description = "A credential without the right", body = super::openapi::ErrorBody),
-        (status = 404, description = "No such connection", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such connection (unknown_connection), or no such organisation in its consent (unknown_tenant)", body = super::openapi::ErrorBody),
         (status = 409, description = "No token yet, or the grant is dead: an admin must consent (authorize_url)", body = super::openapi::ErrorBody),
         (status = 413, description = "A body larger than the route takes", body = super::openapi::ErrorBody),
         (status = 415, description = "A body that is not JSON", body = super::openapi::ErrorBody),
@@ -225,13 +225,15 @@ async fn refresh(
                 "send the body as application/json (or no body)",
             ));
         }
-        let from_body: RefreshParams = serde_json::from_slice(&body).map_err(|err| {
+        // `null` is no parameters, as the document's optional body says.
+        let from_body: Option<RefreshParams> = serde_json::from_slice(&body).map_err(|err| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
                 format!("the body must be a JSON object like {{\"min_validity\": 600, \"force\": false}} ({})", json_problem(&err)),
             )
         })?;
+        let from_body = from_body.unwrap_or_default();
         params.min_validity = from_body.min_validity.or(params.min_validity);
         params.force = from_body.force.or(params.force);
         params.tenant = from_body.tenant.or(params.tenant);
@@ -260,9 +262,7 @@ async fn refresh(
         .map_err(|err| ApiError::from_broker(err, &state))?;
     // The organisation asked for, from what consent recorded: the same token either way.
     let tenant = match params.tenant.as_deref() {
-        Some(wanted) => record
-            .pick_tenant(Some(wanted))
-            .map_err(|why| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", why))?,
+        Some(wanted) => record.pick_tenant(Some(wanted))?,
         None => None,
     };
     let mut body = record.to_response(state.broker.now()).ok_or_else(|| {

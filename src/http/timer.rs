@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -42,8 +42,31 @@ pub(super) async fn prerefresh(
     }
     // The host's timer payload: a few hundred bytes.
     let body = super::read_body(body, 16 * 1024).await?;
-    // The payload only informs the log; a missing or odd one does not stop the run.
-    let invocation: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    // The payload only informs the log: what is inside the object may be odd (the host
+    // sends `ScheduleStatus: null` at times) without stopping the run. But a body that is
+    // not a JSON object at all is not the host's invocation (the document says object or
+    // nothing): refused rather than guessed at.
+    let invocation: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&body).map_err(|err| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!(
+                    "the body must be the host's invocation, a JSON object ({})",
+                    super::refresh::json_problem(&err)
+                ),
+            )
+        })?
+    };
+    if !(invocation.is_object() || invocation.is_null()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the body must be the host's invocation, a JSON object",
+        ));
+    }
     let past_due = invocation["Data"]
         .as_object()
         .and_then(|data| data.values().find_map(|timer| timer["IsPastDue"].as_bool()))

@@ -671,15 +671,16 @@ async fn a_tenant_is_addressed_by_id_or_name_with_the_same_token_and_no_upstream
         .expect("json");
     assert_eq!(posted["tenant_id"], MAPLE_TWO);
 
-    for (query, says) in [
-        ("?tenant=Maple%20Florist", "several"),
+    for (query, says, status) in [
+        ("?tenant=Maple%20Florist", "several", 400),
         (
             "?tenant=Nobody%20Ltd",
             "not one this connection was granted",
+            404,
         ),
     ] {
         let response = app.refresh("xero", query).await;
-        assert_eq!(response.status(), 400, "{query}");
+        assert_eq!(response.status(), status, "{query}");
         let body: Value = response.json().await.expect("json");
         let text = body["error_description"].as_str().expect("description");
         assert!(text.contains(says), "{text}");

@@ -518,7 +518,8 @@ async fn xero_organisations_are_picked_by_tenant_and_sent_as_xero_tenant_id() {
         "{listed}"
     );
     let (status, body) = invoices("?tenant=Nobody%20Ltd").await;
-    assert_eq!(status, 400, "{body}");
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"], "unknown_tenant", "{body}");
     assert!(double.xero_api_tenants().is_empty());
 
     // By name (the parameter is the broker's: the API never sees it) and by id.
