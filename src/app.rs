@@ -13,7 +13,7 @@ use crate::alert::Alerts;
 use crate::auth::CallerAuth;
 use crate::broker::{Broker, ConnectionSetup, ForceLimit};
 use crate::config::{Config, ConnectionConfig, Endpoints};
-use crate::http::{self as api, AppState};
+use crate::http::{self as api, AppState, LoginGate};
 use crate::provider::{Provider, UpstreamHttp};
 use crate::state::StateSigner;
 use crate::store::{self, KeyVaultStore};
@@ -27,7 +27,25 @@ pub struct Application {
 
 impl Application {
     /// Wires everything from `config`. The public URL defaults to `http://localhost:{port}`.
-    pub async fn build(mut config: Config, listener: TcpListener) -> anyhow::Result<Self> {
+    pub async fn build(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
+        Self::build_with(config, listener, None).await
+    }
+
+    /// The broker for `token-broker login`: the same wiring, serving only `gate`'s
+    /// connection's consent (see [`LoginGate`]).
+    pub async fn build_for_login(
+        config: Config,
+        listener: TcpListener,
+        gate: LoginGate,
+    ) -> anyhow::Result<Self> {
+        Self::build_with(config, listener, Some(gate)).await
+    }
+
+    async fn build_with(
+        mut config: Config,
+        listener: TcpListener,
+        login: Option<LoginGate>,
+    ) -> anyhow::Result<Self> {
         let port = listener.local_addr()?.port();
         let public_url = match config.public_url.clone() {
             Some(url) => url,
@@ -137,16 +155,20 @@ impl Application {
             .read_timeout(std::time::Duration::from_secs(120))
             .build()
             .context("building the proxy's HTTP client")?;
+        // Admin sessions end when the admin keys change (on every instance alike).
+        let signer = StateSigner::new(config.state_secret.as_ref())
+            .with_session_scope(&auth.admin_generation());
         let state = Arc::new(AppState {
             proxy_bases,
             proxy_http,
             broker,
             auth,
-            signer: StateSigner::new(config.state_secret.as_ref()),
+            signer,
             public_url,
             prerefresh_window: config.refresh.prerefresh_window,
             functions_host: config.functions_host,
             local_mode: config.local_mode,
+            login,
         });
         Ok(Self {
             listener,

@@ -107,6 +107,19 @@ impl CallerAuth {
         })
     }
 
+    /// A digest of the admin key set, whatever its order: admin sessions are bound to it,
+    /// so adding or removing an admin key ends them.
+    pub fn admin_generation(&self) -> [u8; 32] {
+        let mut keys = self.admin_keys.clone();
+        keys.sort_unstable();
+        let mut hasher = Sha256::new();
+        hasher.update(b"admin-keys");
+        for key in &keys {
+            hasher.update(key);
+        }
+        hasher.finalize().into()
+    }
+
     /// True when anyone may call every route.
     pub fn is_anonymous(&self) -> bool {
         self.anonymous

@@ -41,7 +41,7 @@ enum Command {
     /// Connect a connection from this machine and store its tokens (first refresh token)
     ///
     /// Opens the consent in your browser (or prints the address), waits for
-    /// the provider to send it back to http://localhost:PORT/api/callback (register that
+    /// the provider to send it back to http://127.0.0.1:PORT/api/callback (register that
     /// redirect URI at the provider), and stores the tokens in the configured store (the
     /// token file, or Key Vault — so a vault can be seeded before the app is deployed).
     Login {
@@ -243,21 +243,26 @@ async fn login(
     if !config.connections.contains_key(connection) {
         anyhow::bail!("no connection `{connection}` in the config");
     }
-    // The provider sends the browser back to this machine; nothing else can reach it.
-    let public_url = format!("http://localhost:{port}");
+    // The provider sends the browser back to this machine. The redirect URI names the IP
+    // literal, not `localhost` (RFC 8252 §7.3, §8.3): `localhost` may resolve to `::1`,
+    // where another local user could listen on the same port and take the key and the code.
+    let public_url = format!("http://127.0.0.1:{port}");
     config.public_url = Some(url::Url::parse(&public_url)?);
-    // A one-time admin key, alive as long as this process, admits this browser to the
-    // consent (the usual ?key= exchange for a session cookie, then /api/authorize).
-    let one_time: String = {
+    // The process signs its `state` and its one admin session with a key of its own, so
+    // nothing it issues is good on an instance that shares the deployment's state_secret.
+    config.state_secret = None;
+    // A one-time key for one `?key=` exchange on this connection's consent (LoginGate): not
+    // an admin key, so never good as X-API-Key, on another route, or twice.
+    let one_time = secrecy::SecretString::from({
         use rand::Rng;
         let bytes: [u8; 24] = rand::thread_rng().gen();
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    };
-    config.auth.admin_keys.push(one_time.clone().into());
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    });
+    let gate = token_broker::http::LoginGate::new(connection, &one_time);
     let listener = tokio::net::TcpListener::bind((IpAddr::from([127, 0, 0, 1]), port))
         .await
         .with_context(|| format!("binding 127.0.0.1:{port} (choose another with --port)"))?;
-    let app = Application::build(config, listener).await?;
+    let app = Application::build_for_login(config, listener, gate).await?;
     let broker = app.broker();
     let started = broker.now();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -265,14 +270,16 @@ async fn login(
         let _ = stopped.await;
     }));
 
-    let url = format!("{public_url}/api/authorize/{connection}?key={one_time}");
+    let url = format!(
+        "{public_url}/api/authorize/{connection}?key={}",
+        secrecy::ExposeSecret::expose_secret(&one_time)
+    );
     eprintln!("Register this redirect URI at the provider: {public_url}/api/callback");
     eprintln!(
         "Open this address in a browser on this machine to connect `{connection}`:\n\n    {url}\n"
     );
-    if !no_browser {
-        open_browser(&url);
-    }
+    // Kept until the login ends: the page that hands the address to the browser.
+    let _launcher_page = if no_browser { None } else { open_browser(&url) };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let outcome = loop {
@@ -338,8 +345,11 @@ async fn login(
 }
 
 /// Opens `url` in the desktop's browser when there is one (best effort: the URL is printed
-/// either way).
-fn open_browser(url: &str) {
+/// either way). The URL holds the one-time key, and a program's arguments are readable by
+/// every local user (`/proc/PID/cmdline`), so the launcher is given the path of an
+/// owner-only page that forwards to the URL, never the URL itself. The page lives in a
+/// private temporary folder, returned so that it is removed when the login ends.
+fn open_browser(url: &str) -> Option<tempfile::TempDir> {
     let candidates: &[&str] = if cfg!(target_os = "macos") {
         &["open"]
     } else if cfg!(windows) {
@@ -350,17 +360,44 @@ fn open_browser(url: &str) {
     } else {
         &[]
     };
+    if candidates.is_empty() {
+        return None;
+    }
+    // tempfile makes the folder owner-only (0700) and the page is written 0600.
+    let folder = tempfile::Builder::new()
+        .prefix("token-broker-login-")
+        .tempdir()
+        .ok()?;
+    let page = folder.path().join("login.html");
+    let escaped = url
+        .replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('<', "&lt;");
+    let html = format!(
+        "<!doctype html><meta charset=\"utf-8\"><meta name=\"referrer\" content=\"no-referrer\"><meta http-equiv=\"refresh\" content=\"0;url={escaped}\"><title>Token Broker login</title><a href=\"{escaped}\">Continue to the consent</a>"
+    );
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let written = options
+        .open(&page)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, html.as_bytes()));
+    if written.is_err() {
+        return None;
+    }
     for program in candidates {
         let spawned = std::process::Command::new(program)
-            .arg(url)
+            .arg(&page)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn();
         if spawned.is_ok() {
-            return;
+            break;
         }
     }
+    Some(folder)
 }
 
 async fn shutdown_signal() {

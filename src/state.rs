@@ -81,6 +81,10 @@ pub struct Redeemed {
 /// Issues and redeems `state` values.
 pub struct StateSigner {
     key: Vec<u8>,
+    /// What an admin session is bound to besides the key: the admin key set it was
+    /// bought with ([`StateSigner::with_session_scope`]), so changing the admin keys ends
+    /// every session, on every instance.
+    session_scope: Vec<u8>,
     /// Nonces already redeemed, with their expiry; a std Mutex because nothing awaits
     /// while it is held.
     used: Mutex<HashMap<String, i64>>,
@@ -95,8 +99,16 @@ impl StateSigner {
         };
         Self {
             key,
+            session_scope: Vec::new(),
             used: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Binds admin sessions to `scope` (a digest of the admin key set): a session issued
+    /// under another scope is refused.
+    pub fn with_session_scope(mut self, scope: &[u8]) -> Self {
+        self.session_scope = scope.to_vec();
+        self
     }
 
     /// A new random value for the binding cookie.
@@ -208,6 +220,7 @@ impl StateSigner {
         let nonce = URL_SAFE_NO_PAD.encode(random_bytes(16));
         let mac = URL_SAFE_NO_PAD.encode(self.mac(&[
             b"admin-session",
+            &self.session_scope,
             expiry.as_bytes(),
             nonce.as_bytes(),
         ]));
@@ -231,7 +244,12 @@ impl StateSigner {
         };
         // Constant-time comparison, through the hmac crate.
         let signed = self
-            .keyed(&[b"admin-session", expiry.as_bytes(), nonce.as_bytes()])
+            .keyed(&[
+                b"admin-session",
+                &self.session_scope,
+                expiry.as_bytes(),
+                nonce.as_bytes(),
+            ])
             .verify_slice(&mac)
             .is_ok();
         signed && expiry.parse::<i64>().is_ok_and(|e| now.timestamp() < e)

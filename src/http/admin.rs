@@ -6,20 +6,61 @@
 //! answer sets a short-lived `HttpOnly`, `SameSite=Strict` session cookie (`Secure` when the
 //! public URL is https) and sends the browser on to the same address without the key.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Response};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
-use crate::auth::Role;
+use crate::auth::{AuthError, Role};
 use crate::html;
 use crate::state::{ADMIN_COOKIE, ADMIN_SESSION_TTL};
+
+/// What `token-broker login` admits: one browser, once, to one connection's consent.
+///
+/// Its key is not an admin key. It is good for exactly one `?key=` exchange on
+/// `/api/authorize/{connection}` — never as `X-API-Key`, never on another route — and the
+/// session it buys is signed with the login process's own random key, so no instance that
+/// shares the deployment's `state_secret` accepts it.
+pub struct LoginGate {
+    connection: String,
+    digest: [u8; 32],
+    spent: AtomicBool,
+}
+
+impl LoginGate {
+    pub fn new(connection: &str, key: &SecretString) -> Self {
+        Self {
+            connection: connection.to_owned(),
+            digest: Sha256::digest(key.expose_secret().as_bytes()).into(),
+            spent: AtomicBool::new(false),
+        }
+    }
+
+    /// The connection this login is for.
+    pub fn connection(&self) -> &str {
+        &self.connection
+    }
+
+    /// Whether `presented` on `path` is the one exchange this gate allows (and spends it).
+    fn admit(&self, path: &str, presented: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let right_key: bool = digest.ct_eq(&self.digest).into();
+        path.strip_prefix("/api/authorize/") == Some(self.connection.as_str())
+            && right_key
+            && !self.spent.swap(true, Ordering::SeqCst)
+    }
+}
 
 /// Admin routes: a bearer token, `X-API-Key`, or an admin-session cookie.
 pub(super) async fn authenticate_admin(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<(), ApiError> {
-    if cookie(headers, ADMIN_COOKIE)
+    if cookie(headers, &state.cookie_name(ADMIN_COOKIE))
         .is_some_and(|session| state.signer.is_admin_session(session, state.broker.now()))
     {
         return Ok(());
@@ -50,16 +91,25 @@ fn exchange_query_key(state: &AppState, uri: &Uri) -> Result<Option<Response>, A
     let Some((_, key)) = keys.into_iter().next() else {
         return Ok(None);
     };
-    state.auth.check_key(Some(&key), Role::Admin)?;
+    match &state.login {
+        // `login`'s process: only its one-time key, once, on its connection's consent.
+        Some(gate) => {
+            if !gate.admit(uri.path(), &key) {
+                return Err(AuthError::Invalid.into());
+            }
+        }
+        None => state.auth.check_key(Some(&key), Role::Admin)?,
+    }
     let target = match serde_urlencoded::to_string(&rest) {
         Ok(rest) if !rest.is_empty() => format!("{}?{rest}", uri.path()),
         _ => uri.path().to_owned(),
     };
     let session = state.signer.issue_admin_session(state.broker.now());
     let cookie = format!(
-        "{ADMIN_COOKIE}={session}; Path=/api; Max-Age={}; HttpOnly; SameSite=Strict{}",
+        "{}={session}; Max-Age={}; HttpOnly; SameSite=Strict{}",
+        state.cookie_name(ADMIN_COOKIE),
         ADMIN_SESSION_TTL.as_secs(),
-        state.secure_cookie_attribute()
+        state.cookie_scope()
     );
     tracing::info!(
         path = uri.path(),

@@ -43,6 +43,18 @@ pub(super) async fn authorize(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    if state
+        .login
+        .as_ref()
+        .is_some_and(|gate| gate.connection() != connection)
+    {
+        // `login` serves one connection's consent, and no other.
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this login serves only its own connection's consent",
+        ));
+    }
     if let Some(exchanged) = admit_browser_admin(&state, &uri, &headers).await? {
         return Ok(exchanged);
     }
@@ -51,7 +63,7 @@ pub(super) async fn authorize(
         .provider(&connection)
         .map_err(|err| ApiError::from_broker(err, &state))?;
 
-    let binding = cookie(&headers, BINDING_COOKIE)
+    let binding = cookie(&headers, &state.cookie_name(BINDING_COOKIE))
         .filter(|b| StateSigner::is_valid_binding(b))
         .map(str::to_owned)
         .unwrap_or_else(StateSigner::new_binding);
@@ -61,9 +73,10 @@ pub(super) async fn authorize(
     let location = provider.authorize_url(issued.state, &issued.verifier);
 
     let cookie = format!(
-        "{BINDING_COOKIE}={binding}; Path=/api; Max-Age={}; HttpOnly; SameSite=Lax{}",
+        "{}={binding}; Max-Age={}; HttpOnly; SameSite=Lax{}",
+        state.cookie_name(BINDING_COOKIE),
         STATE_TTL.as_secs(),
-        state.secure_cookie_attribute()
+        state.cookie_scope()
     );
     tracing::info!(connection = %connection, "redirecting admin to the provider's consent page");
     Ok((
@@ -145,7 +158,7 @@ pub(super) async fn callback(
     };
     let redeemed = match state.signer.redeem(
         params.state.as_deref(),
-        cookie(&headers, BINDING_COOKIE),
+        cookie(&headers, &state.cookie_name(BINDING_COOKIE)),
         state.broker.now(),
     ) {
         Ok(redeemed) => redeemed,

@@ -14,6 +14,7 @@ mod server;
 mod status;
 mod timer;
 
+pub use admin::LoginGate;
 pub use error::ApiError;
 pub use openapi::document as openapi_document;
 pub use server::serve;
@@ -55,16 +56,31 @@ pub struct AppState {
     pub proxy_bases: std::collections::BTreeMap<String, crate::config::ProxyBase>,
     /// The proxy's client: no redirects, timeouts.
     pub proxy_http: reqwest::Client,
+    /// `token-broker login`'s process: only its connection's consent routes are served.
+    pub login: Option<LoginGate>,
 }
 
 impl AppState {
-    /// `; Secure` for cookies when the broker is reached over https (browsers refuse Secure
-    /// cookies from a plain-http origin other than localhost).
-    fn secure_cookie_attribute(&self) -> &'static str {
+    /// A cookie's name: on https with the `__Host-` prefix, which browsers accept only from a
+    /// secure origin with `Path=/` and no `Domain` — so no sibling site or plain-http page
+    /// can set or shadow it (RFC 6265bis §4.1.3.2). On plain http (a trial on this
+    /// machine) the bare name: browsers refuse `__Host-` cookies there.
+    fn cookie_name(&self, base: &str) -> String {
         if self.public_url.scheme() == "https" {
-            "; Secure"
+            format!("__Host-{base}")
         } else {
-            ""
+            base.to_owned()
+        }
+    }
+
+    /// The cookies' scope: `; Path=/; Secure` on https (what `__Host-` requires), else
+    /// `; Path=/api` (browsers refuse Secure cookies from a plain-http origin other than
+    /// localhost).
+    fn cookie_scope(&self) -> &'static str {
+        if self.public_url.scheme() == "https" {
+            "; Path=/; Secure"
+        } else {
+            "; Path=/api"
         }
     }
 
@@ -108,8 +124,11 @@ async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::B
     }
 }
 
-/// The broker's routes.
+/// The broker's routes (for `login`'s process, only the consent's).
 pub fn router(state: Arc<AppState>) -> Router {
+    if state.login.is_some() {
+        return login_router(state);
+    }
     Router::new()
         .route("/", get(root))
         .route("/api/health", get(health))
@@ -144,6 +163,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(axum::middleware::map_response(json_framework_errors))
         .layer(
             // Our own span (`request_span`): the default one records the full URI.
+            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                request_span(request.method(), request.uri().path(), request.headers())
+            }),
+        )
+        .with_state(state)
+}
+
+/// What `token-broker login` serves on its loopback port: the consent of its connection
+/// (`authorize` refuses the others) and the callback. Everything else — tokens, status,
+/// the proxy, the timer — is a 404: the process holds no credential anyone may use.
+fn login_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/api/authorize/{connection}", get(authorize))
+        .route("/api/callback", get(callback))
+        .fallback(not_found)
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
+        .layer(axum::middleware::map_response(json_framework_errors))
+        .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
                 request_span(request.method(), request.uri().path(), request.headers())
             }),

@@ -187,7 +187,7 @@ impl Modify for Security {
             "admin_session",
             SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
                 "tb_admin",
-                "The admin session a browser gets in exchange for ?key=<admin key> on a browser route.",
+                "The admin session a browser gets in exchange for ?key=<admin key> on a browser route (named __Host-tb_admin when the broker is reached over https); it ends when the admin keys change.",
             ))),
         );
     }

@@ -154,7 +154,8 @@ pub(super) async fn cached_fast_path<B: axum::body::HttpBody>(
     state: &AppState,
     request: &axum::http::Request<B>,
 ) -> Option<Response> {
-    if request.method() != Method::GET
+    if state.login.is_some()
+        || request.method() != Method::GET
         || request.headers().contains_key(header::CONTENT_LENGTH)
         || request.headers().contains_key(header::TRANSFER_ENCODING)
     {

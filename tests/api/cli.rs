@@ -32,7 +32,7 @@ async fn login_stores_a_refresh_token_and_token_serves_it_like_the_api() {
     let port = free_port();
     // What an admin registers at the provider for `login`.
     let upstream = Upstream::start(
-        &format!("http://localhost:{port}/api/callback"),
+        &format!("http://127.0.0.1:{port}/api/callback"),
         "client_secret_basic",
         3600,
     )
@@ -65,17 +65,17 @@ async fn login_stores_a_refresh_token_and_token_serves_it_like_the_api() {
         said.push(line.clone());
         if let Some(url) = line
             .trim()
-            .strip_prefix(&format!("http://localhost:{port}/api/authorize/acme?key="))
+            .strip_prefix(&format!("http://127.0.0.1:{port}/api/authorize/acme?key="))
         {
-            break format!("http://localhost:{port}/api/authorize/acme?key={url}");
+            break format!("http://127.0.0.1:{port}/api/authorize/acme?key={url}");
         }
     };
     assert!(
         said.iter()
-            .any(|l| l.contains(&format!("http://localhost:{port}/api/callback"))),
+            .any(|l| l.contains(&format!("http://127.0.0.1:{port}/api/callback"))),
         "says which redirect URI to register: {said:?}"
     );
-    let browser = walk_to_callback(&url, &format!("http://localhost:{port}/api/callback")).await;
+    let browser = walk_to_callback(&url, &format!("http://127.0.0.1:{port}/api/callback")).await;
     let (status, page) = browser.finish().await;
     assert_eq!(status, 200, "{page}");
     let rest = tokio::spawn(async move {
@@ -165,4 +165,177 @@ async fn login_stores_a_refresh_token_and_token_serves_it_like_the_api() {
         .expect("token");
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("no connection `nope`"));
+}
+
+/// `login`'s key admits one browser, once, to one connection's consent, and is seen by no
+/// other process: not as `X-API-Key`, not on another route, not twice, not as a session on
+/// an instance sharing the deployment's `state_secret`; the browser launcher gets an
+/// owner-only page, never the key in its arguments; the address names 127.0.0.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_one_time_key_opens_one_consent_once_and_nothing_else() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let upstream = Upstream::start(
+        &format!("http://127.0.0.1:{port}/api/callback"),
+        "client_secret_basic",
+        3600,
+    )
+    .await;
+    let store = dir.path().join("tokens");
+    let config = BrokerConfig::default()
+        .top("state_secret", crate::support::STATE_SECRET)
+        .store("path", store.display().to_string())
+        .tables(&upstream.connection_toml(
+            "acme",
+            &format!("client_secret = \"{}\"", upstream.client_secret),
+        ))
+        .tables(&upstream.connection_toml(
+            "other",
+            &format!("client_secret = \"{}\"", upstream.client_secret),
+        ))
+        .write(dir.path());
+    // A desktop whose browser launcher records what it was given.
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin");
+    let seen = dir.path().join("launcher");
+    let launcher = bin.join("xdg-open");
+    std::fs::write(
+        &launcher,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" > '{args}.tmp' && cat \"$1\" > '{page}' && mv '{args}.tmp' '{args}'\n",
+            args = seen.with_extension("args").display(),
+            page = seen.with_extension("page").display(),
+        ),
+    )
+    .expect("launcher");
+    std::fs::set_permissions(
+        &launcher,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut login = cli(&config)
+        .env("PATH", path)
+        .env("DISPLAY", ":99")
+        .args(["login", "acme", "--timeout", "60", "--port"])
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("login");
+    let mut lines = BufReader::new(login.stderr.take().expect("stderr")).lines();
+    let prefix = format!("http://127.0.0.1:{port}/api/authorize/acme?key=");
+    let key = loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("login prints the address in time")
+            .expect("read")
+            .expect("login ended early");
+        if let Some(key) = line.trim().strip_prefix(&prefix) {
+            break key.to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    // The launcher got a page's path; the page holds the address; no argument holds the key.
+    let args_file = seen.with_extension("args");
+    for _ in 0..100 {
+        if args_file.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let args = std::fs::read_to_string(&args_file).expect("the launcher was started");
+    assert!(
+        !args.contains(&key),
+        "the key is in the launcher's arguments: {args}"
+    );
+    let page = std::fs::read_to_string(seen.with_extension("page")).expect("the page");
+    assert!(page.contains(&format!("{prefix}{key}")), "{page}");
+    let page_path = std::path::Path::new(args.trim());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(page_path)
+            .expect("the page")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o077, 0, "the page is readable by others: {mode:o}");
+
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let get = |path: String, key_header: bool| {
+        let mut request = http.get(format!("{base}{path}"));
+        if key_header {
+            request = request.header("X-API-Key", key.as_str());
+        }
+        async move { request.send().await.expect("request") }
+    };
+    // Not an admin key: refused as X-API-Key, where the consent would otherwise start.
+    assert_eq!(get("/api/authorize/acme".into(), true).await.status(), 401);
+    // Every other route is absent.
+    for path in [
+        "/api/refresh/acme",
+        "/api/connections",
+        "/api/health",
+        "/api/proxy/acme/x",
+        "/",
+    ] {
+        let response = get(path.into(), true).await;
+        assert_eq!(response.status(), 404, "{path}");
+    }
+    // Another connection's consent is not this login's.
+    let other = get(format!("/api/authorize/other?key={key}"), false).await;
+    assert_eq!(other.status(), 404);
+    // One exchange, on its connection.
+    let exchanged = get(format!("/api/authorize/acme?key={key}"), false).await;
+    assert_eq!(exchanged.status(), 200);
+    let session = exchanged
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    let again = get(format!("/api/authorize/acme?key={key}"), false).await;
+    assert_eq!(again.status(), 401, "a second exchange");
+    // The session opens this login's consent …
+    let consent = http
+        .get(format!("{base}/api/authorize/acme"))
+        .header("Cookie", &session)
+        .send()
+        .await
+        .expect("authorize");
+    assert_eq!(consent.status(), 302);
+
+    // … and nothing on an instance that shares the deployment's state_secret.
+    let instance_port = free_port();
+    let instance = crate::support::BrokerProcess::start_on(
+        instance_port,
+        &config,
+        &[],
+        &dir.path().join("instance.log"),
+    )
+    .await;
+    let status_page = http
+        .get(format!("{}/api/connections", instance.base))
+        .header("Cookie", &session)
+        .header("Accept", "application/json")
+        .send()
+        .await
+        .expect("status");
+    assert_eq!(status_page.status(), 401);
+    let refused = http
+        .get(format!("{}/api/refresh/acme", instance.base))
+        .header("X-API-Key", key.as_str())
+        .send()
+        .await
+        .expect("refresh");
+    assert_eq!(refused.status(), 401);
+    login.kill().await.expect("stop login");
 }

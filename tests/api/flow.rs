@@ -429,3 +429,104 @@ async fn a_cached_token_reads_the_same_before_and_through_the_router() {
         .expect("unknown");
     assert_eq!(unknown.status(), 404);
 }
+
+/// A broker in process on `admin_keys`, sharing `state_secret`, reached at `public_url`.
+async fn broker_with_admin_keys(
+    dir: &std::path::Path,
+    public_url: &str,
+    admin_keys: &[&str],
+) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let text = crate::support::BrokerConfig::default()
+        .top("state_secret", crate::support::STATE_SECRET)
+        .top("public_url", public_url)
+        .auth(
+            "admin_keys",
+            admin_keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+        )
+        .file_store(&dir.join("tokens"))
+        .tables("[connections.acme]\nprovider = \"oauth2\"\nauthorize_url = \"https://id.example.com/auth\"\ntoken_url = \"https://id.example.com/token\"\nclient_id = \"c\"\n")
+        .render();
+    let config = token_broker::Config::parse(&text, &|_| None).expect("config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let app = token_broker::Application::build(config, listener)
+        .await
+        .expect("build");
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    (base, stop)
+}
+
+/// An admin session ends when the admin keys change — on every instance sharing the
+/// `state_secret` — and on https it is a `__Host-` cookie (`Secure`, `Path=/`).
+#[tokio::test]
+async fn admin_sessions_end_when_the_admin_keys_change_and_are_host_cookies_on_https() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    const ROTATED: &str = "rotated-admin-key-0123456789";
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let (base, stop) =
+        broker_with_admin_keys(dir.path(), "https://broker.example", &[ADMIN_KEY]).await;
+    let exchanged = http
+        .get(format!("{base}/api/connections?key={ADMIN_KEY}"))
+        .send()
+        .await
+        .expect("exchange");
+    assert_eq!(exchanged.status(), 200);
+    let set_cookie = exchanged.headers()["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    for attribute in [
+        "__Host-tb_admin=",
+        "; Path=/;",
+        "; Secure",
+        "HttpOnly",
+        "SameSite=Strict",
+    ] {
+        assert!(
+            set_cookie.contains(attribute) || set_cookie.ends_with(attribute.trim_end_matches(';')),
+            "{attribute}: {set_cookie}"
+        );
+    }
+    assert!(!set_cookie.contains("Domain"), "{set_cookie}");
+    let session = set_cookie.split(';').next().expect("name=value").to_owned();
+    let status = |base: String, session: String| {
+        let http = http.clone();
+        async move {
+            http.get(format!("{base}/api/connections"))
+                .header("Cookie", session)
+                .header("Accept", "application/json")
+                .send()
+                .await
+                .expect("status")
+                .status()
+        }
+    };
+    assert_eq!(status(base.clone(), session.clone()).await, 200);
+    // The bare name is not the session on https.
+    let bare = session.replacen("__Host-", "", 1);
+    assert_eq!(status(base.clone(), bare).await, 401);
+    let _ = stop.send(());
+
+    // Another instance with the same admin keys takes it; one whose keys changed does not,
+    // whichever way they changed.
+    for (keys, accepted) in [
+        (vec![ADMIN_KEY], true),
+        (vec![ADMIN_KEY, ROTATED], false),
+        (vec![ROTATED], false),
+        (vec![ROTATED, ADMIN_KEY], false),
+    ] {
+        let (base, stop) =
+            broker_with_admin_keys(dir.path(), "https://broker.example", &keys).await;
+        let expected = if accepted { 200 } else { 401 };
+        assert_eq!(status(base, session.clone()).await, expected, "{keys:?}");
+        let _ = stop.send(());
+    }
+}
