@@ -146,8 +146,12 @@ pub struct ServerConfig {
     /// A request's headers must arrive within this; also how long an idle keep-alive
     /// connection stays open.
     pub header_timeout: Duration,
-    /// A request's body must arrive within this.
+    /// A request's whole body must arrive within this, counted from the moment its headers
+    /// are in: a deadline, not an idle timer (a body trickling a byte at a time is cut).
     pub body_timeout: Duration,
+    /// An answer whose bytes cannot be written for this long (the caller stopped reading)
+    /// ends, and its connection is closed: no write may stall longer.
+    pub write_timeout: Duration,
     /// Open connections at most; at the cap the longest-idle one is closed for a new one.
     pub max_connections: usize,
 }

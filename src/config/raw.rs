@@ -176,6 +176,7 @@ pub(super) struct RawStore {
 pub(super) struct RawServer {
     header_timeout: Option<u64>,
     body_timeout: Option<u64>,
+    write_timeout: Option<u64>,
     max_connections: Option<usize>,
 }
 
@@ -188,6 +189,7 @@ impl RawServer {
         Ok(ServerConfig {
             header_timeout: secs("server.header_timeout", self.header_timeout, 20)?,
             body_timeout: secs("server.body_timeout", self.body_timeout, 20)?,
+            write_timeout: secs("server.write_timeout", self.write_timeout, 60)?,
             max_connections: match self.max_connections.unwrap_or(512) {
                 n @ 8..=65_536 => n,
                 _ => {

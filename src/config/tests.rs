@@ -433,3 +433,17 @@ fn a_key_is_a_caller_key_or_an_admin_key_never_both() {
         "the key is not echoed: {err}"
     );
 }
+
+#[test]
+fn server_timeouts_default_and_stay_within_bounds() {
+    let config = Config::parse(MINIMAL, &env_of(ENV)).expect("valid config");
+    assert_eq!(config.server.body_timeout, Duration::from_secs(20));
+    assert_eq!(config.server.write_timeout, Duration::from_secs(60));
+    let set = format!("[server]\nwrite_timeout = 5\n{MINIMAL}");
+    let config = Config::parse(&set, &env_of(ENV)).expect("valid config");
+    assert_eq!(config.server.write_timeout, Duration::from_secs(5));
+    for bad in [0, 301] {
+        let err = parse_err(&format!("[server]\nwrite_timeout = {bad}\n{MINIMAL}"), ENV);
+        assert!(err.contains("server.write_timeout"), "{err}");
+    }
+}

@@ -6,6 +6,7 @@
 
 mod admin;
 mod consent;
+mod deadline;
 mod error;
 mod openapi;
 mod proxy;

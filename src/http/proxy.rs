@@ -523,7 +523,14 @@ pub(super) async fn proxy(
                 request = request.body(body);
             }
             request.send().await.map_err(|err| {
-                if over_the_body_limit(&err) {
+                if caused_by::<super::deadline::BodyTooSlow>(&err) {
+                    return ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "the request body could not be read (malformed, or too slow)",
+                    );
+                }
+                if caused_by::<http_body_util::LengthLimitError>(&err) {
                     return ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "payload_too_large",
@@ -664,12 +671,13 @@ async fn start_body(body: Body) -> Result<Outgoing, ApiError> {
     }
 }
 
-/// Whether a failed upload stopped because the caller's body went over
-/// [`PROXY_MAX_BODY`] (a chunked body, cut by the limit while streaming).
-fn over_the_body_limit(err: &(dyn std::error::Error + 'static)) -> bool {
+/// Whether a failed upload stopped because of the caller's body rather than the API: it
+/// went over [`PROXY_MAX_BODY`] (`LengthLimitError`, a chunked body cut while streaming) or
+/// missed its deadline (`BodyTooSlow`, `server.body_timeout`).
+fn caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(err);
     while let Some(err) = cause {
-        if err.is::<http_body_util::LengthLimitError>() {
+        if err.is::<E>() {
             return true;
         }
         cause = err.source();

@@ -1,5 +1,6 @@
 //! The listener: HTTP/1.1 only, with a deadline for a request's headers (which also closes
-//! idle keep-alive connections), a deadline for its body, and a cap on open connections.
+//! idle keep-alive connections), a deadline for its whole body and a limit on how long an
+//! answer's writes may stall (both in `deadline`), and a cap on open connections.
 //!
 //! Written on hyper's connection builder rather than `axum::serve`, which offers none of
 //! these: `axum::serve` has no header timeout, and through hyper-util's auto builder it also
@@ -29,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tower::{Service, ServiceExt};
 
+use super::deadline::{BodyDeadline, WriteStall};
 use crate::config::ServerConfig;
 
 /// How long in-flight requests get to finish at shutdown.
@@ -43,9 +45,6 @@ pub async fn serve(
     limits: &ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-        limits.body_timeout,
-    ));
     let mut make_service = router.into_make_service_with_connect_info::<SocketAddr>();
     let registry = Arc::new(Registry::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -81,18 +80,24 @@ pub async fn serve(
         let Ok(service) = make_service.call(peer).await;
         let (id, activity, evicted) = registry.add();
         let state = Arc::clone(&state);
+        let body_timeout = limits.body_timeout;
         let service = tower::service_fn(move |request: Request<hyper::body::Incoming>| {
             let service = service.clone();
             let state = Arc::clone(&state);
             let guard = activity.begin();
+            // The headers are in: from now the whole body has `body_timeout` to arrive, on
+            // every route (the proxy streams it on to the API under the same deadline).
+            let body_deadline = tokio::time::Instant::now() + body_timeout;
             async move {
                 // A cached token is answered before the router and its layers: the request
                 // the service exists for, at the cost of a few map lookups.
                 let response = match super::refresh::cached_fast_path(&state, &request).await {
                     Some(response) => response,
                     None => {
-                        let Ok(response) =
-                            service.oneshot(request.map(axum::body::Body::new)).await;
+                        let request = request.map(|body| {
+                            axum::body::Body::new(BodyDeadline::until(body, body_deadline))
+                        });
+                        let Ok(response) = service.oneshot(request).await;
                         response
                     }
                 };
@@ -108,7 +113,10 @@ pub async fn serve(
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
             .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            .serve_connection(
+                TokioIo::new(WriteStall::new(stream, limits.write_timeout)),
+                TowerToHyperService::new(service),
+            );
         let registry = Arc::clone(&registry);
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {

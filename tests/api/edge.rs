@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{free_port, memory_kib, BrokerConfig, BrokerProcess, ADMIN_KEY, CALLER_KEY};
+use crate::support::api_double::ApiDouble;
+use crate::support::{
+    free_port, memory_kib, BrokerConfig, BrokerProcess, ConsentedBroker, ADMIN_KEY, CALLER_KEY,
+};
 
 /// A broker with one (unconsented) connection, the given `[server]` settings and log level.
 async fn broker(
@@ -279,4 +282,178 @@ async fn long_paths_and_header_values_are_cut_in_log_lines() {
     let longest = logs.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 2048, "a {longest}-byte log line");
     assert!(logs.contains("…(cut)"), "{logs}");
+}
+
+/// `GET /api/health` on a new connection, asked every 200 ms until it answers or `within`
+/// has passed; how long after `since` it first answered. At the connection cap with every
+/// connection busy, a new connection is closed at once, so the early tries fail fast.
+async fn health_answers_within(port: u16, since: Instant, within: Duration) -> Option<Duration> {
+    let http = reqwest::Client::new();
+    while since.elapsed() < within {
+        let answered = http
+            .get(format!("http://127.0.0.1:{port}/api/health"))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .is_ok_and(|response| response.status() == 200);
+        if answered {
+            return Some(since.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
+}
+
+/// Sends one byte of body a second on `stream` (never the whole declared length) until the
+/// server answers or closes; how long that took from `since` (`None`: not within `give_up`)
+/// and what it answered.
+async fn trickle(
+    mut stream: TcpStream,
+    since: Instant,
+    give_up: Duration,
+) -> (Option<Duration>, String) {
+    let (mut reader, mut writer) = stream.split();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut answered_at = None;
+    while since.elapsed() < give_up {
+        tokio::select! {
+            read = reader.read(&mut buf) => {
+                answered_at.get_or_insert(since.elapsed());
+                match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                }
+            }
+            _ = tick.tick() => {
+                // Whitespace: a JSON document that never ends. A write to a closed
+                // connection fails; the read above sees the close.
+                let _ = writer.write_all(b" ").await;
+            }
+        }
+    }
+    (answered_at, String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// `server.body_timeout` bounds a whole body, not the gap between its chunks: authenticated
+/// uploads that fill the connection cap and send a byte a second (so no gap ever reaches
+/// the timeout) are answered when it has passed since their headers, and health gets
+/// through again. Before, they stayed open as long as they trickled (past 13 s in the
+/// review) and health was refused all that time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trickling_uploads_are_cut_at_the_body_timeout_and_health_gets_through() {
+    const CAP: usize = 8;
+    const BODY_TIMEOUT: Duration = Duration::from_secs(3);
+    const GIVE_UP: Duration = Duration::from_secs(15);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = broker(
+        &dir,
+        &[("body_timeout", 3), ("max_connections", CAP as i64)],
+        "info",
+        None,
+    )
+    .await;
+    let port = broker.port;
+    let mut uploads = Vec::new();
+    let since = Instant::now();
+    for _ in 0..CAP {
+        let mut stream = connect(port).await;
+        // Well under the route's 64 KB, so only the body's timing is at stake.
+        let head = format!(
+            "POST /api/refresh/acme HTTP/1.1\r\nHost: x\r\nX-API-Key: {CALLER_KEY}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).await.expect("head");
+        uploads.push(tokio::spawn(trickle(stream, since, GIVE_UP)));
+    }
+    // Let every upload's headers in, so that all of them are requests in progress (an
+    // upload still sending its headers would be evicted as idle for the health check).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let health = health_answers_within(port, since, GIVE_UP).await;
+    // Cut at the timeout, measured from the headers; the slack is for a loaded machine.
+    let bound = BODY_TIMEOUT + Duration::from_millis(2500);
+    for (i, upload) in uploads.into_iter().enumerate() {
+        let (answered, answer) = upload.await.expect("join");
+        let answered =
+            answered.unwrap_or_else(|| panic!("upload {i} still open after {GIVE_UP:?}"));
+        assert!(
+            answered >= BODY_TIMEOUT - Duration::from_millis(600) && answered < bound,
+            "upload {i} answered after {answered:?}"
+        );
+        assert!(answer.starts_with("HTTP/1.1 400"), "upload {i}: {answer}");
+        assert!(answer.contains("too slow"), "upload {i}: {answer}");
+    }
+    let health = health.unwrap_or_else(|| panic!("health refused for {GIVE_UP:?}"));
+    eprintln!("health answered {health:?} after the uploads began");
+    assert!(health < bound, "health answered only after {health:?}");
+}
+
+/// An answer the caller stops reading ends once its writes have stalled for
+/// `server.write_timeout`: downloads through the proxy that fill the connection cap, each
+/// read no further than its headers, are closed, and health gets through again. Before,
+/// they stayed in progress for as long as their callers kept the connections open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_nobody_reads_are_closed_at_the_write_timeout() {
+    const CAP: usize = 8;
+    const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+    let api = ApiDouble::start().await;
+    let mut setup = ConsentedBroker::start(
+        3600,
+        &format!("api_base_url = \"{}\"", api.base),
+        &format!("[server]\nmax_connections = {CAP}\nwrite_timeout = 2"),
+        &[],
+    )
+    .await;
+    let port = setup.broker.port;
+    let mut stalled = Vec::new();
+    for _ in 0..CAP {
+        let mut stream = connect(port).await;
+        // 4 GB: far more than the socket buffers between the broker and this test hold.
+        let request = format!(
+            "GET /api/proxy/acme/big?bytes={} HTTP/1.1\r\nHost: x\r\nX-API-Key: {CALLER_KEY}\r\n\r\n",
+            4u64 << 30
+        );
+        stream.write_all(request.as_bytes()).await.expect("request");
+        let mut head = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut head))
+            .await
+            .expect("the answer begins")
+            .expect("read");
+        assert!(
+            head[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&head[..n])
+        );
+        // …and no further.
+        stalled.push(stream);
+    }
+    let since = Instant::now();
+    let health = health_answers_within(port, since, Duration::from_secs(15)).await;
+    let health = health.expect("health refused for 15 s: the unread answers held the cap");
+    eprintln!("health answered {health:?} after the last download stalled");
+    // Filling the buffers takes a moment; then the write timeout.
+    assert!(
+        health < WRITE_TIMEOUT + Duration::from_secs(5),
+        "health answered only after {health:?}"
+    );
+    // Each stalled connection was closed: what is left to read is what the socket buffers
+    // held when the broker gave up, then the end. (Reading one before its writes have
+    // stalled for the timeout would let its answer go on: wait for all of them first.)
+    tokio::time::sleep_until((since + WRITE_TIMEOUT + Duration::from_secs(3)).into()).await;
+    for (i, stream) in stalled.iter_mut().enumerate() {
+        let mut left = 0usize;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => left += n,
+                Err(_) => panic!("connection {i} neither sends nor closes"),
+            }
+            assert!(
+                left < 256 << 20,
+                "connection {i} still streaming after {left} bytes"
+            );
+        }
+    }
+    setup.broker.stop().await;
 }
