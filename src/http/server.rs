@@ -10,7 +10,9 @@
 //! At the cap, the connection that has waited longest without a request in progress (an
 //! idle keep-alive connection, or one still sending its headers; a request is in progress
 //! until its answer's body is written) is closed to make room, so
-//! slow or idle clients can never lock out a caller that sends its request at once.
+//! slow or idle clients can never lock out a caller that sends its request at once. The same
+//! happens when `accept` fails for want of file descriptors, and the cap itself is held below
+//! the open-file limit at startup.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -45,6 +47,7 @@ pub async fn serve(
     limits: &ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let max_connections = held_below_open_files(limits.max_connections);
     let mut make_service = router.into_make_service_with_connect_info::<SocketAddr>();
     let registry = Arc::new(Registry::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -57,19 +60,45 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
-                    // Out of file descriptors, typically: wait for connections to close
-                    // rather than spin.
-                    if accept_errors_logged.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
-                        tracing::warn!(error = %err, "accept failed; retrying");
+                    let log = accept_errors_logged
+                        .is_none_or(|at| at.elapsed() > Duration::from_secs(10));
+                    if log {
                         accept_errors_logged = Some(Instant::now());
                     }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    // Listen for a close before making one, so that it cannot be missed.
+                    let closed = registry.closed.notified();
+                    tokio::pin!(closed);
+                    closed.as_mut().enable();
+                    let wait = if out_of_descriptors(&err) {
+                        // Below the cap, yet every descriptor is taken (by the store, outgoing
+                        // connections, or a limit lowered under the process): make room as at
+                        // the cap, or idle connections would hold them all until the header
+                        // timeout and nobody new would get in. The caller waits in the
+                        // listen queue meanwhile.
+                        let evicted = registry.evict_oldest_idle();
+                        if log {
+                            tracing::warn!(error = %err, evicted, "accept failed: out of file descriptors; closing the longest-idle connection to make room");
+                        }
+                        if evicted {
+                            Duration::from_millis(100)
+                        } else {
+                            Duration::from_millis(20)
+                        }
+                    } else {
+                        if log {
+                            tracing::warn!(error = %err, "accept failed; retrying");
+                        }
+                        Duration::from_millis(20)
+                    };
+                    // Then try again once a connection has closed (or a little later: a
+                    // request may end without closing its connection), rather than spin.
+                    let _ = tokio::time::timeout(wait, closed).await;
                     continue;
                 }
             },
             () = &mut shutdown => break,
         };
-        if registry.len() >= limits.max_connections && !registry.evict_oldest_idle() {
+        if registry.len() >= max_connections && !registry.evict_oldest_idle() {
             // Every connection is busy with a request: refuse this one.
             tracing::warn!(
                 "connection limit reached with every connection busy; closing a new one"
@@ -120,17 +149,22 @@ pub async fn serve(
         let registry = Arc::clone(&registry);
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = evicted => {}
-                () = async { let _ = stop.wait_for(|stop| *stop).await; } => {
-                    // Finish the request in progress, then close.
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(DRAIN, connection).await;
+            {
+                let mut connection = std::pin::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => {}
+                    _ = evicted => {}
+                    () = async { let _ = stop.wait_for(|stop| *stop).await; } => {
+                        // Finish the request in progress, then close.
+                        connection.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(DRAIN, connection).await;
+                    }
                 }
             }
+            // The connection (and its socket) is dropped at the end of the block above: a
+            // listener out of descriptors can accept again.
             registry.remove(id);
+            registry.closed.notify_waiters();
         });
     }
     drop(listener);
@@ -143,11 +177,54 @@ pub async fn serve(
     Ok(())
 }
 
+/// `configured` connections, or fewer if the open-file limit (`RLIMIT_NOFILE`'s soft limit)
+/// cannot hold them and what else the process keeps open, with a warning.
+fn held_below_open_files(configured: usize) -> usize {
+    let soft = match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, _)) => soft,
+        Err(err) => {
+            tracing::warn!(error = %err, "the open-file limit could not be read; server.max_connections is kept as configured");
+            return configured;
+        }
+    };
+    let cap = cap_for_open_files(configured, soft);
+    if cap < configured {
+        tracing::warn!(
+            configured,
+            lowered = cap,
+            open_files = soft,
+            "server.max_connections lowered to {cap}: the open-file limit is {soft} and {} are kept for everything else (raise `ulimit -n`, or lower the setting)",
+            soft.saturating_sub(cap as u64),
+        );
+    }
+    cap
+}
+
+/// The most connections a soft limit of `open_files` descriptors leaves room for. A
+/// quarter of the limit is kept back, and at least 64 (at most half of a very low limit):
+/// the runtime's own descriptors (epoll, wakers, signal pipe, stdio), the store's files,
+/// the log, and outgoing HTTP connections — to providers, Key Vault, Blob storage, and one
+/// per proxied request in progress. Should those still run out, `accept` fails with
+/// `EMFILE` and the longest-idle connection makes room, as at the cap.
+fn cap_for_open_files(configured: usize, open_files: u64) -> usize {
+    let reserve = (open_files / 4).max(64.min(open_files / 2));
+    let room = usize::try_from(open_files.saturating_sub(reserve)).unwrap_or(usize::MAX);
+    configured.min(room.max(1))
+}
+
+/// Whether an `accept` failed for want of file descriptors (the process's `EMFILE`, or the
+/// system's `ENFILE`).
+fn out_of_descriptors(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 /// Open connections, with when each was last active and whether a request is in progress.
 #[derive(Default)]
 struct Registry {
     next: AtomicU64,
     open: Mutex<HashMap<u64, Entry>>,
+    /// Told each time a connection's socket has closed (a descriptor is free again).
+    closed: tokio::sync::Notify,
 }
 
 struct Entry {
@@ -261,5 +338,42 @@ impl Registry {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_leaves_a_quarter_of_the_open_files_and_at_least_64() {
+        // Plenty of descriptors: the setting stands.
+        assert_eq!(cap_for_open_files(512, 1_048_576), 512);
+        assert_eq!(cap_for_open_files(512, 1024), 512);
+        // A quarter kept back.
+        assert_eq!(cap_for_open_files(4096, 1024), 768);
+        assert_eq!(cap_for_open_files(65_536, 20_000), 15_000);
+        // At least 64 kept back…
+        assert_eq!(cap_for_open_files(4096, 256), 192);
+        assert_eq!(cap_for_open_files(4096, 128), 64);
+        // …but no more than half of a very low limit.
+        assert_eq!(cap_for_open_files(4096, 64), 32);
+        assert_eq!(cap_for_open_files(4096, 2), 1);
+        // No limit.
+        assert_eq!(cap_for_open_files(512, u64::MAX), 512);
+    }
+
+    #[test]
+    fn running_out_of_descriptors_is_told_from_other_accept_errors() {
+        assert!(out_of_descriptors(&std::io::Error::from_raw_os_error(
+            libc::EMFILE
+        )));
+        assert!(out_of_descriptors(&std::io::Error::from_raw_os_error(
+            libc::ENFILE
+        )));
+        assert!(!out_of_descriptors(&std::io::Error::from_raw_os_error(
+            libc::ECONNABORTED
+        )));
+        assert!(!out_of_descriptors(&std::io::Error::other("other")));
     }
 }

@@ -457,3 +457,86 @@ async fn answers_nobody_reads_are_closed_at_the_write_timeout() {
     }
     setup.broker.stop().await;
 }
+
+/// Opens `count` keep-alive connections one after another, each asking for health once and
+/// then left idle; panics on the first the broker does not answer within 3 s (it could not
+/// accept it).
+async fn idle_connections(port: u16, count: usize) -> Vec<TcpStream> {
+    let mut idle = Vec::new();
+    for i in 0..count {
+        let mut stream = connect(port).await;
+        stream
+            .write_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await;
+        let answer = match read {
+            Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            _ => String::new(),
+        };
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "idle connection {i} not served: {answer:?}"
+        );
+        idle.push(stream);
+    }
+    idle
+}
+
+/// A `max_connections` the open-file limit cannot hold is lowered at startup, with a
+/// warning: at the lowered cap the longest-idle connection makes room, where before the
+/// process ran out of descriptors first and stopped accepting anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_connections_is_held_below_the_open_file_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 64 open files: the cap becomes 32 (half of so low a limit is kept for the store,
+    // outgoing connections and the runtime's own descriptors).
+    let broker = broker(
+        &dir,
+        &[("max_connections", 4096), ("header_timeout", 60)],
+        "info",
+        Some(64),
+    )
+    .await;
+    let logs = broker.logs();
+    assert!(
+        logs.contains("server.max_connections lowered to 32")
+            && logs.contains("open-file limit is 64"),
+        "{logs}"
+    );
+    let mut idle = idle_connections(broker.port, 100).await;
+    health(broker.port).await;
+    assert!(
+        closed_by_server(&mut idle[0], Duration::from_secs(2)).await,
+        "the longest-idle connection is still open"
+    );
+    assert!(
+        !broker.logs().contains("Too many open files"),
+        "{}",
+        broker.logs()
+    );
+}
+
+/// When `accept` fails for want of file descriptors below the cap (here the limit is
+/// lowered under the running process, as if the descriptors kept back had gone to the store
+/// and outgoing connections), the longest-idle connection is closed as at the cap, so
+/// health checks and callers keep getting through. Before, the listener slept and retried
+/// while idle connections held every descriptor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn out_of_file_descriptors_the_longest_idle_connection_makes_room() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = broker(&dir, &[("header_timeout", 60)], "info", Some(256)).await;
+    let pid = broker.pid().expect("pid");
+    let pid = i32::try_from(pid).expect("a pid");
+    // Soft and hard limit to 64, far under the cap (512, held at 192 for 256 files).
+    rlimit::prlimit(pid, rlimit::Resource::NOFILE, Some((64, 64)), None).expect("prlimit");
+    let mut idle = idle_connections(broker.port, 100).await;
+    health(broker.port).await;
+    assert!(
+        closed_by_server(&mut idle[0], Duration::from_secs(2)).await,
+        "the longest-idle connection is still open"
+    );
+    let logs = broker.logs();
+    assert!(logs.contains("out of file descriptors"), "{logs}");
+}
