@@ -17,7 +17,7 @@ pub(super) struct ErrorBody {
     /// `unknown_tenant`, `consent_required`, `force_rate_limited`, `payload_too_large`,
     /// `unsupported_media_type`, `provider_error`, `provider_unavailable`,
     /// `store_unavailable`, `refresh_in_progress`, `lock_unavailable`,
-    /// `connection_misconfigured`, `not_found`, `method_not_allowed`, `internal_error`.
+    /// `connection_misconfigured`, `server_busy`, `not_found`, `method_not_allowed`, `internal_error`.
     error: String,
     error_description: String,
     /// With `consent_required`: where an admin consents (again).

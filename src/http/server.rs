@@ -50,6 +50,7 @@ pub async fn serve(
     let max_connections = held_below_open_files(limits.max_connections);
     let mut make_service = router.into_make_service_with_connect_info::<SocketAddr>();
     let registry = Arc::new(Registry::default());
+    let probes = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     // When an accept error was last logged (`Instant - Duration` could underflow on a
@@ -99,11 +100,18 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         if registry.len() >= max_connections && !registry.evict_oldest_idle() {
-            // Every connection is busy with a request: refuse this one.
-            tracing::warn!(
-                "connection limit reached with every connection busy; closing a new one"
-            );
-            drop(stream);
+            // Every connection is busy with a request. Probes must still get their answer
+            // (the Functions host and load balancers restart an instance whose health
+            // check fails): a few connections beyond the cap are served for health alone.
+            match ProbeSlot::take(&probes) {
+                Some(slot) => serve_probe(stream, slot, limits),
+                None => {
+                    tracing::warn!(
+                        "connection limit reached with every connection busy; closing a new one"
+                    );
+                    drop(stream);
+                }
+            }
             continue;
         }
         let Ok(service) = make_service.call(peer).await;
@@ -175,6 +183,75 @@ pub async fn serve(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
+}
+
+/// How many connections beyond the cap may be open at once for probes (see
+/// [`serve_probe`]).
+const PROBE_LANE: usize = 8;
+
+/// The longest a probe connection may take to send its request line and headers.
+const PROBE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One of the [`PROBE_LANE`] places beyond the cap; freed when dropped.
+struct ProbeSlot(Arc<AtomicUsize>);
+
+impl ProbeSlot {
+    fn take(probes: &Arc<AtomicUsize>) -> Option<Self> {
+        probes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < PROBE_LANE).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(Arc::clone(probes)))
+    }
+}
+
+impl Drop for ProbeSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A connection accepted beyond the cap while every other one is busy: one request, read
+/// within [`PROBE_HEADER_TIMEOUT`], answered without the router — `GET /api/health` and the
+/// host's `GET /` as usual, anything else `503 server_busy` with `Retry-After` — then
+/// closed. No body is read and no credential is looked at, so the lane costs the busy
+/// instance nothing it could be made to spend.
+fn serve_probe(stream: tokio::net::TcpStream, slot: ProbeSlot, limits: &ServerConfig) {
+    let service = tower::service_fn(|request: Request<hyper::body::Incoming>| async move {
+        let response = match (request.method(), request.uri().path()) {
+            (&axum::http::Method::GET, "/api/health") => super::health().await,
+            (&axum::http::Method::GET, "/") => {
+                axum::response::IntoResponse::into_response(super::root().await)
+            }
+            _ => {
+                let mut busy = axum::response::IntoResponse::into_response(super::ApiError::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "server_busy",
+                    "every connection is busy; try again shortly",
+                ));
+                busy.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("1"),
+                );
+                busy
+            }
+        };
+        Ok::<_, std::convert::Infallible>(response)
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout.min(PROBE_HEADER_TIMEOUT))
+        .keep_alive(false)
+        .serve_connection(
+            TokioIo::new(WriteStall::new(stream, limits.write_timeout)),
+            TowerToHyperService::new(service),
+        );
+    tokio::spawn(async move {
+        // However the peer behaves, the place is given back within a bound.
+        let _ = tokio::time::timeout(PROBE_HEADER_TIMEOUT * 2, connection).await;
+        drop(slot);
+    });
 }
 
 /// `configured` connections, or fewer if the open-file limit (`RLIMIT_NOFILE`'s soft limit)

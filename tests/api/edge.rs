@@ -370,6 +370,20 @@ async fn trickling_uploads_are_cut_at_the_body_timeout_and_health_gets_through()
     // upload still sending its headers would be evicted as idle for the health check).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let health = health_answers_within(port, since, GIVE_UP).await;
+    // At the cap, with every connection busy, a probe still gets its answer (a few places
+    // beyond the cap serve health alone), and any other request a prompt 503.
+    let busy = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/api/refresh/acme"))
+        .header("X-API-Key", CALLER_KEY)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .expect("an answer beyond the cap");
+    let during = since.elapsed();
+    assert_eq!(busy.status(), 503);
+    assert_eq!(busy.headers()["retry-after"], "1");
+    let body: serde_json::Value = busy.json().await.expect("json");
+    assert_eq!(body["error"], "server_busy", "{body}");
     // Cut at the timeout, measured from the headers; the slack is for a loaded machine.
     let bound = BODY_TIMEOUT + Duration::from_millis(2500);
     for (i, upload) in uploads.into_iter().enumerate() {
@@ -385,7 +399,38 @@ async fn trickling_uploads_are_cut_at_the_body_timeout_and_health_gets_through()
     }
     let health = health.unwrap_or_else(|| panic!("health refused for {GIVE_UP:?}"));
     eprintln!("health answered {health:?} after the uploads began");
-    assert!(health < bound, "health answered only after {health:?}");
+    assert!(
+        health < BODY_TIMEOUT - Duration::from_millis(500) && during < BODY_TIMEOUT,
+        "health answered only after {health:?} (the busy answer after {during:?}): not at the cap"
+    );
+    // With the uploads cut, callers reach the router again (no consent yet: 409).
+    let after = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/api/refresh/acme"))
+        .header("X-API-Key", CALLER_KEY)
+        .send()
+        .await
+        .expect("refresh");
+    assert_eq!(after.status(), 409);
+}
+
+/// How long from `since` until a caller's `/api/refresh/acme` is answered 200 (the router,
+/// not the probe lane beyond the cap); `None`: not within `within`.
+async fn caller_answers_within(port: u16, since: Instant, within: Duration) -> Option<Duration> {
+    let http = reqwest::Client::new();
+    while since.elapsed() < within {
+        let answered = http
+            .get(format!("http://127.0.0.1:{port}/api/refresh/acme"))
+            .header("X-API-Key", CALLER_KEY)
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .is_ok_and(|response| response.status() == 200);
+        if answered {
+            return Some(since.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
 }
 
 /// An answer the caller stops reading ends once its writes have stalled for
@@ -428,13 +473,14 @@ async fn answers_nobody_reads_are_closed_at_the_write_timeout() {
         stalled.push(stream);
     }
     let since = Instant::now();
-    let health = health_answers_within(port, since, Duration::from_secs(15)).await;
-    let health = health.expect("health refused for 15 s: the unread answers held the cap");
-    eprintln!("health answered {health:?} after the last download stalled");
+    // A caller's request, not a probe (probes are answered beyond the cap anyway).
+    let caller = caller_answers_within(port, since, Duration::from_secs(15)).await;
+    let caller = caller.expect("callers refused for 15 s: the unread answers held the cap");
+    eprintln!("a caller was answered {caller:?} after the last download stalled");
     // Filling the buffers takes a moment; then the write timeout.
     assert!(
-        health < WRITE_TIMEOUT + Duration::from_secs(5),
-        "health answered only after {health:?}"
+        caller < WRITE_TIMEOUT + Duration::from_secs(5),
+        "a caller was answered only after {caller:?}"
     );
     // Each stalled connection was closed: what is left to read is what the socket buffers
     // held when the broker gave up, then the end. (Reading one before its writes have
