@@ -104,4 +104,34 @@ mod tests {
         assert!(parse_resolve("a.example").is_err());
         assert!(parse_resolve("a.example=localhost").is_err());
     }
+
+    /// A peer that streams (no declared length) is cut once it passes the cap.
+    #[tokio::test]
+    async fn a_streamed_answer_is_cut_at_the_cap() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/", listener.local_addr().expect("addr"));
+        let app = axum::Router::new().fallback(|| async {
+            // 64 chunks of 64 KiB: 4 MiB, sent chunked.
+            let chunks = futures_util::stream::iter(
+                (0..64).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 64 << 10]))),
+            );
+            axum::body::Body::from_stream(chunks)
+        });
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = reqwest::Client::new();
+        let response = http.get(&url).send().await.expect("request");
+        assert_eq!(response.content_length(), None, "chunked");
+        match read_capped(response, 1 << 20).await {
+            Err(BodyError::TooLarge(limit)) => assert_eq!(limit, 1 << 20),
+            other => panic!("expected TooLarge, got {:?}", other.map(|b| b.len())),
+        }
+        let response = http.get(&url).send().await.expect("request");
+        assert_eq!(
+            read_capped(response, 8 << 20).await.expect("under").len(),
+            4 << 20
+        );
+        server.abort();
+    }
 }

@@ -26,10 +26,14 @@ fn cli(config: &std::path::Path) -> Command {
     command
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn login_stores_a_refresh_token_and_token_serves_it_like_the_api() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
+/// The strict upstream expecting `login`'s redirect URI on `port`, and `base` with its file
+/// store under `dir` and two connections to the upstream, `acme` and `other`: the upstream,
+/// the config file and the store folder.
+async fn login_setup(
+    dir: &std::path::Path,
+    port: u16,
+    base: BrokerConfig,
+) -> (Upstream, std::path::PathBuf, std::path::PathBuf) {
     // What an admin registers at the provider for `login`.
     let upstream = Upstream::start(
         &format!("http://127.0.0.1:{port}/api/callback"),
@@ -37,14 +41,21 @@ async fn login_stores_a_refresh_token_and_token_serves_it_like_the_api() {
         3600,
     )
     .await;
-    let store = dir.path().join("tokens");
-    let config = BrokerConfig::default()
+    let store = dir.join("tokens");
+    let secret = format!("client_secret = \"{}\"", upstream.client_secret);
+    let config = base
         .store("path", store.display().to_string())
-        .tables(&upstream.connection_toml(
-            "acme",
-            &format!("client_secret = \"{}\"", upstream.client_secret),
-        ))
-        .write(dir.path());
+        .tables(&upstream.connection_toml("acme", &secret))
+        .tables(&upstream.connection_toml("other", &secret))
+        .write(dir);
+    (upstream, config, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_stores_a_refresh_token_and_token_serves_it_like_the_api() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let (upstream, config, store) = login_setup(dir.path(), port, BrokerConfig::default()).await;
 
     let mut login = cli(&config)
         .args(["login", "acme", "--no-browser", "--timeout", "60", "--port"])
@@ -175,25 +186,8 @@ async fn login_stores_a_refresh_token_and_token_serves_it_like_the_api() {
 async fn logins_one_time_key_opens_one_consent_once_and_nothing_else() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let upstream = Upstream::start(
-        &format!("http://127.0.0.1:{port}/api/callback"),
-        "client_secret_basic",
-        3600,
-    )
-    .await;
-    let store = dir.path().join("tokens");
-    let config = BrokerConfig::default()
-        .top("state_secret", crate::support::STATE_SECRET)
-        .store("path", store.display().to_string())
-        .tables(&upstream.connection_toml(
-            "acme",
-            &format!("client_secret = \"{}\"", upstream.client_secret),
-        ))
-        .tables(&upstream.connection_toml(
-            "other",
-            &format!("client_secret = \"{}\"", upstream.client_secret),
-        ))
-        .write(dir.path());
+    let deployment = BrokerConfig::default().top("state_secret", crate::support::STATE_SECRET);
+    let (_upstream, config, _) = login_setup(dir.path(), port, deployment).await;
     // A desktop whose browser launcher records what it was given.
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).expect("bin");

@@ -435,7 +435,7 @@ async fn broker_with_admin_keys(
     dir: &std::path::Path,
     public_url: &str,
     admin_keys: &[&str],
-) -> (String, tokio::sync::oneshot::Sender<()>) {
+) -> crate::support::ConfiguredBroker {
     let text = crate::support::BrokerConfig::default()
         .top("state_secret", crate::support::STATE_SECRET)
         .top("public_url", public_url)
@@ -446,19 +446,7 @@ async fn broker_with_admin_keys(
         .file_store(&dir.join("tokens"))
         .tables("[connections.acme]\nprovider = \"oauth2\"\nauthorize_url = \"https://id.example.com/auth\"\ntoken_url = \"https://id.example.com/token\"\nclient_id = \"c\"\n")
         .render();
-    let config = token_broker::Config::parse(&text, &|_| None).expect("config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let app = token_broker::Application::build(config, listener)
-        .await
-        .expect("build");
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(app.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
-    (base, stop)
+    crate::support::ConfiguredBroker::serve(&text).await
 }
 
 /// An admin session ends when the admin keys change — on every instance sharing the
@@ -471,8 +459,8 @@ async fn admin_sessions_end_when_the_admin_keys_change_and_are_host_cookies_on_h
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("client");
-    let (base, stop) =
-        broker_with_admin_keys(dir.path(), "https://broker.example", &[ADMIN_KEY]).await;
+    let broker = broker_with_admin_keys(dir.path(), "https://broker.example", &[ADMIN_KEY]).await;
+    let base = broker.base.clone();
     let exchanged = http
         .get(format!("{base}/api/connections?key={ADMIN_KEY}"))
         .send()
@@ -513,7 +501,7 @@ async fn admin_sessions_end_when_the_admin_keys_change_and_are_host_cookies_on_h
     // The bare name is not the session on https.
     let bare = session.replacen("__Host-", "", 1);
     assert_eq!(status(base.clone(), bare).await, 401);
-    let _ = stop.send(());
+    drop(broker);
 
     // Another instance with the same admin keys takes it; one whose keys changed does not,
     // whichever way they changed.
@@ -523,10 +511,12 @@ async fn admin_sessions_end_when_the_admin_keys_change_and_are_host_cookies_on_h
         (vec![ROTATED], false),
         (vec![ROTATED, ADMIN_KEY], false),
     ] {
-        let (base, stop) =
-            broker_with_admin_keys(dir.path(), "https://broker.example", &keys).await;
+        let broker = broker_with_admin_keys(dir.path(), "https://broker.example", &keys).await;
         let expected = if accepted { 200 } else { 401 };
-        assert_eq!(status(base, session.clone()).await, expected, "{keys:?}");
-        let _ = stop.send(());
+        assert_eq!(
+            status(broker.base.clone(), session.clone()).await,
+            expected,
+            "{keys:?}"
+        );
     }
 }

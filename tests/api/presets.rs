@@ -556,24 +556,13 @@ async fn oidc_discovery_refuses_a_document_for_another_issuer() {
     .await;
     // The same server under another name: its document names 127.0.0.1, not localhost.
     let other_name = upstream.url.replace("127.0.0.1", "localhost");
-    let text = format!(
-        "[auth]\nallow_anonymous = true\n[connections.idp]\nprovider = \"oidc\"\nissuer = \"{other_name}\"\nclient_id = \"broker\"\n"
-    );
-    let config = token_broker::Config::parse(&text, &|_| None).expect("config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
     // The broker starts regardless (one connection's trouble never stops the others); the
     // connection answers why it cannot serve.
-    let app = token_broker::Application::build(config, listener)
-        .await
-        .expect("startup survives a failed discovery");
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
-    let response = reqwest::get(format!("{base}/api/refresh/idp"))
+    let broker = crate::support::ConfiguredBroker::serve(&format!(
+        "[auth]\nallow_anonymous = true\n[connections.idp]\nprovider = \"oidc\"\nissuer = \"{other_name}\"\nclient_id = \"broker\"\n"
+    ))
+    .await;
+    let response = reqwest::get(format!("{}/api/refresh/idp", broker.base))
         .await
         .expect("refresh");
     assert_eq!(response.status(), 503);
@@ -582,8 +571,6 @@ async fn oidc_discovery_refuses_a_document_for_another_issuer() {
     let err = body["error_description"].as_str().expect("description");
     assert!(err.contains("connections.idp.issuer"), "{err}");
     assert!(err.contains("names the issuer"), "{err}");
-    let _ = stop.send(());
-    server.await.expect("join").expect("served");
 }
 
 #[tokio::test]
@@ -700,6 +687,56 @@ async fn a_tenant_is_addressed_by_id_or_name_with_the_same_token_and_no_upstream
     );
 }
 
+/// A discovery double at a loopback issuer, serving what `document` makes of the issuer URL.
+async fn discovery_double(
+    document: impl Fn(&str) -> String + Clone + Send + Sync + 'static,
+) -> (String, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let issuer = format!("http://{}", listener.local_addr().expect("addr"));
+    let body = document(&issuer);
+    let discovery = axum::Router::new().route(
+        "/.well-known/openid-configuration",
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move { ([("content-type", "application/json")], body) }
+        }),
+    );
+    (
+        issuer,
+        tokio::spawn(async move { axum::serve(listener, discovery).await }),
+    )
+}
+
+/// What `/api/authorize/idp` answers an admin on a broker whose `idp` connection discovers
+/// `issuer`.
+async fn authorize_discovered(issuer: &str) -> (u16, Option<String>, Value) {
+    let broker = crate::support::ConfiguredBroker::serve(&format!(
+        "[auth]\nadmin_keys = [\"{ADMIN_KEY}\"]\n[connections.idp]\nprovider = \"oidc\"\nissuer = \"{issuer}\"\nclient_id = \"broker\"\n"
+    ))
+    .await;
+    let response = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+        .get(format!("{}/api/authorize/idp", broker.base))
+        .header("X-API-Key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("authorize");
+    let status = response.status().as_u16();
+    let location = response
+        .headers()
+        .get(LOCATION)
+        .map(|l| l.to_str().expect("ascii").to_owned());
+    (
+        status,
+        location,
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
 /// An issuer whose discovery document names plain-http endpoints off this machine is
 /// refused: the broker would send the browser there and the client secret, codes and
 /// refresh tokens in clear. The connection is misconfigured; nothing is redirected.
@@ -717,58 +754,61 @@ async fn oidc_discovery_refuses_endpoints_that_are_not_https() {
             "token_endpoint",
         ),
     ] {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let issuer = format!("http://{}", listener.local_addr().expect("addr"));
-        let document = json!({
-            "issuer": issuer,
-            "authorization_endpoint": authorization,
-            "token_endpoint": token,
-        });
-        let discovery = axum::Router::new().route(
-            "/.well-known/openid-configuration",
-            axum::routing::get(move || {
-                let document = document.clone();
-                async move { axum::Json(document) }
-            }),
-        );
-        let served = tokio::spawn(async move { axum::serve(listener, discovery).await });
-        let text = format!(
-            "[auth]\nadmin_keys = [\"{}\"]\n[connections.idp]\nprovider = \"oidc\"\nissuer = \"{issuer}\"\nclient_id = \"broker\"\n",
-            crate::support::ADMIN_KEY
-        );
-        let config = token_broker::Config::parse(&text, &|_| None).expect("config");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let app = token_broker::Application::build(config, listener)
-            .await
-            .expect("startup survives a refused discovery");
-        let base = format!("http://127.0.0.1:{}", app.port());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(app.run_until_stopped(async {
-            let _ = stopped.await;
-        }));
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("client");
-        let authorize = http
-            .get(format!("{base}/api/authorize/idp"))
-            .header("X-API-Key", crate::support::ADMIN_KEY)
-            .send()
-            .await
-            .expect("authorize");
-        assert_eq!(authorize.status(), 503, "{refused}");
-        assert!(authorize.headers().get("location").is_none());
-        let body: Value = authorize.json().await.expect("json");
+        let (issuer, served) = discovery_double(move |issuer| {
+            json!({
+                "issuer": issuer,
+                "authorization_endpoint": authorization,
+                "token_endpoint": token,
+            })
+            .to_string()
+        })
+        .await;
+        let (status, location, body) = authorize_discovered(&issuer).await;
+        assert_eq!(status, 503, "{refused}: {body}");
+        assert_eq!(location, None);
         assert_eq!(body["error"], "connection_misconfigured", "{body}");
         let description = body["error_description"].as_str().expect("description");
         assert!(description.contains(refused), "{description}");
         assert!(description.contains("not https"), "{description}");
-        let _ = stop.send(());
-        server.await.expect("join").expect("served");
         served.abort();
     }
+}
+
+/// Bodies read from peers are capped (1 MiB): a discovery document padded past it is
+/// refused unread beyond the cap, whether its length is declared or it streams.
+#[tokio::test]
+async fn a_peers_answer_over_the_cap_is_refused() {
+    let (issuer, served) = discovery_double(|issuer| {
+        json!({
+            "issuer": issuer,
+            "authorization_endpoint": format!("{issuer}/authorize"),
+            "token_endpoint": format!("{issuer}/token"),
+            "padding": "x".repeat(2 << 20),
+        })
+        .to_string()
+    })
+    .await;
+    let (status, _, body) = authorize_discovered(&issuer).await;
+    assert_eq!(status, 503, "{body}");
+    let description = body["error_description"].as_str().expect("description");
+    assert!(
+        description.contains("larger than 1048576 bytes"),
+        "{description}"
+    );
+    served.abort();
+    // The same document under the cap is taken.
+    let (issuer, served) = discovery_double(|issuer| {
+        json!({
+            "issuer": issuer,
+            "authorization_endpoint": format!("{issuer}/authorize"),
+            "token_endpoint": format!("{issuer}/token"),
+            "padding": "x".repeat(512 << 10),
+        })
+        .to_string()
+    })
+    .await;
+    let (status, location, body) = authorize_discovered(&issuer).await;
+    assert_eq!(status, 302, "{body}");
+    assert!(location.is_some_and(|l| l.starts_with(&format!("{issuer}/authorize"))));
+    served.abort();
 }

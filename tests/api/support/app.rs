@@ -219,3 +219,39 @@ impl Drop for TestApp {
         }
     }
 }
+
+/// A broker built in process from a configuration text (parsed without an environment) on a
+/// free loopback port, for tests that need a configuration `TestApp` does not make (other
+/// admin keys, an issuer to discover); stopped when dropped.
+pub struct ConfiguredBroker {
+    pub base: String,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl ConfiguredBroker {
+    /// Startup must succeed (one connection's trouble never stops the broker).
+    pub async fn serve(text: &str) -> Self {
+        let config = Config::parse(text, &|_| None).expect("test config is valid");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let app = Application::build(config, listener)
+            .await
+            .expect("startup succeeds");
+        let base = format!("http://127.0.0.1:{}", app.port());
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            base,
+            stop: Some(stop),
+        }
+    }
+}
+
+impl Drop for ConfiguredBroker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

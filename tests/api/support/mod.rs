@@ -13,7 +13,7 @@ mod config;
 mod process;
 mod upstream;
 
-pub use app::{Options, TestApp};
+pub use app::{ConfiguredBroker, Options, TestApp};
 pub use browser::{consent, consent_until_callback, meta_refresh, walk_to_callback, Browser};
 pub use config::BrokerConfig;
 pub use process::{memory_kib, wait_ready, BrokerProcess, ConsentedBroker};
