@@ -385,7 +385,7 @@ resource connectionStateAlert 'Microsoft.Insights/scheduledQueryRules@2021-08-01
 }
 
 // grant_expiring: a grant forecast to end soon (the timer's pass logs it once per connection
-// and forecast date, WARN; see README "When will my grant die?"). Hourly over the last two
+// and forecast date, WARN; see docs/operations.md, "When will my grant die?"). Hourly over the last two
 // hours: a warning days ahead needs no 5-minute urgency. Same line shapes as above.
 var grantExpiringQuery = '''
 traces

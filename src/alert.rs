@@ -1,5 +1,5 @@
 //! Telling an admin when a connection changes state: one log event per transition, with a
-//! stable name and fields that an Application Insights alert rule matches (see the README's
+//! stable name and fields that an Application Insights alert rule matches (see `docs/operations.md`,
 //! "Alerts"), and optionally a small JSON POST to an incoming webhook (Teams, Slack).
 //!
 //! The event is `connection_state_changed` with target `token_broker::alert` and the fields
