@@ -42,142 +42,21 @@ impl Application {
     }
 
     async fn build_with(
-        mut config: Config,
+        config: Config,
         listener: TcpListener,
         login: Option<LoginGate>,
     ) -> anyhow::Result<Self> {
         let port = listener.local_addr()?.port();
-        let public_url = match config.public_url.clone() {
-            Some(url) => url,
-            None => Url::parse(&format!("http://localhost:{port}"))?,
-        };
-        let redirect_uri = Url::parse(&format!(
-            "{}/api/callback",
-            public_url.as_str().trim_end_matches('/')
-        ))?;
-
-        let opened = store::open(&config)?;
-        let store = opened.store;
-        let http = UpstreamHttp::new(config.refresh.upstream_timeout)
-            .context("building the HTTP client")?;
-        // One connection's trouble (its client secret not in the vault yet, discovery
-        // unreachable) must not take the others or the health route down: it is
-        // `misconfigured` and retried in the background until it works.
-        let connections = Arc::new(std::mem::take(&mut config.connections));
-        let setup = Setup {
-            vault: opened.vault.clone(),
-            http: http.client().clone(),
-            redirect_uri: redirect_uri.clone(),
-            default_lifetime: config.refresh.default_lifetime,
-        };
-        let mut providers = BTreeMap::new();
-        for (name, connection) in connections.iter() {
-            if !connection.added_scopes.is_empty() {
-                tracing::info!(connection = %name, provider = connection.provider.name(), added = ?connection.added_scopes, "added scopes the provider needs for a refresh token");
-            }
-            let provider = setup.provider(name, connection).await;
-            if let Err(reason) = &provider {
-                tracing::error!(connection = %name, "connection misconfigured (retried in the background; the others serve): {reason}");
-            }
-            providers.insert(
-                name.clone(),
-                ConnectionSetup {
-                    provider_name: connection.provider.name(),
-                    provider,
-                },
-            );
-        }
-
-        let auth = CallerAuth::new(&config.auth, http.client())?;
-        if auth.is_anonymous() {
-            tracing::warn!("!!! auth.allow_anonymous = true: ANYONE who can reach this service can get tokens and start consents. Never use this in production. !!!");
-        } else if !auth.has_admins() {
-            tracing::warn!(
-                "no admin keys or admin principals configured: /api/authorize will refuse everyone"
-            );
-        }
-        for warning in &config.warnings {
-            tracing::warn!("{warning}");
-        }
-        let lock = crate::lock::open(&config)?;
-        match &config.lock {
-            crate::config::LockConfig::Local(_) if config.functions_host => {
-                tracing::warn!("no identity-based storage configured (AzureWebJobsStorage__blobServiceUri or __accountName): refreshes are coordinated within this instance only, and two instances refreshing one connection at once can cost a rotating provider's grant");
-            }
-            crate::config::LockConfig::Local(_) => {
-                tracing::info!("refreshes are coordinated within this process only (no storage account configured): run one instance");
-            }
-            crate::config::LockConfig::Blob(_) => {}
-        }
-        if config.state_secret.is_none() {
-            tracing::info!("no state_secret configured: a random key signs `state`, so consents in progress do not survive a restart and need a single instance");
-        }
-        tracing::info!(
-            store = %store.describe(),
-            lock = %lock.describe(),
-            public_url = %public_url,
-            redirect_uri = %redirect_uri,
-            connections = ?providers.keys().collect::<Vec<_>>(),
-            "token broker configured"
-        );
-
-        let broker = Arc::new(
-            Broker::new(
-                providers,
-                store,
-                (lock, config.lock.timings().clone()),
-                http,
-                (
-                    config.refresh.min_validity,
-                    ForceLimit {
-                        burst: config.refresh.force_burst,
-                        interval: config.refresh.force_interval,
-                    },
-                ),
-                Arc::new(crate::clock::SystemClock),
-                Alerts::new(config.alert_webhook.as_ref())?,
-            )
-            .with_expiry_warning(config.refresh.expiry_warning),
-        );
-        tokio::spawn(retry_setups(
-            Arc::downgrade(&broker),
-            Arc::clone(&connections),
-            setup,
-        ));
-        let proxy_bases = connections
-            .iter()
-            .filter_map(|(name, c)| Some((name.clone(), c.proxy_base.clone()?)))
-            .collect();
-        // The proxy's client: redirects are never followed (a redirect could lead off the
-        // connection's API with the token), and a slow API cannot hold a caller forever.
-        let proxy_http = crate::http_client::builder()?
-            .redirect(reqwest::redirect::Policy::none())
-            .read_timeout(std::time::Duration::from_secs(120))
-            .build()
-            .context("building the proxy's HTTP client")?;
-        // Admin sessions end when the admin keys change (on every instance alike).
-        let signer = StateSigner::new(config.state_secret.as_ref())
-            .with_session_scope(&auth.admin_generation());
-        let state = Arc::new(AppState {
-            proxy_bases,
-            proxy_http,
-            broker,
-            auth,
-            signer,
-            public_url,
-            prerefresh_window: config.refresh.prerefresh_window,
-            functions_host: config.functions_host,
-            local_mode: config.local_mode,
-            login,
-        });
+        let limits = config.server.clone();
+        let state = wire(config, port, login).await?;
         Ok(Self {
             listener,
             state,
-            limits: config.server.clone(),
+            limits,
         })
     }
 
-    /// The broker behind the routes (the CLI's `token` and `login` use it directly).
+    /// The broker behind the routes (the CLI's `login` uses it directly).
     pub fn broker(&self) -> Arc<Broker> {
         Arc::clone(&self.state.broker)
     }
@@ -210,6 +89,148 @@ impl Application {
         broker.flush_pending().await;
         served
     }
+}
+
+/// The broker without a server, for the CLI's `token` (zero-to-production's split of the
+/// wiring from the binding): the same store, lock, providers and coordination as the
+/// service, and no port. The public URL (in `consent_required` answers) defaults to
+/// `http://localhost:7071`, what `serve` listens on.
+pub async fn broker(config: Config) -> anyhow::Result<Arc<Broker>> {
+    let state = wire(config, 7071, None).await?;
+    Ok(Arc::clone(&state.broker))
+}
+
+/// Everything the routes share, wired from `config`. The public URL defaults to
+/// `http://localhost:{port}`.
+async fn wire(
+    mut config: Config,
+    port: u16,
+    login: Option<LoginGate>,
+) -> anyhow::Result<Arc<AppState>> {
+    let public_url = match config.public_url.clone() {
+        Some(url) => url,
+        None => Url::parse(&format!("http://localhost:{port}"))?,
+    };
+    let redirect_uri = Url::parse(&format!(
+        "{}/api/callback",
+        public_url.as_str().trim_end_matches('/')
+    ))?;
+
+    let opened = store::open(&config)?;
+    let store = opened.store;
+    let http =
+        UpstreamHttp::new(config.refresh.upstream_timeout).context("building the HTTP client")?;
+    // One connection's trouble (its client secret not in the vault yet, discovery
+    // unreachable) must not take the others or the health route down: it is
+    // `misconfigured` and retried in the background until it works.
+    let connections = Arc::new(std::mem::take(&mut config.connections));
+    let setup = Setup {
+        vault: opened.vault.clone(),
+        http: http.client().clone(),
+        redirect_uri: redirect_uri.clone(),
+        default_lifetime: config.refresh.default_lifetime,
+    };
+    let mut providers = BTreeMap::new();
+    for (name, connection) in connections.iter() {
+        if !connection.added_scopes.is_empty() {
+            tracing::info!(connection = %name, provider = connection.provider.name(), added = ?connection.added_scopes, "added scopes the provider needs for a refresh token");
+        }
+        let provider = setup.provider(name, connection).await;
+        if let Err(reason) = &provider {
+            tracing::error!(connection = %name, "connection misconfigured (retried in the background; the others serve): {reason}");
+        }
+        providers.insert(
+            name.clone(),
+            ConnectionSetup {
+                provider_name: connection.provider.name(),
+                provider,
+            },
+        );
+    }
+
+    let auth = CallerAuth::new(&config.auth, http.client())?;
+    if auth.is_anonymous() {
+        tracing::warn!("!!! auth.allow_anonymous = true: ANYONE who can reach this service can get tokens and start consents. Never use this in production. !!!");
+    } else if !auth.has_admins() {
+        tracing::warn!(
+            "no admin keys or admin principals configured: /api/authorize will refuse everyone"
+        );
+    }
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    let lock = crate::lock::open(&config)?;
+    match &config.lock {
+        crate::config::LockConfig::Local(_) if config.functions_host => {
+            tracing::warn!("no identity-based storage configured (AzureWebJobsStorage__blobServiceUri or __accountName): refreshes are coordinated within this instance only, and two instances refreshing one connection at once can cost a rotating provider's grant");
+        }
+        crate::config::LockConfig::Local(_) => {
+            tracing::info!("refreshes are coordinated within this process only (no storage account configured): run one instance");
+        }
+        crate::config::LockConfig::Blob(_) => {}
+    }
+    if config.state_secret.is_none() {
+        tracing::info!("no state_secret configured: a random key signs `state`, so consents in progress do not survive a restart and need a single instance");
+    }
+    tracing::info!(
+        store = %store.describe(),
+        lock = %lock.describe(),
+        public_url = %public_url,
+        redirect_uri = %redirect_uri,
+        connections = ?providers.keys().collect::<Vec<_>>(),
+        "token broker configured"
+    );
+
+    let broker = Arc::new(
+        Broker::new(
+            providers,
+            store,
+            (lock, config.lock.timings().clone()),
+            http,
+            (
+                config.refresh.min_validity,
+                ForceLimit {
+                    burst: config.refresh.force_burst,
+                    interval: config.refresh.force_interval,
+                },
+            ),
+            Arc::new(crate::clock::SystemClock),
+            Alerts::new(config.alert_webhook.as_ref())?,
+        )
+        .with_expiry_warning(config.refresh.expiry_warning),
+    );
+    tokio::spawn(retry_setups(
+        Arc::downgrade(&broker),
+        Arc::clone(&connections),
+        setup,
+    ));
+    let proxy_bases = connections
+        .iter()
+        .filter_map(|(name, c)| Some((name.clone(), c.proxy_base.clone()?)))
+        .collect();
+    // The proxy's client: redirects are never followed (a redirect could lead off the
+    // connection's API with the token), and a slow API cannot hold a caller forever.
+    let proxy_http = crate::http_client::builder()?
+        .redirect(reqwest::redirect::Policy::none())
+        .read_timeout(std::time::Duration::from_secs(120))
+        .build()
+        .context("building the proxy's HTTP client")?;
+    // Admin sessions end when the admin keys change (on every instance alike).
+    let signer =
+        StateSigner::new(config.state_secret.as_ref()).with_session_scope(&auth.admin_generation());
+    let state = Arc::new(AppState {
+        proxy_bases,
+        proxy_http,
+        broker,
+        auth,
+        signer,
+        public_url,
+        prerefresh_window: config.refresh.prerefresh_window,
+        functions_host: config.functions_host,
+        local_mode: config.local_mode,
+        login,
+    });
+    Ok(state)
 }
 
 /// What setting up a connection's provider needs besides its config.

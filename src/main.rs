@@ -197,13 +197,6 @@ async fn check(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The broker over `config`, without serving (its routes are not reachable: the listener is
-/// a loopback port nobody is told about).
-async fn offline_app(config: Config) -> anyhow::Result<Application> {
-    let listener = tokio::net::TcpListener::bind((IpAddr::from([127, 0, 0, 1]), 0)).await?;
-    Application::build(config, listener).await
-}
-
 async fn token(
     config: Config,
     connection: &str,
@@ -213,8 +206,7 @@ async fn token(
     if !config.connections.contains_key(connection) {
         anyhow::bail!("no connection `{connection}` in the config");
     }
-    let app = offline_app(config).await?;
-    let broker = app.broker();
+    let broker = token_broker::app::broker(config).await?;
     let request = token_broker::broker::TokenRequest {
         min_validity: min_validity.map(std::time::Duration::from_secs),
         force,
