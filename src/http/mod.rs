@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderValue, Method, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use serde_json::json;
 use tower_http::trace::TraceLayer;
@@ -125,63 +125,77 @@ async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::B
     }
 }
 
-/// The broker's routes (for `login`'s process, only the consent's).
-pub fn router(state: Arc<AppState>) -> Router {
-    if state.login.is_some() {
-        return login_router(state);
-    }
-    Router::new()
-        .route("/", get(root))
-        .route("/api/health", get(health))
-        .route("/api/authorize/{connection}", get(authorize))
-        .route("/api/callback", get(callback))
-        .route(
+/// A route: its path, its handlers, and the most of a body it may be sent. The limit is part
+/// of the route, not a layer over "the routes so far", so no route can be added without one.
+struct Route {
+    path: &'static str,
+    methods: MethodRouter<Arc<AppState>>,
+    max_body: usize,
+}
+
+/// Every route the broker serves, each with its body limit: a declared length over it is
+/// refused with 413 before anything is read or anyone authenticated (JSON-shaped by
+/// `json_framework_errors`). Handlers that read a body take less still (`read_body`).
+fn routes() -> Vec<Route> {
+    let route = |path, methods, max_body| Route {
+        path,
+        methods,
+        max_body,
+    };
+    vec![
+        route("/", get(root), MAX_BODY),
+        route("/api/health", get(health), MAX_BODY),
+        route("/api/authorize/{connection}", get(authorize), MAX_BODY),
+        route("/api/callback", get(callback), MAX_BODY),
+        route(
             "/api/refresh/{connection}",
             get(refresh_get).post(refresh_post),
-        )
-        .route("/api/openapi.json", get(openapi::openapi_json))
-        .route("/api/connections", get(connections))
-        .route("/prerefresh", post(prerefresh))
-        .fallback(not_found)
-        // A declared length over the most any route reads: 413 before anything is read or
-        // anyone authenticated (the answer is JSON-shaped below).
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
-        // The proxy streams bodies to the API, with a limit of its own (added after the
-        // layer above, which applies only to the routes before it).
-        .route(
+            MAX_BODY,
+        ),
+        route("/api/openapi.json", get(openapi::openapi_json), MAX_BODY),
+        route("/api/connections", get(connections), MAX_BODY),
+        route("/prerefresh", post(prerefresh), MAX_BODY),
+        // The proxy streams bodies to the API, so it takes more. Only the relayed methods
+        // (`proxy::RELAYED_METHODS`): TRACE, CONNECT and the rest answer 405 with `Allow`.
+        route(
             "/api/proxy/{connection}/{*path}",
-            // Only the relayed methods (`proxy::RELAYED_METHODS`): TRACE, CONNECT and the rest
-            // answer 405 with `Allow`.
             get(proxy::proxy)
                 .post(proxy::proxy)
                 .put(proxy::proxy)
                 .patch(proxy::proxy)
-                .delete(proxy::proxy)
-                .layer(tower_http::limit::RequestBodyLimitLayer::new(
-                    proxy::PROXY_MAX_BODY,
-                )),
-        )
-        .layer(axum::middleware::map_response(json_framework_errors))
-        .layer(
-            // Our own span (`request_span`): the default one records the full URI.
-            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
-                request_span(request.method(), request.uri().path(), request.headers())
-            }),
-        )
-        .with_state(state)
+                .delete(proxy::proxy),
+            proxy::PROXY_MAX_BODY,
+        ),
+    ]
 }
 
 /// What `token-broker login` serves on its loopback port: the consent of its connection
 /// (`authorize` refuses the others) and the callback. Everything else — tokens, status,
 /// the proxy, the timer — is a 404: the process holds no credential anyone may use.
-fn login_router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/api/authorize/{connection}", get(authorize))
-        .route("/api/callback", get(callback))
+const LOGIN_ROUTES: [&str; 2] = ["/api/authorize/{connection}", "/api/callback"];
+
+/// The broker's routes (for `login`'s process, only [`LOGIN_ROUTES`]).
+pub fn router(state: Arc<AppState>) -> Router {
+    let login = state.login.is_some();
+    let mut router = Router::new();
+    for route in routes() {
+        if login && !LOGIN_ROUTES.contains(&route.path) {
+            continue;
+        }
+        router = router.route(
+            route.path,
+            route
+                .methods
+                .layer(tower_http::limit::RequestBodyLimitLayer::new(
+                    route.max_body,
+                )),
+        );
+    }
+    router
         .fallback(not_found)
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY))
         .layer(axum::middleware::map_response(json_framework_errors))
         .layer(
+            // Our own span (`request_span`): the default one records the full URI.
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
                 request_span(request.method(), request.uri().path(), request.headers())
             }),
@@ -316,4 +330,40 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
         "not_found",
         format!("no route for {method} {}", uri.path()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The route table is the document's: a route served but not documented (or the
+    /// reverse) fails here, and every route carries a body limit by construction.
+    #[test]
+    fn every_route_is_documented_and_has_a_body_limit() {
+        let document = openapi_document();
+        let mut documented: Vec<String> = document["paths"]
+            .as_object()
+            .expect("paths")
+            .keys()
+            .cloned()
+            .collect();
+        documented.sort();
+        let mut served: Vec<String> = routes()
+            .iter()
+            .map(|route| route.path.replace("{*", "{"))
+            .collect();
+        served.sort();
+        assert_eq!(served, documented);
+        for route in routes() {
+            assert!(
+                (1..=proxy::PROXY_MAX_BODY).contains(&route.max_body),
+                "{}: {}",
+                route.path,
+                route.max_body
+            );
+        }
+        for path in LOGIN_ROUTES {
+            assert!(routes().iter().any(|route| route.path == path), "{path}");
+        }
+    }
 }

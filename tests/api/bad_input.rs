@@ -394,3 +394,46 @@ async fn a_forged_code_on_a_real_consent_answers_400_with_its_page() {
     assert!(page.contains("refused the authorization code"), "{page}");
     assert!(app.stored("acme").is_none(), "nothing stored");
 }
+
+/// Every operation the OpenAPI document lists refuses a body declared over its route's
+/// limit (64 KB; the proxy's 32 MiB) with the JSON 413, before it is read or anyone is
+/// authenticated: no route lost its limit by being registered after a layer.
+#[tokio::test]
+async fn every_documented_route_refuses_a_declared_body_over_its_limit() {
+    let app = TestApp::spawn().await;
+    let document: Value = app
+        .http
+        .get(format!("{}/api/openapi.json", app.base))
+        .send()
+        .await
+        .expect("openapi")
+        .json()
+        .await
+        .expect("json");
+    let mut checked = 0;
+    for (path, operations) in document["paths"].as_object().expect("paths") {
+        let concrete = path
+            .replace("{connection}", "acme")
+            .replace("{path}", "v2/invoices");
+        // Over the larger limit, so every route's own limit is passed.
+        let declared = 33 * 1024 * 1024;
+        for method in operations.as_object().expect("operations").keys() {
+            let answer = crate::support::raw_request(
+                app.port,
+                &format!(
+                    "{} {concrete} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n",
+                    method.to_uppercase()
+                ),
+            )
+            .await;
+            assert_eq!(answer.status, 413, "{method} {path}: {}", answer.head);
+            assert!(
+                answer.body.contains("\"payload_too_large\""),
+                "{method} {path}: {}",
+                answer.body
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 14, "{checked} operations");
+}
