@@ -10,6 +10,7 @@ use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
 use super::admin::{admit_browser_admin, cookie};
+use super::code::ErrorCode;
 use super::{ApiError, AppState};
 use crate::broker::BrokerError;
 use crate::html;
@@ -50,8 +51,7 @@ pub(super) async fn authorize(
     {
         // `login` serves one connection's consent, and no other.
         return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
+            ErrorCode::NotFound,
             "this login serves only its own connection's consent",
         ));
     }

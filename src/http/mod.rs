@@ -5,6 +5,7 @@
 //! logged, never echoed beyond a secret-free description).
 
 mod admin;
+mod code;
 mod consent;
 mod deadline;
 mod error;
@@ -16,6 +17,7 @@ mod status;
 mod timer;
 
 pub use admin::LoginGate;
+pub use code::ErrorCode;
 pub use error::ApiError;
 pub use openapi::document as openapi_document;
 pub use server::serve;
@@ -28,7 +30,7 @@ use timer::prerefresh;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{header, HeaderValue, Method, Request, StatusCode, Uri};
+use axum::http::{header, Method, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
@@ -112,14 +114,12 @@ async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::B
     use http_body_util::BodyExt;
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("the request body is larger than this route accepts ({limit} bytes)"),
-        )),
-        Err(_) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::payload_too_large(format!(
+                "the request body is larger than this route accepts ({limit} bytes)"
+            )))
+        }
+        Err(_) => Err(ApiError::invalid_request(
             "the request body could not be read (malformed, or too slow)",
         )),
     }
@@ -193,6 +193,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     }
     router
         .fallback(not_found)
+        .layer(axum::middleware::map_response(error::log_errors))
         .layer(axum::middleware::map_response(json_framework_errors))
         .layer(
             // Our own span (`request_span`): the default one records the full URI.
@@ -282,52 +283,51 @@ async fn json_framework_errors(response: Response) -> Response {
     {
         return response;
     }
-    let (mut parts, _) = response.into_parts();
-    let (error, description) = match status {
+    // Their codes come from the one table; the answer keeps the framework's status and
+    // headers (`Allow` on a 405).
+    let (code, description) = match status {
         StatusCode::METHOD_NOT_ALLOWED => {
-            let allowed = parts
-                .headers
+            let allowed = response
+                .headers()
                 .get(header::ALLOW)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default();
             (
-                "method_not_allowed",
+                ErrorCode::MethodNotAllowed,
                 format!("this route does not accept that method (allowed: {allowed})"),
             )
         }
         StatusCode::PAYLOAD_TOO_LARGE => (
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             "the request body is larger than this route accepts".to_owned(),
         ),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => (
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             "send the body as application/json".to_owned(),
         ),
         StatusCode::BAD_REQUEST => (
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             "the request path or parameters could not be read".to_owned(),
         ),
         other => (
-            "http_error",
+            ErrorCode::HttpError,
             other.canonical_reason().unwrap_or("error").to_owned(),
         ),
     };
+    let (mut parts, _) = response.into_parts();
+    let answer = ApiError::new(code, description).into_response();
+    let (answer_parts, body) = answer.into_parts();
+    for (name, value) in &answer_parts.headers {
+        parts.headers.insert(name.clone(), value.clone());
+    }
     parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    parts
-        .headers
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    let body = json!({"error": error, "error_description": description}).to_string();
-    Response::from_parts(parts, axum::body::Body::from(body))
+    parts.extensions.extend(answer_parts.extensions);
+    Response::from_parts(parts, body)
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
+        ErrorCode::NotFound,
         format!("no route for {method} {}", uri.path()),
     )
 }

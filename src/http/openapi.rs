@@ -13,11 +13,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 /// The broker's error answer: a stable code, and a description for people (never a secret).
 #[derive(Serialize, ToSchema)]
 pub(super) struct ErrorBody {
-    /// A stable code: `invalid_request`, `unauthorized`, `forbidden`, `unknown_connection`,
-    /// `unknown_tenant`, `consent_required`, `force_rate_limited`, `payload_too_large`,
-    /// `unsupported_media_type`, `provider_error`, `provider_unavailable`,
-    /// `store_unavailable`, `refresh_in_progress`, `lock_unavailable`,
-    /// `connection_misconfigured`, `server_busy`, `not_found`, `method_not_allowed`, `internal_error`.
+    /// A stable code, one of the broker's table (`ErrorCode`; the `enum` lists them).
     error: String,
     error_description: String,
     /// With `consent_required`: where an admin consents (again).
@@ -290,9 +286,22 @@ fn operations_mut(
 )]
 pub(super) struct ApiDoc;
 
-/// The document as JSON.
+/// The document as JSON. The error codes come from the one table (`ErrorCode::ALL`):
+/// `ErrorBody.error` is an `enum` of them, so a client generated from the document, and
+/// Schemathesis checking every answer, know each code the broker answers.
 pub fn document() -> serde_json::Value {
-    serde_json::to_value(ApiDoc::openapi()).unwrap_or_default()
+    let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    let codes: Vec<&str> = super::code::ErrorCode::ALL
+        .iter()
+        .map(|code| code.as_str())
+        .collect();
+    if let Some(error) = document
+        .pointer_mut("/components/schemas/ErrorBody/properties/error")
+        .and_then(|error| error.as_object_mut())
+    {
+        error.insert("enum".to_owned(), codes.into());
+    }
+    document
 }
 
 /// The OpenAPI document of this API (no authentication: it carries no secrets).

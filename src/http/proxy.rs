@@ -16,6 +16,7 @@ use axum::http::{header, HeaderMap, HeaderName, Method, StatusCode, Uri};
 use axum::response::Response;
 use url::Url;
 
+use super::code::ErrorCode;
 use super::{ApiError, AppState};
 use crate::auth::Role;
 use crate::broker::TokenRequest;
@@ -253,10 +254,7 @@ fn resolve_base(base: &ProxyBase, record: &TokenRecord, local_mode: bool) -> Res
                         && url.password().is_none()
                 });
             named.ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "provider_error",
-                    format!("the provider named no usable `{field}` for the proxy (https, on a public address; consent again, or set api_base_url)"),
+                ApiError::provider_error(format!("the provider named no usable `{field}` for the proxy (https, on a public address; consent again, or set api_base_url)"),
                 )
             })
         }
@@ -433,8 +431,7 @@ pub(super) async fn proxy(
     if !RELAYED_METHODS.contains(&method) {
         // The router sends HEAD to GET's handler; nothing else gets here.
         return Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            ErrorCode::MethodNotAllowed,
             "the proxy relays GET, POST, PUT, PATCH and DELETE",
         ));
     }
@@ -445,13 +442,10 @@ pub(super) async fn proxy(
         .provider(&connection)
         .map_err(|err| ApiError::from_broker(err, &state))?;
     let Some(base) = state.proxy_bases.get(&connection) else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "no_proxy",
-            format!("connection `{connection}` has no proxy: set its api_base_url (and proxy is not false)"),
+        return Err(ApiError::new(ErrorCode::NoProxy, format!("connection `{connection}` has no proxy: set its api_base_url (and proxy is not false)"),
         ));
     };
-    let bad_request = |why: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", why);
+    let bad_request = |why: String| ApiError::invalid_request(why);
     // The raw path after the route's prefix, as the caller encoded it: refused before
     // anything else happens when it could leave the API.
     let prefix = format!("/api/proxy/{connection}/");
@@ -501,8 +495,7 @@ pub(super) async fn proxy(
         async move {
             let Some(access_token) = record.access_token.as_ref() else {
                 return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "consent_required",
+                    ErrorCode::ConsentRequired,
                     format!("connection `{connection}` has no access token: an admin must consent"),
                 ));
             };
@@ -510,13 +503,7 @@ pub(super) async fn proxy(
                 "Bearer {}",
                 access_token.secret()
             ))
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "provider_error",
-                    "the access token cannot be sent as a header",
-                )
-            })?;
+            .map_err(|_| ApiError::provider_error("the access token cannot be sent as a header"))?;
             bearer.set_sensitive(true);
             let mut request = request.header(header::AUTHORIZATION, bearer);
             if let Some(body) = body {
@@ -524,24 +511,15 @@ pub(super) async fn proxy(
             }
             request.send().await.map_err(|err| {
                 if caused_by::<super::deadline::BodyTooSlow>(&err) {
-                    return ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request",
-                        "the request body could not be read (malformed, or too slow)",
+                    return ApiError::invalid_request("the request body could not be read (malformed, or too slow)",
                     );
                 }
                 if caused_by::<http_body_util::LengthLimitError>(&err) {
-                    return ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload_too_large",
-                        format!("the request body is larger than the proxy accepts ({PROXY_MAX_BODY} bytes)"),
+                    return ApiError::payload_too_large(format!("the request body is larger than the proxy accepts ({PROXY_MAX_BODY} bytes)"),
                     );
                 }
                 tracing::warn!(connection = %connection, timeout = err.is_timeout(), "proxied request failed");
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "provider_unavailable",
-                    "the provider's API could not be reached or did not answer in time",
+                ApiError::new(ErrorCode::ProviderUnavailable, "the provider's API could not be reached or did not answer in time",
                 )
             })
         }
@@ -611,13 +589,7 @@ pub(super) async fn proxy(
     }
     response
         .body(Body::from_stream(upstream.bytes_stream()))
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "provider_error",
-                "the provider's answer could not be relayed",
-            )
-        })
+        .map_err(|_| ApiError::provider_error("the provider's answer could not be relayed"))
 }
 
 /// The most of a request body kept in memory so that the request can be sent again after
@@ -661,9 +633,7 @@ async fn start_body(body: Body) -> Result<Outgoing, ApiError> {
                 }
             }
             Some(Err(_)) => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
+                return Err(ApiError::invalid_request(
                     "the request body could not be read (malformed, or too slow)",
                 ))
             }

@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
+use super::code::ErrorCode;
 use super::{ApiError, AppState};
 use crate::auth::Role;
 use crate::broker::{BrokerError, TokenRequest};
@@ -189,13 +190,11 @@ async fn refresh(
     body: Body,
 ) -> Result<Response, ApiError> {
     // Parameters before the key, so that a key sent in the URL gets a helpful 400.
-    let mut params: RefreshParams = Query::try_from_uri(&uri).map(|Query(p)| p).map_err(|err| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", err.body_text())
-    })?;
+    let mut params: RefreshParams = Query::try_from_uri(&uri)
+        .map(|Query(p)| p)
+        .map_err(|err| ApiError::invalid_request(err.body_text()))?;
     if params.key.is_some() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+        return Err(ApiError::invalid_request(
             "send the API key in the X-API-Key header, not in the URL",
         ));
     }
@@ -221,17 +220,13 @@ async fn refresh(
         // as a form: `curl --json` is the way).
         if content_type.is_some_and(|t| t != "application/json" && !t.ends_with("+json")) {
             return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                ErrorCode::UnsupportedMediaType,
                 "send the body as application/json (or no body)",
             ));
         }
         // `null` is no parameters, as the document's optional body says.
         let from_body: Option<RefreshParams> = serde_json::from_slice(&body).map_err(|err| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                format!("the body must be a JSON object like {{\"min_validity\": 600, \"force\": false}} ({})", json_problem(&err)),
+            ApiError::invalid_request(format!("the body must be a JSON object like {{\"min_validity\": 600, \"force\": false}} ({})", json_problem(&err)),
             )
         })?;
         let from_body = from_body.unwrap_or_default();
@@ -245,11 +240,9 @@ async fn refresh(
     {
         // More life than access tokens have would make every call a token request and a new
         // vault version.
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("min_validity is at most {MAX_MIN_VALIDITY} seconds"),
-        ));
+        return Err(ApiError::invalid_request(format!(
+            "min_validity is at most {MAX_MIN_VALIDITY} seconds"
+        )));
     }
     let request = TokenRequest {
         min_validity: params.min_validity.map(Duration::from_secs),

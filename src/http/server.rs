@@ -224,18 +224,13 @@ fn serve_probe(stream: tokio::net::TcpStream, slot: ProbeSlot, limits: &ServerCo
             (&axum::http::Method::GET, "/") => {
                 axum::response::IntoResponse::into_response(super::root().await)
             }
-            _ => {
-                let mut busy = axum::response::IntoResponse::into_response(super::ApiError::new(
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                    "server_busy",
+            _ => axum::response::IntoResponse::into_response(
+                super::ApiError::new(
+                    super::code::ErrorCode::ServerBusy,
                     "every connection is busy; try again shortly",
-                ));
-                busy.headers_mut().insert(
-                    axum::http::header::RETRY_AFTER,
-                    axum::http::HeaderValue::from_static("1"),
-                );
-                busy
-            }
+                )
+                .retry_after(Duration::from_secs(1)),
+            ),
         };
         Ok::<_, std::convert::Infallible>(response)
     });

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -50,20 +50,14 @@ pub(super) async fn prerefresh(
         serde_json::Value::Null
     } else {
         serde_json::from_slice(&body).map_err(|err| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                format!(
-                    "the body must be the host's invocation, a JSON object ({})",
-                    super::refresh::json_problem(&err)
-                ),
-            )
+            ApiError::invalid_request(format!(
+                "the body must be the host's invocation, a JSON object ({})",
+                super::refresh::json_problem(&err)
+            ))
         })?
     };
     if !(invocation.is_object() || invocation.is_null()) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+        return Err(ApiError::invalid_request(
             "the body must be the host's invocation, a JSON object",
         ));
     }

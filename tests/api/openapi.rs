@@ -156,3 +156,34 @@ async fn schemathesis_finds_nothing_against_a_consented_broker() {
     // The grant survived the fuzzing.
     assert_eq!(upstream.grants_revoked().await, 0);
 }
+
+/// The error codes come from one table: the document's `ErrorBody.error` enum is it, and
+/// the manual's error table (docs/api.md) names every code in it.
+#[test]
+fn the_manual_lists_every_error_code_the_document_names() {
+    let document = checked_in();
+    let codes: Vec<&str> = document["components"]["schemas"]["ErrorBody"]["properties"]["error"]
+        ["enum"]
+        .as_array()
+        .expect("an enum of codes")
+        .iter()
+        .map(|code| code.as_str().expect("a code"))
+        .collect();
+    assert!(codes.len() >= 20, "{codes:?}");
+    for code in [
+        "consent_required",
+        "unknown_tenant",
+        "server_busy",
+        "force_rate_limited",
+    ] {
+        assert!(codes.contains(&code), "{code} missing from {codes:?}");
+    }
+    let manual = std::fs::read_to_string(root().join("docs/api.md")).expect("docs/api.md");
+    let table: Vec<&str> = manual.lines().filter(|l| l.starts_with("| ")).collect();
+    for code in codes {
+        assert!(
+            table.iter().any(|row| row.contains(&format!("`{code}`"))),
+            "docs/api.md's error table does not list `{code}`"
+        );
+    }
+}
