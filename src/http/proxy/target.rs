@@ -1,0 +1,109 @@
+//! What a proxied request is aimed at: the route's part (connection, path, query, `tenant`)
+//! judged before anything is read, then — with the token record in hand — the full URL
+//! under the API base and the provider's own headers (Xero's `xero-tenant-id`).
+
+use std::sync::Arc;
+
+use axum::http::Uri;
+use url::Url;
+
+use super::super::code::ErrorCode;
+use super::super::{ApiError, AppState};
+use super::base::resolve_base;
+use super::path::{check_path, split_tenant, target_url};
+use super::placeholders::fill_placeholders;
+use crate::config::{ProviderKind, ProxyBase};
+use crate::token::TokenRecord;
+
+/// The route's part of a proxied request, checked.
+pub(super) struct Request {
+    connection: String,
+    base: ProxyBase,
+    kind: ProviderKind,
+    /// The raw path below `/api/proxy/{connection}/`, as the caller encoded it.
+    rest: String,
+    /// The query without `tenant`.
+    query: Option<String>,
+    /// The broker's `tenant` parameter: a Xero organisation.
+    pub(super) tenant: Option<String>,
+}
+
+/// A request's destination for one token record.
+pub(super) struct Target {
+    pub(super) url: Url,
+    pub(super) base: Url,
+    /// Headers the provider needs beside the token.
+    pub(super) headers: reqwest::header::HeaderMap,
+    pub(super) tenant: Option<String>,
+}
+
+impl Request {
+    /// The connection's proxy and the path: unknown connections answer as /api/refresh
+    /// does; a path that could leave the API is refused before anything else happens.
+    pub(super) fn read(
+        state: &Arc<AppState>,
+        connection: &str,
+        uri: &Uri,
+    ) -> Result<Self, ApiError> {
+        let provider = state
+            .broker
+            .provider(connection)
+            .map_err(|err| ApiError::from_broker(err, state))?;
+        let Some(base) = state.proxy_bases.get(connection) else {
+            return Err(ApiError::new(
+                ErrorCode::NoProxy,
+                format!("connection `{connection}` has no proxy: set its api_base_url (and proxy is not false)"),
+            ));
+        };
+        let prefix = format!("/api/proxy/{connection}/");
+        let rest = uri.path().strip_prefix(&prefix).unwrap_or_default();
+        check_path(rest).map_err(ApiError::invalid_request)?;
+        let (query, tenant) = split_tenant(uri.query());
+        Ok(Self {
+            connection: connection.to_owned(),
+            base: base.clone(),
+            kind: provider.kind(),
+            rest: rest.to_owned(),
+            query,
+            tenant,
+        })
+    }
+
+    /// Where links into the API point instead: this route on the broker's public URL.
+    pub(super) fn proxy_prefix(&self, public_url: &Url) -> String {
+        format!(
+            "{}/api/proxy/{}/",
+            public_url.as_str().trim_end_matches('/'),
+            self.connection
+        )
+    }
+
+    /// The URL and headers for `record`: its API base, the path's placeholders filled from
+    /// its consent, the organisation picked from it.
+    pub(super) fn target(
+        &self,
+        record: &TokenRecord,
+        local_mode: bool,
+    ) -> Result<Target, ApiError> {
+        let base = resolve_base(&self.base, record, local_mode)?;
+        let rest =
+            fill_placeholders(&self.rest, &record.extra).map_err(ApiError::invalid_request)?;
+        let url =
+            target_url(&base, &rest, self.query.as_deref()).map_err(ApiError::invalid_request)?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        if self.kind == ProviderKind::Xero {
+            // Xero wants the organisation in `xero-tenant-id` (recorded at consent).
+            if let Some(tenant) = record.pick_tenant(self.tenant.as_deref())? {
+                let value = reqwest::header::HeaderValue::from_str(&tenant.id)
+                    .map_err(|_| ApiError::invalid_request("not a tenant id"))?;
+                headers.insert("xero-tenant-id", value);
+            }
+        }
+        Ok(Target {
+            url,
+            base,
+            headers,
+            tenant: self.tenant.clone(),
+        })
+    }
+}
