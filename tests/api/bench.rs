@@ -35,36 +35,48 @@ impl Latencies {
     }
 }
 
-/// `n` sequential GETs of `url` on one kept-alive connection (after `warmup` unmeasured
-/// ones), each checked for a 200.
-async fn sequential(
-    http: &reqwest::Client,
-    url: &str,
-    headers: &[(&str, &str)],
+/// Sequential GETs of each `(url, header)` in turn, `n` measured rounds after `warmup`,
+/// each series on a client (one kept-alive connection) of its own; every answer a 200.
+async fn interleaved<const N: usize>(
+    targets: [(&String, Option<(&str, &str)>); N],
     warmup: usize,
     n: usize,
-) -> Latencies {
-    let mut times = Vec::with_capacity(n);
-    for i in 0..warmup + n {
-        let mut request = http.get(url);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let started = Instant::now();
-        let response = request.send().await.expect("request");
-        let status = response.status();
-        let body = response.bytes().await.expect("body");
-        let took = started.elapsed();
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-        if i >= warmup {
-            times.push(took.as_micros());
+) -> [Latencies; N] {
+    let clients: Vec<reqwest::Client> = (0..N)
+        .map(|_| {
+            reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client")
+        })
+        .collect();
+    let mut times: [Vec<u128>; N] = std::array::from_fn(|_| Vec::with_capacity(n));
+    for round in 0..warmup + n {
+        for (i, (url, header)) in targets.iter().enumerate() {
+            let mut request = clients[i].get(url.as_str());
+            if let Some((name, value)) = header {
+                request = request.header(*name, *value);
+            }
+            let started = Instant::now();
+            let response = request.send().await.expect("request");
+            let status = response.status();
+            let body = response.bytes().await.expect("body");
+            let took = started.elapsed();
+            assert_eq!(status, 200, "{url}: {}", String::from_utf8_lossy(&body));
+            if round >= warmup {
+                times[i].push(took.as_micros());
+            }
         }
     }
-    Latencies(times)
+    times.map(Latencies)
 }
 
-/// The proxy's added latency: the same page fetched straight from the API double and
-/// through the broker binary (token cached), one request at a time.
+/// The proxy's added latency: the same page fetched straight from the API double, through
+/// a bare axum + reqwest forwarding proxy (`examples/bare_proxy.rs`, the yardstick) and
+/// through the broker binary (token cached), one request at a time on one kept-alive
+/// connection each. The figure is the broker's added p50 over the bare proxy's (goal at
+/// most 1.25x).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_latency_against_calling_the_api_directly() {
     let (warmup, n) = if full() { (500, 20_000) } else { (10, 100) };
@@ -76,40 +88,73 @@ async fn proxy_latency_against_calling_the_api_directly() {
     let token_requests = upstream.token_requests("refresh_token").await
         + upstream.token_requests("authorization_code").await;
 
+    let bare_port = free_port();
+    let mut bare = tokio::process::Command::new(example("bare_proxy"))
+        .env("PORT", bare_port.to_string())
+        .env("UPSTREAM", &api.base)
+        .env("BARE_TOKEN", "bare-proxy-token")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("bare_proxy (an example: built with the tests)");
+    let bare_base = format!("http://127.0.0.1:{bare_port}");
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(1)
         .timeout(Duration::from_secs(30))
         .build()
         .expect("client");
-    let direct = sequential(
-        &http,
-        &format!("{}/invoices?page=1", api.base),
-        &[],
+    for _ in 0..200 {
+        if http.get(&bare_base).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Interleaved, one request of each in turn on a kept-alive connection of its own, so
+    // that the three series meet the same moments of a busy two-core machine.
+    let direct_url = format!("{}/invoices?page=1", api.base);
+    let bare_url = format!("{bare_base}/api/proxy/acme/invoices?page=1");
+    let proxied_url = format!("{base}/api/proxy/acme/invoices?page=1");
+    let [direct, yardstick, proxied] = interleaved(
+        [
+            (&direct_url, None),
+            (&bare_url, None),
+            (&proxied_url, Some(("X-API-Key", CALLER_KEY))),
+        ],
         warmup,
         n,
     )
     .await;
-    let proxied = sequential(
-        &http,
-        &format!("{base}/api/proxy/acme/invoices?page=1"),
-        &[("X-API-Key", CALLER_KEY)],
-        warmup,
-        n,
-    )
-    .await;
+    let added =
+        |series: &Latencies, p: f64| series.percentile(p) as i128 - direct.percentile(p) as i128;
     eprintln!("bench proxy: direct  {}", direct.summary());
+    eprintln!("bench proxy: bare    {}", yardstick.summary());
     eprintln!("bench proxy: proxied {}", proxied.summary());
     eprintln!(
-        "bench proxy: added p50 {} µs, p99 {} µs",
-        proxied.percentile(50.0) as i128 - direct.percentile(50.0) as i128,
-        proxied.percentile(99.0) as i128 - direct.percentile(99.0) as i128,
+        "bench proxy: added p50 {} µs (bare proxy {} µs), p99 {} µs (bare proxy {} µs)",
+        added(&proxied, 50.0),
+        added(&yardstick, 50.0),
+        added(&proxied, 99.0),
+        added(&yardstick, 99.0),
+    );
+    eprintln!(
+        "bench proxy: ratio {:.2}x the bare proxy's added p50",
+        added(&proxied, 50.0) as f64 / added(&yardstick, 50.0).max(1) as f64
     );
 
-    // Counts: every request reached the API once, the proxied ones with the one cached
-    // token, and not one token request was made for them.
+    // Counts: every request reached the API once, the broker's with the one cached token
+    // (the yardstick's with its own), and not one token request was made for them.
     let seen = api.seen();
-    assert_eq!(seen.len(), 2 * (warmup + n));
-    let proxied_seen: Vec<_> = seen.iter().filter(|s| s.authorization.is_some()).collect();
+    assert_eq!(seen.len(), 3 * (warmup + n));
+    let bare_bearer = Some("Bearer bare-proxy-token".to_owned());
+    assert_eq!(
+        seen.iter()
+            .filter(|s| s.authorization == bare_bearer)
+            .count(),
+        warmup + n
+    );
+    let proxied_seen: Vec<_> = seen
+        .iter()
+        .filter(|s| s.authorization.is_some() && s.authorization != bare_bearer)
+        .collect();
     assert_eq!(proxied_seen.len(), warmup + n);
     assert!(proxied_seen
         .iter()
@@ -120,6 +165,7 @@ async fn proxy_latency_against_calling_the_api_directly() {
         token_requests,
         "a cached token serves every proxied request"
     );
+    bare.kill().await.expect("stop the yardstick");
     broker.stop().await;
 }
 
@@ -195,14 +241,14 @@ async fn wrk(url: &str, header: Option<&str>, connections: u32, secs: u32) -> Lo
     }
 }
 
-/// The release (or debug) build's `bare_handler` example, next to the test binary's folder.
-fn bare_handler() -> std::path::PathBuf {
+/// The release (or debug) build's example `name`, next to the test binary's folder.
+fn example(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test binary");
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target/<profile>");
-    profile_dir.join("examples/bare_handler")
+    profile_dir.join("examples").join(name)
 }
 
 /// The broker binary with `acme` consented, room for many connections, and the vault
@@ -233,7 +279,7 @@ async fn cached_refresh_throughput_against_a_bare_handler() {
         .await
         .expect("body");
     let bare_port = free_port();
-    let mut bare = tokio::process::Command::new(bare_handler())
+    let mut bare = tokio::process::Command::new(example("bare_handler"))
         .env("PORT", bare_port.to_string())
         .env("BARE_BODY", &body)
         .kill_on_drop(true)

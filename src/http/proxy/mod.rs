@@ -112,6 +112,13 @@ pub(super) async fn proxy(
         record,
     )
     .await?;
-    tracing::info!(connection = %connection, method = %method, status = upstream.status().as_u16(), "proxied");
+    // A line per relayed answer at DEBUG: a paged copy makes thousands, and the API's own
+    // refusals are worth an INFO line.
+    let status = upstream.status();
+    if status.is_client_error() || status.is_server_error() {
+        tracing::info!(connection = %connection, method = %method, status = status.as_u16(), "proxied; the API refused");
+    } else {
+        tracing::debug!(connection = %connection, method = %method, status = status.as_u16(), "proxied");
+    }
     relay::answer(upstream, &target, &request.proxy_prefix(&state.public_url))
 }
