@@ -222,9 +222,9 @@ fn request_span(
 ) -> tracing::Span {
     tracing::info_span!(
         "request",
-        method = %loggable(method.as_str()),
-        path = %loggable(path),
-        invocation_id = %loggable(invocation_id(headers)),
+        method = %Loggable(method.as_str()),
+        path = %Loggable(path),
+        invocation_id = %Loggable(invocation_id(headers)),
     )
 }
 
@@ -232,17 +232,22 @@ fn request_span(
 const LOG_FIELD_MAX: usize = 200;
 
 /// `value` for a log line: at most [`LOG_FIELD_MAX`] characters, control characters
-/// replaced, and a mark when cut.
-fn loggable(value: &str) -> String {
-    let mut out: String = value
-        .chars()
-        .take(LOG_FIELD_MAX)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
-    if value.chars().nth(LOG_FIELD_MAX).is_some() {
-        out.push_str("…(cut)");
+/// replaced, and a mark when cut. Written as it is displayed (no string built first): every
+/// request's span carries three.
+struct Loggable<'a>(&'a str);
+
+impl std::fmt::Display for Loggable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        let mut chars = self.0.chars();
+        for c in chars.by_ref().take(LOG_FIELD_MAX) {
+            f.write_char(if c.is_control() { '?' } else { c })?;
+        }
+        if chars.next().is_some() {
+            f.write_str("…(cut)")?;
+        }
+        Ok(())
     }
-    out
 }
 
 /// The Functions host's readiness probe (it GETs `/` until anything answers).

@@ -120,5 +120,7 @@ pub(super) async fn proxy(
     } else {
         tracing::debug!(connection = %connection, method = %method, status = status.as_u16(), "proxied");
     }
-    relay::answer(upstream, &target, &request.proxy_prefix(&state.public_url))
+    relay::answer(upstream, &target, || {
+        request.proxy_prefix(&state.public_url)
+    })
 }

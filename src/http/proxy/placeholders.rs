@@ -13,6 +13,10 @@ pub(super) fn fill_placeholders(
     rest: &str,
     extra: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<String, String> {
+    if !rest.contains('{') && !rest.contains('%') {
+        // Most paths have none: nothing to look for.
+        return Ok(rest.to_owned());
+    }
     let mut out = String::with_capacity(rest.len());
     let mut remaining = rest;
     loop {

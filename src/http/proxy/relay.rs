@@ -12,13 +12,15 @@ use super::links::{rewrite_links, to_proxy};
 use super::target::Target;
 use super::Relayed;
 
-/// The caller's answer for `upstream`; links into the API become `proxy_prefix` URLs.
+/// The caller's answer for `upstream`; links into the API become URLs under the proxy's
+/// prefix (`proxy_prefix`, asked for only when the answer has a link).
 pub(super) fn answer(
     upstream: reqwest::Response,
     target: &Target,
-    proxy_prefix: &str,
+    proxy_prefix: impl Fn() -> String,
 ) -> Result<Response, ApiError> {
     let tenant = target.tenant.as_deref();
+    let mut prefix: Option<String> = None;
     let mut response = Response::builder()
         .status(upstream.status())
         .extension(Relayed);
@@ -27,15 +29,19 @@ pub(super) fn answer(
             continue;
         }
         let rewritten = match (name.as_str(), value.to_str()) {
-            ("link", Ok(text)) => Some(rewrite_links(
-                text,
-                &target.url,
-                &target.base,
-                proxy_prefix,
-                tenant,
-            )),
+            ("link", Ok(text)) => {
+                let prefix = prefix.get_or_insert_with(&proxy_prefix);
+                Some(rewrite_links(
+                    text,
+                    &target.url,
+                    &target.base,
+                    prefix,
+                    tenant,
+                ))
+            }
             ("location" | "content-location", Ok(text)) => {
-                to_proxy(text, &target.url, &target.base, proxy_prefix, tenant)
+                let prefix = prefix.get_or_insert_with(&proxy_prefix);
+                to_proxy(text, &target.url, &target.base, prefix, tenant)
             }
             _ => None,
         };

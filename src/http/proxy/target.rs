@@ -15,13 +15,14 @@ use super::placeholders::fill_placeholders;
 use crate::config::{ProviderKind, ProxyBase};
 use crate::token::TokenRecord;
 
-/// The route's part of a proxied request, checked.
-pub(super) struct Request {
-    connection: String,
-    base: ProxyBase,
+/// The route's part of a proxied request, checked (borrowed from the request and the
+/// broker's state: nothing is copied on the way).
+pub(super) struct Request<'a> {
+    connection: &'a str,
+    base: &'a ProxyBase,
     kind: ProviderKind,
     /// The raw path below `/api/proxy/{connection}/`, as the caller encoded it.
-    rest: String,
+    rest: &'a str,
     /// The query without `tenant`.
     query: Option<String>,
     /// The broker's `tenant` parameter: a Xero organisation.
@@ -37,13 +38,13 @@ pub(super) struct Target {
     pub(super) tenant: Option<String>,
 }
 
-impl Request {
+impl<'a> Request<'a> {
     /// The connection's proxy and the path: unknown connections answer as /api/refresh
     /// does; a path that could leave the API is refused before anything else happens.
     pub(super) fn read(
-        state: &Arc<AppState>,
-        connection: &str,
-        uri: &Uri,
+        state: &'a Arc<AppState>,
+        connection: &'a str,
+        uri: &'a Uri,
     ) -> Result<Self, ApiError> {
         let provider = state
             .broker
@@ -55,15 +56,19 @@ impl Request {
                 format!("connection `{connection}` has no proxy: set its api_base_url (and proxy is not false)"),
             ));
         };
-        let prefix = format!("/api/proxy/{connection}/");
-        let rest = uri.path().strip_prefix(&prefix).unwrap_or_default();
+        let rest = uri
+            .path()
+            .strip_prefix("/api/proxy/")
+            .and_then(|path| path.strip_prefix(connection))
+            .and_then(|path| path.strip_prefix('/'))
+            .unwrap_or_default();
         check_path(rest).map_err(ApiError::invalid_request)?;
         let (query, tenant) = split_tenant(uri.query());
         Ok(Self {
-            connection: connection.to_owned(),
-            base: base.clone(),
+            connection,
+            base,
             kind: provider.kind(),
-            rest: rest.to_owned(),
+            rest,
             query,
             tenant,
         })
@@ -85,9 +90,9 @@ impl Request {
         record: &TokenRecord,
         local_mode: bool,
     ) -> Result<Target, ApiError> {
-        let base = resolve_base(&self.base, record, local_mode)?;
+        let base = resolve_base(self.base, record, local_mode)?;
         let rest =
-            fill_placeholders(&self.rest, &record.extra).map_err(ApiError::invalid_request)?;
+            fill_placeholders(self.rest, &record.extra).map_err(ApiError::invalid_request)?;
         let url =
             target_url(&base, &rest, self.query.as_deref()).map_err(ApiError::invalid_request)?;
         let mut headers = reqwest::header::HeaderMap::new();
