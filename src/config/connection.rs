@@ -7,8 +7,12 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::values::*;
-use super::*;
+use super::values::{
+    parse_endpoint, positive_secs, require_https_off_loopback, validate_secret_name,
+};
+use super::{
+    ClientAuth, ConfigError, ConnectionConfig, Endpoints, GrantLifetime, ProviderKind, ProxyBase,
+};
 use crate::presets::{PresetSettings, ProviderProfile, Rotation};
 
 #[derive(Deserialize)]

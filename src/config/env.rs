@@ -1,6 +1,6 @@
 //! `${NAME}` expansion in every string of the parsed TOML tree, tracking each value's key.
 
-use super::*;
+use super::ConfigError;
 
 /// Expands `${NAME}` in every string of the tree. `path` is the dotted key of `value`;
 /// the values substituted are collected in `expanded` (to keep them out of errors).

@@ -7,9 +7,11 @@
 //! # Layout
 //! - this file: the validated types the rest of the broker reads, and [`Config::load`];
 //! - `env`: `${NAME}` expansion, tracking each value's key;
-//! - `raw`: the file's shape (`serde`) and the validation of the global sections;
-//! - `connection`: a connection's validation, with its preset's settings;
-//! - `lock`: the `[lock]` section (the refresh lease);
+//! - `raw`: the file's shape (`serde`), the file-wide checks (placeholders, the host's
+//!   relay, the public URL, Key Vault names across connections) and a call per section;
+//! - one file per section, each with its raw type, validated type and validation: `auth`,
+//!   `store`, `refresh`, `server`, `lock` (the refresh lease), `connection` (with its
+//!   preset's settings);
 //! - `values`: shared parsers for URLs, durations, secrets and names.
 
 use std::collections::BTreeMap;
@@ -18,20 +20,27 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+mod auth;
 mod connection;
 mod env;
 mod lock;
 mod raw;
+mod refresh;
+mod server;
+mod store;
 mod values;
 
+pub use auth::{AuthConfig, EntraConfig};
 pub use lock::{BlobLockConfig, LeaseTimings, LockConfig};
+pub use refresh::RefreshConfig;
+pub use server::ServerConfig;
+pub use store::{CredentialKind, KeyVaultConfig, StoreConfig};
 
 use env::expand_env;
 use raw::RawConfig;
 
 pub use crate::presets::{ClientAuth, ProviderKind};
 use crate::presets::{Lookup, PresetError};
-use serde::Deserialize;
 use url::Url;
 
 /// Everything the broker needs, validated.
@@ -76,104 +85,6 @@ const DIRECT_SETTINGS: &[&str] = &[
 
 /// The timer's default period (`PREREFRESH_SCHEDULE`, every 5 minutes).
 const DEFAULT_TIMER_PERIOD: Duration = Duration::from_secs(300);
-
-/// How callers prove who they are (checked in the app itself, not by the host).
-#[derive(Debug, Default)]
-pub struct AuthConfig {
-    /// Keys accepted in `X-API-Key` for `/api/refresh`.
-    pub api_keys: Vec<SecretString>,
-    /// Keys accepted for admin routes (`/api/authorize`), and for everything else too.
-    pub admin_keys: Vec<SecretString>,
-    /// Serve without any caller authentication. Only when explicitly set.
-    pub allow_anonymous: bool,
-    /// Entra ID bearer tokens (Data Factory's managed identity).
-    pub entra: Option<EntraConfig>,
-}
-
-/// Which Entra ID tokens are accepted, and from whom.
-#[derive(Debug, Clone)]
-pub struct EntraConfig {
-    pub tenant_id: String,
-    /// Accepted `aud` values: the broker's Application ID URI and/or client id.
-    pub audiences: Vec<String>,
-    /// Object ids (`oid`) that may call `/api/refresh`.
-    pub allowed_principals: Vec<String>,
-    /// Object ids that may also use admin routes.
-    pub admin_principals: Vec<String>,
-    /// `https://login.microsoftonline.com`, or a sovereign cloud's.
-    pub authority: Url,
-}
-
-/// Where tokens are kept.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreConfig {
-    /// One JSON file per connection under this directory.
-    File { dir: PathBuf },
-    /// One secret per connection in an Azure Key Vault.
-    KeyVault(KeyVaultConfig),
-}
-
-/// The Key Vault store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyVaultConfig {
-    /// `https://{name}.vault.azure.net` (or a sovereign-cloud equivalent).
-    pub vault_url: Url,
-    /// Prepended to connection names to form secret names.
-    pub secret_prefix: String,
-    pub credential: CredentialKind,
-    /// Client id of a user-assigned managed identity; system-assigned when absent.
-    pub managed_identity_client_id: Option<String>,
-    /// How long one store operation may keep retrying throttling and faults.
-    pub retry_budget: Duration,
-}
-
-/// How the broker authenticates to Azure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CredentialKind {
-    /// Managed identity when `IDENTITY_ENDPOINT` is set (App Service / Functions), workload
-    /// identity when `AZURE_FEDERATED_TOKEN_FILE` is set, developer tools otherwise.
-    Auto,
-    ManagedIdentity,
-    WorkloadIdentity,
-    /// Azure CLI / Azure Developer CLI sign-in.
-    Developer,
-}
-
-/// The HTTP listener's limits (`[server]`).
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// A request's headers must arrive within this; also how long an idle keep-alive
-    /// connection stays open.
-    pub header_timeout: Duration,
-    /// A request's whole body must arrive within this, counted from the moment its headers
-    /// are in: a deadline, not an idle timer (a body trickling a byte at a time is cut).
-    pub body_timeout: Duration,
-    /// An answer whose bytes cannot be written for this long (the caller stopped reading)
-    /// ends, and its connection is closed: no write may stall longer.
-    pub write_timeout: Duration,
-    /// Open connections at most; at the cap the longest-idle one is closed for a new one.
-    pub max_connections: usize,
-}
-
-/// Refresh policy defaults.
-#[derive(Debug, Clone)]
-pub struct RefreshConfig {
-    /// Life an access token must have left when the caller does not pass `min_validity`.
-    pub min_validity: Duration,
-    /// Lifetime assumed when the provider sends no `expires_in`.
-    pub default_lifetime: Duration,
-    /// Timeout of one request to a provider's token endpoint.
-    pub upstream_timeout: Duration,
-    /// The timer refreshes access tokens that expire within this window.
-    pub prerefresh_window: Duration,
-    /// Forced refreshes a connection allows at once (per instance)…
-    pub force_burst: u32,
-    /// …and then one per this interval.
-    pub force_interval: Duration,
-    /// A `grant_expiring` warning goes out when a grant's forecast end is this close.
-    pub expiry_warning: Duration,
-}
 
 /// Where a connection's provider has its endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]

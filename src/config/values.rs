@@ -3,10 +3,9 @@
 
 use std::time::Duration;
 
+use super::ConfigError;
 use secrecy::SecretString;
 use url::Url;
-
-use super::*;
 
 /// A GUID in its usual 8-4-4-4-12 hexadecimal form.
 pub(super) fn is_guid(value: &str) -> bool {
