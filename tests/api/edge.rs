@@ -20,9 +20,7 @@ async fn broker(
 ) -> BrokerProcess {
     let mut config = BrokerConfig::default()
         .file_store(&dir.path().join("tokens"))
-        .tables(
-            "[connections.acme]\nprovider = \"oauth2\"\nauthorize_url = \"https://id.example.com/auth\"\ntoken_url = \"https://id.example.com/token\"\nclient_id = \"c\"\n",
-        );
+        .unreached_connection("acme");
     let mut table = String::from("[server]\n");
     for (key, value) in server {
         table.push_str(&format!("{key} = {value}\n"));

@@ -35,13 +35,7 @@ authority = "{authority}""#,
             authority = azure.login_authority,
         ))
         .file_store(&dir.path().join("tokens"))
-        .tables(
-            r#"[connections.acme]
-provider = "oauth2"
-authorize_url = "https://id.example.com/auth"
-token_url = "https://id.example.com/token"
-client_id = "c""#,
-        )
+        .unreached_connection("acme")
         .write(dir.path());
     let env = vec![
         ("SSL_CERT_FILE", azure.pki.ca_file.display().to_string()),

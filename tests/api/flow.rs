@@ -444,7 +444,7 @@ async fn broker_with_admin_keys(
             admin_keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
         )
         .file_store(&dir.join("tokens"))
-        .tables("[connections.acme]\nprovider = \"oauth2\"\nauthorize_url = \"https://id.example.com/auth\"\ntoken_url = \"https://id.example.com/token\"\nclient_id = \"c\"\n")
+        .unreached_connection("acme")
         .render();
     crate::support::ConfiguredBroker::serve(&text).await
 }

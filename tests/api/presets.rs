@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use url::Url;
 
 use crate::support::provider_double::{against_double, xero, Behaviour, ProviderDouble};
-use crate::support::{Options, TestApp, ADMIN_KEY};
+use crate::support::{connection_table, settings, Options, TestApp, ADMIN_KEY};
 
 fn query(url: &Url) -> HashMap<String, String> {
     url.query_pairs()
@@ -27,57 +27,51 @@ fn scopes(params: &HashMap<String, String>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Presets with their production endpoints: (connection name, TOML settings).
-const PRODUCTION: &str = r#"
-[connections.xero]
-provider = "xero"
-client_id = "xero-client"
-client_secret = "xero-secret"
-scopes = ["openid", "accounting.settings"]
-
-[connections.google]
-provider = "google"
-client_id = "google-client"
-client_secret = "google-secret"
-scopes = ["https://www.googleapis.com/auth/bigquery"]
-
-[connections.exact]
-provider = "exact-online"
-region = "uk"
-client_id = "exact-client"
-client_secret = "exact-secret"
-
-[connections.microsoft]
-provider = "microsoft"
-tenant = "contoso.onmicrosoft.com"
-client_id = "ms-client"
-client_secret = "ms-secret"
-scopes = ["https://graph.microsoft.com/.default"]
-
-[connections.quickbooks]
-provider = "quickbooks"
-client_id = "qb-client"
-client_secret = "qb-secret"
-scopes = ["com.intuit.quickbooks.accounting"]
-
-[connections.salesforce]
-provider = "salesforce"
-domain = "test"
-client_id = "sf-client"
-client_secret = "sf-secret"
-scopes = ["api"]
-
-[connections.hubspot]
-provider = "hubspot"
-client_id = "hs-client"
-client_secret = "hs-secret"
-scopes = ["crm.objects.contacts.read"]
-"#;
+/// Presets with their production endpoints, one connection each.
+fn production() -> String {
+    let preset = |name: &str, provider: &str, extra: &[(&str, &str)], scopes: &[&str]| {
+        let mut settings = settings(&[
+            ("provider", provider),
+            ("client_id", &format!("{name}-client")),
+            ("client_secret", &format!("{name}-secret")),
+        ]);
+        settings.extend(crate::support::settings(extra));
+        if !scopes.is_empty() {
+            settings.push(("scopes", scopes.to_vec().into()));
+        }
+        connection_table(name, &settings, "")
+    };
+    [
+        preset("xero", "xero", &[], &["openid", "accounting.settings"]),
+        preset(
+            "google",
+            "google",
+            &[],
+            &["https://www.googleapis.com/auth/bigquery"],
+        ),
+        preset("exact", "exact-online", &[("region", "uk")], &[]),
+        preset(
+            "microsoft",
+            "microsoft",
+            &[("tenant", "contoso.onmicrosoft.com")],
+            &["https://graph.microsoft.com/.default"],
+        ),
+        preset(
+            "quickbooks",
+            "quickbooks",
+            &[],
+            &["com.intuit.quickbooks.accounting"],
+        ),
+        preset("salesforce", "salesforce", &[("domain", "test")], &["api"]),
+        preset("hubspot", "hubspot", &[], &["crm.objects.contacts.read"]),
+    ]
+    .join("\n")
+}
 
 #[tokio::test]
 async fn authorization_urls_follow_each_providers_documented_format() {
     let app = TestApp::spawn_with(Options {
-        extra_config: PRODUCTION.to_owned(),
+        extra_config: production(),
         ..Default::default()
     })
     .await;
@@ -521,15 +515,17 @@ async fn google_without_a_refresh_token_is_a_clear_error() {
 #[tokio::test]
 async fn oidc_discovery_finds_the_real_provider() {
     let options = Options {
-        extra_config: r#"
-[connections.idp]
-provider = "oidc"
-issuer = "${UPSTREAM}"
-client_id = "broker"
-client_secret = "${SECRET}"
-scopes = ["offline_access", "api:read"]
-"#
-        .to_owned(),
+        extra_config: connection_table(
+            "idp",
+            &[
+                ("provider", "oidc".into()),
+                ("issuer", "${UPSTREAM}".into()),
+                ("client_id", "broker".into()),
+                ("client_secret", "${SECRET}".into()),
+                ("scopes", vec!["offline_access", "api:read"].into()),
+            ],
+            "",
+        ),
         ..Default::default()
     };
     let app = TestApp::spawn_with(options).await;
@@ -558,11 +554,11 @@ async fn oidc_discovery_refuses_a_document_for_another_issuer() {
     let other_name = upstream.url.replace("127.0.0.1", "localhost");
     // The broker starts regardless (one connection's trouble never stops the others); the
     // connection answers why it cannot serve.
-    let broker = crate::support::ConfiguredBroker::serve(&format!(
-        "[auth]\nallow_anonymous = true\n[connections.idp]\nprovider = \"oidc\"\nissuer = \"{other_name}\"\nclient_id = \"broker\"\n"
-    ))
-    .await;
-    let response = reqwest::get(format!("{}/api/refresh/idp", broker.base))
+    let broker = crate::support::ConfiguredBroker::serve(&oidc_broker(&other_name)).await;
+    let response = reqwest::Client::new()
+        .get(format!("{}/api/refresh/idp", broker.base))
+        .header("X-API-Key", crate::support::CALLER_KEY)
+        .send()
         .await
         .expect("refresh");
     assert_eq!(response.status(), 503);
@@ -709,13 +705,25 @@ async fn discovery_double(
     )
 }
 
+/// A broker's configuration with one connection, `idp`, discovering `issuer`.
+fn oidc_broker(issuer: &str) -> String {
+    crate::support::BrokerConfig::default()
+        .connection(
+            "idp",
+            &settings(&[
+                ("provider", "oidc"),
+                ("issuer", issuer),
+                ("client_id", "broker"),
+            ]),
+            "",
+        )
+        .render()
+}
+
 /// What `/api/authorize/idp` answers an admin on a broker whose `idp` connection discovers
 /// `issuer`.
 async fn authorize_discovered(issuer: &str) -> (u16, Option<String>, Value) {
-    let broker = crate::support::ConfiguredBroker::serve(&format!(
-        "[auth]\nadmin_keys = [\"{ADMIN_KEY}\"]\n[connections.idp]\nprovider = \"oidc\"\nissuer = \"{issuer}\"\nclient_id = \"broker\"\n"
-    ))
-    .await;
+    let broker = crate::support::ConfiguredBroker::serve(&oidc_broker(issuer)).await;
     let response = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

@@ -748,9 +748,17 @@ async fn rate_limits_and_outages_come_back_as_they_are_and_the_proxy_can_be_off(
     let api = ApiDouble::start().await;
     let app = TestApp::spawn_with(Options {
         acme_extra: format!("api_base_url = \"{}\"", api.base),
-        extra_config: format!(
-            "[connections.off]\nprovider = \"oauth2\"\nauthorize_url = \"${{UPSTREAM}}/auth\"\ntoken_url = \"${{UPSTREAM}}/token\"\nclient_id = \"x\"\nclient_secret = \"y\"\napi_base_url = \"{}\"\nproxy = false\n",
-            api.base
+        extra_config: crate::support::connection_table(
+            "off",
+            &crate::support::settings(&[
+                ("provider", "oauth2"),
+                ("authorize_url", "${UPSTREAM}/auth"),
+                ("token_url", "${UPSTREAM}/token"),
+                ("client_id", "x"),
+                ("client_secret", "y"),
+                ("api_base_url", &api.base),
+            ]),
+            "proxy = false",
         ),
         ..Default::default()
     })

@@ -2,22 +2,22 @@
 
 use serde_json::{json, Value};
 
-use crate::support::{Options, TestApp};
+use crate::support::{connection_table, Options, TestApp};
 
 /// A second connection to the same upstream, with per-connection timer settings.
 fn beta(settings: &str) -> Options {
     Options {
-        extra_config: format!(
-            r#"
-[connections.beta]
-provider = "oauth2"
-authorize_url = "${{UPSTREAM}}/auth"
-token_url = "${{UPSTREAM}}/token"
-client_id = "broker"
-client_secret = "${{SECRET}}"
-scopes = ["openid", "offline_access"]
-{settings}
-"#
+        extra_config: connection_table(
+            "beta",
+            &[
+                ("provider", "oauth2".into()),
+                ("authorize_url", "${UPSTREAM}/auth".into()),
+                ("token_url", "${UPSTREAM}/token".into()),
+                ("client_id", "broker".into()),
+                ("client_secret", "${SECRET}".into()),
+                ("scopes", vec!["openid", "offline_access"].into()),
+            ],
+            settings,
         ),
         ..Default::default()
     }

@@ -58,6 +58,7 @@ impl TestApp {
     }
 
     pub async fn spawn_with(options: Options) -> Self {
+        test_log();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let base = format!("http://127.0.0.1:{port}");
@@ -74,20 +75,16 @@ impl TestApp {
         } else {
             "basic"
         };
-        let deny = format!(
-            r#"[connections.deny]
-provider = "oauth2"
-authorize_url = "{up}/auth"
-token_url = "{up}/token"
-client_id = "{client_id}"
-client_secret = "{secret}"
-client_auth = "{client_auth}"
-scopes = ["openid", "offline_access"]
-authorize_params = {{ test_deny = "1" }}"#,
-            up = upstream.url,
-            client_id = upstream.client_id,
-            secret = upstream.client_secret,
-        );
+        let mut deny = upstream.connection_settings();
+        deny.extend(settings(&[
+            ("client_secret", &upstream.client_secret),
+            ("client_auth", client_auth),
+        ]));
+        deny.push((
+            "scopes",
+            toml::Value::from(vec!["openid", "offline_access"]),
+        ));
+        let deny = connection_table("deny", &deny, "authorize_params = { test_deny = \"1\" }");
         let config_text = BrokerConfig::default()
             .top("local_mode", options.local_mode)
             .top("public_url", base.clone())
@@ -231,6 +228,7 @@ pub struct ConfiguredBroker {
 impl ConfiguredBroker {
     /// Startup must succeed (one connection's trouble never stops the broker).
     pub async fn serve(text: &str) -> Self {
+        test_log();
         let config = Config::parse(text, &|_| None).expect("test config is valid");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let app = Application::build(config, listener)

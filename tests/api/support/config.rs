@@ -42,6 +42,30 @@ fn line(key: &str, value: impl Into<toml::Value>) -> String {
     format!("{key} = {}", value.into())
 }
 
+/// A `[connections.{name}]` table: `settings` written as TOML values, then `extra` (lines a
+/// test adds as they are, e.g. `api_base_url = "…"`). The one way tests write a connection;
+/// only the startup-error tests keep deliberately broken ones inline.
+pub fn connection_table(name: &str, settings: &[(&str, toml::Value)], extra: &str) -> String {
+    let mut table = format!("[connections.{name}]\n");
+    for (key, value) in settings {
+        table.push_str(&line(key, value.clone()));
+        table.push('\n');
+    }
+    if !extra.trim().is_empty() {
+        table.push_str(extra.trim());
+        table.push('\n');
+    }
+    table
+}
+
+/// `(key, value)` pairs for [`connection_table`], from strings.
+pub fn settings<'a>(pairs: &[(&'a str, &str)]) -> Vec<(&'a str, toml::Value)> {
+    pairs
+        .iter()
+        .map(|(key, value)| (*key, toml::Value::from(*value)))
+        .collect()
+}
+
 /// Replaces `key`'s line in `lines`, or adds it.
 fn set(lines: &mut Vec<String>, key: &str, value: impl Into<toml::Value>) {
     let new = line(key, value);
@@ -111,6 +135,17 @@ impl BrokerConfig {
         self
     }
 
+    /// A connection (see [`connection_table`]).
+    pub fn connection(self, name: &str, settings: &[(&str, toml::Value)], extra: &str) -> Self {
+        self.tables(&connection_table(name, settings, extra))
+    }
+
+    /// A generic OAuth 2.0 connection whose endpoints nobody serves (`id.example.com`), for
+    /// tests about anything but the provider.
+    pub fn unreached_connection(self, name: &str) -> Self {
+        self.connection(name, &unreached(), "")
+    }
+
     /// The TOML text.
     pub fn render(&self) -> String {
         let mut out = self.top.join("\n");
@@ -139,6 +174,16 @@ impl BrokerConfig {
     }
 }
 
+/// The settings of [`BrokerConfig::unreached_connection`].
+pub fn unreached() -> Vec<(&'static str, toml::Value)> {
+    settings(&[
+        ("provider", "oauth2"),
+        ("authorize_url", "https://id.example.com/auth"),
+        ("token_url", "https://id.example.com/token"),
+        ("client_id", "c"),
+    ])
+}
+
 #[test]
 fn renders_sections_once_with_tables_last() {
     let text = BrokerConfig::default()
@@ -146,11 +191,19 @@ fn renders_sections_once_with_tables_last() {
         .store("path", "/tmp/x")
         .lock("failure_backoff", 1)
         .lock("failure_backoff", 2)
-        .tables("[connections.a]\nprovider = \"oauth2\"")
+        .connection(
+            "a",
+            &settings(&[("provider", "oauth2")]),
+            "scopes = [\"x\"]",
+        )
         .render();
     let parsed: toml::Value = toml::from_str(&text).expect("valid TOML");
     assert_eq!(parsed["lock"]["failure_backoff"].as_integer(), Some(2));
     assert_eq!(parsed["store"]["path"].as_str(), Some("/tmp/x"));
     assert_eq!(parsed["auth"]["api_keys"][0].as_str(), Some(CALLER_KEY));
-    assert!(parsed["connections"]["a"].is_table());
+    assert_eq!(
+        parsed["connections"]["a"]["provider"].as_str(),
+        Some("oauth2")
+    );
+    assert_eq!(parsed["connections"]["a"]["scopes"][0].as_str(), Some("x"));
 }

@@ -15,7 +15,7 @@ mod upstream;
 
 pub use app::{ConfiguredBroker, Options, TestApp};
 pub use browser::{consent, consent_until_callback, meta_refresh, walk_to_callback, Browser};
-pub use config::BrokerConfig;
+pub use config::{connection_table, settings, BrokerConfig};
 pub use process::{memory_kib, wait_ready, BrokerProcess, ConsentedBroker};
 pub use upstream::Upstream;
 
@@ -35,6 +35,24 @@ pub fn random(prefix: &str) -> String {
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("addr").port()
+}
+
+/// The log of brokers run in process: shown only when `TEST_LOG` is set (filtered by
+/// `RUST_LOG`, default `info`), through the test harness's capture, so a failing test prints
+/// it and a passing one stays quiet (zero-to-production's `TEST_LOG`). Brokers run as
+/// processes log to their own files (`BrokerProcess::logs`).
+pub fn test_log() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
+    });
 }
 
 /// An answer read off the wire by [`raw_request`].

@@ -440,18 +440,15 @@ async fn exact_me(State(state): State<Arc<DoubleState>>, headers: HeaderMap) -> 
 /// talks to `double` instead of the provider.
 pub fn against_double(name: &str, settings: &str, double: &ProviderDouble) -> Options {
     Options {
-        extra_config: format!(
-            r#"
-[connections.{name}]
-{settings}
-authorize_url = "{url}/authorize"
-token_url = "{url}/token"
-client_id = "{id}"
-client_secret = "{secret}"
-"#,
-            url = double.url,
-            id = double.client_id,
-            secret = double.client_secret,
+        extra_config: super::connection_table(
+            name,
+            &super::settings(&[
+                ("authorize_url", &format!("{}/authorize", double.url)),
+                ("token_url", &format!("{}/token", double.url)),
+                ("client_id", &double.client_id),
+                ("client_secret", &double.client_secret),
+            ]),
+            settings,
         ),
         ..Default::default()
     }

@@ -78,19 +78,22 @@ impl Upstream {
     /// A `[connections.{name}]` table for a generic connection to this upstream; `extra`
     /// adds lines (the client secret, store options, ...).
     pub fn connection_toml(&self, name: &str, extra: &str) -> String {
-        format!(
-            r#"
-[connections.{name}]
-provider = "oauth2"
-authorize_url = "{up}/auth"
-token_url = "{up}/token"
-client_id = "{client_id}"
-scopes = ["openid", "offline_access", "api:read"]
-{extra}
-"#,
-            up = self.url,
-            client_id = self.client_id,
-        )
+        let mut settings = self.connection_settings();
+        settings.push((
+            "scopes",
+            toml::Value::from(vec!["openid", "offline_access", "api:read"]),
+        ));
+        super::connection_table(name, &settings, extra)
+    }
+
+    /// A generic connection's endpoints and client id at this upstream.
+    pub fn connection_settings(&self) -> Vec<(&'static str, toml::Value)> {
+        super::settings(&[
+            ("provider", "oauth2"),
+            ("authorize_url", &format!("{}/auth", self.url)),
+            ("token_url", &format!("{}/token", self.url)),
+            ("client_id", &self.client_id),
+        ])
     }
 
     pub async fn stats(&self) -> Value {
