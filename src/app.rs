@@ -204,9 +204,9 @@ async fn wire(
         Arc::clone(&connections),
         setup,
     ));
-    let proxy_bases = connections
+    let proxies = connections
         .iter()
-        .filter_map(|(name, c)| Some((name.clone(), c.proxy_base.clone()?)))
+        .filter_map(|(name, c)| Some((name.clone(), c.proxy.clone()?)))
         .collect();
     // The proxy's client: redirects are never followed (a redirect could lead off the
     // connection's API with the token), and a slow API cannot hold a caller forever.
@@ -219,7 +219,7 @@ async fn wire(
     let signer =
         StateSigner::new(config.state_secret.as_ref()).with_session_scope(&auth.admin_generation());
     let state = Arc::new(AppState {
-        proxy_bases,
+        proxies,
         proxy_http,
         broker,
         auth,

@@ -117,6 +117,11 @@ pub struct ProviderProfile {
     pub api_base_url: Option<String>,
     /// Otherwise, the token-response field that names it (Salesforce `instance_url`).
     pub api_base_from_record: Option<&'static str>,
+    /// The header the proxy sends the chosen organisation in (Xero's `xero-tenant-id`).
+    pub proxy_tenant_header: Option<&'static str>,
+    /// Path placeholders the proxy fills from what the consent recorded: `{name}` is the
+    /// record's field of that name (QuickBooks' `realm_id`, Exact Online's `division`).
+    pub proxy_path_values: &'static [&'static str],
     /// A documented hard limit on a grant's life, counted from consent, whatever is done
     /// with it (QuickBooks' five years).
     pub grant_max_lifetime: Option<Duration>,
@@ -195,6 +200,8 @@ fn generic(client_auth: ClientAuth) -> ProviderProfile {
         rotation: Rotation::Configurable,
         api_base_url: None,
         api_base_from_record: None,
+        proxy_tenant_header: None,
+        proxy_path_values: &[],
         grant_max_lifetime: None,
     }
 }
@@ -256,6 +263,8 @@ impl ProviderProfile {
                     require_refresh_token: true,
                     rotation: Rotation::Always,
                     api_base_url: Some(api.trim_end_matches('/').to_owned()),
+                    // The organisation goes in `xero-tenant-id` on every API call.
+                    proxy_tenant_header: Some("xero-tenant-id"),
                     ..generic(ClientAuth::Basic)
                 }
             }
@@ -320,6 +329,8 @@ impl ProviderProfile {
                     require_refresh_token: true,
                     rotation: Rotation::Always,
                     api_base_url: Some(api.to_owned()),
+                    // `/api/v1/{division}/…`: the division read after consent.
+                    proxy_path_values: &["division"],
                     ..generic(ClientAuth::Post)
                 }
             }
@@ -379,6 +390,8 @@ impl ProviderProfile {
                     static_extra: vec![("api_base_url", api_base.to_owned())],
                     rotation: Rotation::Always,
                     api_base_url: Some(api_base.to_owned()),
+                    // `/v3/company/{realm_id}/…`: the company from the consent's redirect.
+                    proxy_path_values: &["realm_id"],
                     ..generic(ClientAuth::Basic)
                 }
             }

@@ -12,6 +12,7 @@ use super::values::{
 };
 use super::{
     ClientAuth, ConfigError, ConnectionConfig, Endpoints, GrantLifetime, ProviderKind, ProxyBase,
+    ProxyConfig,
 };
 use crate::presets::{PresetSettings, ProviderProfile, Rotation};
 
@@ -205,8 +206,13 @@ impl RawConnection {
             }
             (None, None, None) => None,
         };
+        let proxy = proxy_base.map(|base| ProxyConfig {
+            base,
+            tenant_header: preset.proxy_tenant_header,
+            path_values: preset.proxy_path_values,
+        });
         Ok(ConnectionConfig {
-            proxy_base,
+            proxy,
             provider: self.provider,
             endpoints,
             client_id,

@@ -107,6 +107,17 @@ pub struct GrantLifetime {
     pub configured: bool,
 }
 
+/// A connection's proxy: where it forwards, and what the provider needs on the way (all of
+/// it from the preset, so the HTTP edge names no provider).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    pub base: ProxyBase,
+    /// The header the chosen organisation is sent in (Xero's `xero-tenant-id`).
+    pub tenant_header: Option<&'static str>,
+    /// Path placeholders filled from the consent's record (`realm_id`, `division`).
+    pub path_values: &'static [&'static str],
+}
+
 /// Where a connection's proxy forwards to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProxyBase {
@@ -121,8 +132,8 @@ pub enum ProxyBase {
 #[derive(Debug)]
 pub struct ConnectionConfig {
     pub provider: ProviderKind,
-    /// Where `/api/proxy/{connection}/…` forwards to; `None`: no proxy for it.
-    pub proxy_base: Option<ProxyBase>,
+    /// Where `/api/proxy/{connection}/…` forwards to, and how; `None`: no proxy for it.
+    pub proxy: Option<ProxyConfig>,
     pub endpoints: Endpoints,
     pub client_id: String,
     pub client_secret: Option<SecretString>,

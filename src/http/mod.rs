@@ -55,8 +55,8 @@ pub struct AppState {
     pub functions_host: bool,
     /// A trial on this machine (`local_mode`): a provider-named proxy base may be loopback.
     pub local_mode: bool,
-    /// Connections with a proxy, and where it forwards to.
-    pub proxy_bases: std::collections::BTreeMap<String, crate::config::ProxyBase>,
+    /// Connections with a proxy, and how each forwards (from its preset).
+    pub proxies: std::collections::BTreeMap<String, crate::config::ProxyConfig>,
     /// The proxy's client: no redirects, timeouts.
     pub proxy_http: reqwest::Client,
     /// `token-broker login`'s process: only its connection's consent routes are served.

@@ -67,14 +67,14 @@ async fn quickbooks_realm_and_exact_division_fill_the_path_from_the_consent() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["path"], "/v2/company/1234567/salesinvoice");
 
-    // A placeholder the consent did not record, or one the broker does not know: 400.
+    // Another provider's placeholder, or one nobody fills: 400, naming the connection's own.
     let (status, body) = proxied(&app, "exact", "company/{realm_id}/x").await;
     assert_eq!(status, 400);
     assert!(
         body["error_description"]
             .as_str()
             .expect("description")
-            .contains("recorded no `realm_id`"),
+            .contains("not a placeholder this connection's proxy fills in ({division})"),
         "{body}"
     );
     let (status, body) = proxied(&app, "quickbooks", "company/{realmId}/x").await;

@@ -1,16 +1,13 @@
-//! Path placeholders the broker fills from what a consent recorded (QuickBooks' company,
-//! Exact Online's division).
+//! Path placeholders the broker fills from what a consent recorded. Which ones a connection
+//! has is its preset's business (`ProviderProfile::proxy_path_values`: QuickBooks'
+//! `realm_id`, Exact Online's `division`); this file only fills them.
 
-/// Values the broker fills into a proxied path from what consent recorded: QuickBooks'
-/// company (`realm_id`, from the redirect) and Exact Online's division (`division`, from
-/// `/api/v1/current/Me`).
-pub(super) const PLACEHOLDERS: &[&str] = &["realm_id", "division"];
-
-/// `rest` with `{realm_id}` / `{division}` (raw or percent-encoded braces) replaced by the
-/// connection's recorded values. A placeholder the broker does not know, or one the
-/// consent did not record, is the caller's error.
+/// `rest` with each `{name}` of `names` (raw or percent-encoded braces) replaced by the
+/// connection's recorded value of that name. Any other placeholder, or one the consent did
+/// not record, is the caller's error.
 pub(super) fn fill_placeholders(
     rest: &str,
+    names: &[&str],
     extra: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<String, String> {
     if !rest.contains('{') && !rest.contains('%') {
@@ -39,10 +36,15 @@ pub(super) fn fill_placeholders(
             return Ok(out);
         };
         let name = &remaining[at + open_len..at + open_len + name_len];
-        if !PLACEHOLDERS.contains(&name) {
-            return Err(format!(
-                "`{{{name}}}` is not a placeholder the broker fills in (it knows {{realm_id}} for QuickBooks and {{division}} for Exact Online)"
-            ));
+        if !names.contains(&name) {
+            let known: Vec<String> = names.iter().map(|n| format!("{{{n}}}")).collect();
+            return Err(match known.as_slice() {
+                [] => format!("`{{{name}}}`: this connection's proxy fills in no placeholders"),
+                _ => format!(
+                    "`{{{name}}}` is not a placeholder this connection's proxy fills in ({})",
+                    known.join(", ")
+                ),
+            });
         }
         let value = match extra.get(name) {
             Some(serde_json::Value::String(text)) => text.clone(),
@@ -74,25 +76,37 @@ mod tests {
     fn placeholders_take_the_consents_values_and_nothing_else() {
         let extra = serde_json::json!({"realm_id": "9130355", "division": 1234567, "bad": "a/b"});
         let extra = extra.as_object().expect("map");
+        let quickbooks: &[&str] = &["realm_id"];
+        let exact: &[&str] = &["division"];
         assert_eq!(
-            fill_placeholders("v3/company/{realm_id}/query", extra).as_deref(),
+            fill_placeholders("v3/company/{realm_id}/query", quickbooks, extra).as_deref(),
             Ok("v3/company/9130355/query")
         );
         assert_eq!(
-            fill_placeholders("api/v1/%7Bdivision%7d/x/%7bdivision}", extra).as_deref(),
+            fill_placeholders("api/v1/%7Bdivision%7d/x/%7bdivision}", exact, extra).as_deref(),
             Ok("api/v1/1234567/x/1234567")
         );
         assert_eq!(
-            fill_placeholders("plain/path%7", extra).as_deref(),
+            fill_placeholders("plain/path%7", exact, extra).as_deref(),
             Ok("plain/path%7")
         );
-        assert_eq!(fill_placeholders("a{b", extra).as_deref(), Ok("a{b"));
-        assert!(fill_placeholders("{bad}", extra).is_err(), "unknown name");
-        assert!(fill_placeholders("{tenant_id}/x", extra).is_err());
+        assert_eq!(fill_placeholders("a{b", exact, extra).as_deref(), Ok("a{b"));
+        assert!(
+            fill_placeholders("{bad}", exact, extra).is_err(),
+            "unknown name"
+        );
+        assert!(fill_placeholders("{tenant_id}/x", quickbooks, extra).is_err());
+        // Only the preset's own: QuickBooks has no division, a generic connection nothing.
+        let err = fill_placeholders("{division}", quickbooks, extra).expect_err("not its own");
+        assert!(err.contains("({realm_id})"), "{err}");
+        let err = fill_placeholders("{realm_id}", &[], extra).expect_err("none at all");
+        assert!(err.contains("fills in no placeholders"), "{err}");
         let none = serde_json::Map::new();
-        let err = fill_placeholders("{division}", &none).expect_err("not recorded");
+        let err = fill_placeholders("{division}", exact, &none).expect_err("not recorded");
         assert!(err.contains("recorded no `division`"), "{err}");
         let hostile = serde_json::json!({"realm_id": "../admin"});
-        assert!(fill_placeholders("{realm_id}", hostile.as_object().expect("map")).is_err());
+        assert!(
+            fill_placeholders("{realm_id}", quickbooks, hostile.as_object().expect("map")).is_err()
+        );
     }
 }

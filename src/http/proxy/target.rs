@@ -12,15 +12,15 @@ use super::super::{ApiError, AppState};
 use super::base::resolve_base;
 use super::path::{check_path, split_tenant, target_url};
 use super::placeholders::fill_placeholders;
-use crate::config::{ProviderKind, ProxyBase};
+use crate::config::ProxyConfig;
 use crate::token::TokenRecord;
 
 /// The route's part of a proxied request, checked (borrowed from the request and the
 /// broker's state: nothing is copied on the way).
 pub(super) struct Request<'a> {
     connection: &'a str,
-    base: &'a ProxyBase,
-    kind: ProviderKind,
+    /// The connection's proxy, as its preset describes it.
+    proxy: &'a ProxyConfig,
     /// The raw path below `/api/proxy/{connection}/`, as the caller encoded it.
     rest: &'a str,
     /// The query without `tenant`.
@@ -46,11 +46,11 @@ impl<'a> Request<'a> {
         connection: &'a str,
         uri: &'a Uri,
     ) -> Result<Self, ApiError> {
-        let provider = state
+        state
             .broker
             .provider(connection)
             .map_err(|err| ApiError::from_broker(err, state))?;
-        let Some(base) = state.proxy_bases.get(connection) else {
+        let Some(proxy) = state.proxies.get(connection) else {
             return Err(ApiError::new(
                 ErrorCode::NoProxy,
                 format!("connection `{connection}` has no proxy: set its api_base_url (and proxy is not false)"),
@@ -66,8 +66,7 @@ impl<'a> Request<'a> {
         let (query, tenant) = split_tenant(uri.query());
         Ok(Self {
             connection,
-            base,
-            kind: provider.kind(),
+            proxy,
             rest,
             query,
             tenant,
@@ -90,18 +89,18 @@ impl<'a> Request<'a> {
         record: &TokenRecord,
         local_mode: bool,
     ) -> Result<Target, ApiError> {
-        let base = resolve_base(self.base, record, local_mode)?;
-        let rest =
-            fill_placeholders(self.rest, &record.extra).map_err(ApiError::invalid_request)?;
+        let base = resolve_base(&self.proxy.base, record, local_mode)?;
+        let rest = fill_placeholders(self.rest, self.proxy.path_values, &record.extra)
+            .map_err(ApiError::invalid_request)?;
         let url =
             target_url(&base, &rest, self.query.as_deref()).map_err(ApiError::invalid_request)?;
         let mut headers = reqwest::header::HeaderMap::new();
-        if self.kind == ProviderKind::Xero {
-            // Xero wants the organisation in `xero-tenant-id` (recorded at consent).
+        if let Some(name) = self.proxy.tenant_header {
+            // The organisation recorded at consent, in the header the provider reads it from.
             if let Some(tenant) = record.pick_tenant(self.tenant.as_deref())? {
                 let value = reqwest::header::HeaderValue::from_str(&tenant.id)
                     .map_err(|_| ApiError::invalid_request("not a tenant id"))?;
-                headers.insert("xero-tenant-id", value);
+                headers.insert(name, value);
             }
         }
         Ok(Target {
