@@ -37,6 +37,12 @@ async fn broker(
     .await
 }
 
+/// The broker never logged running out of file descriptors.
+fn assert_never_out_of_files(broker: &BrokerProcess) {
+    let logs = broker.logs();
+    assert!(!logs.contains("Too many open files"), "{logs}");
+}
+
 async fn connect(port: u16) -> TcpStream {
     TcpStream::connect(("127.0.0.1", port))
         .await
@@ -122,11 +128,7 @@ async fn slow_and_idle_connections_are_closed_and_never_lock_out_health() {
         "health took {slowest:?}"
     );
     eprintln!("slowest health answer during the flood: {slowest:?}");
-    assert!(
-        !broker.logs().contains("Too many open files"),
-        "{}",
-        broker.logs()
-    );
+    assert_never_out_of_files(&broker);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -555,11 +557,7 @@ async fn max_connections_is_held_below_the_open_file_limit() {
         closed_by_server(&mut idle[0], Duration::from_secs(2)).await,
         "the longest-idle connection is still open"
     );
-    assert!(
-        !broker.logs().contains("Too many open files"),
-        "{}",
-        broker.logs()
-    );
+    assert_never_out_of_files(&broker);
 }
 
 /// When `accept` fails for want of file descriptors below the cap (here the limit is
