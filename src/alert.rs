@@ -101,17 +101,29 @@ impl Alerts {
         Self { webhook: None }
     }
 
-    /// Log, and POST to `webhook` when given. Starts the webhook's task: call within the
-    /// tokio runtime.
-    pub fn new(webhook: Option<&SecretString>) -> anyhow::Result<Self> {
+    /// Log, and POST to `webhook` when given, signed with `secret` when given (Standard
+    /// Webhooks). Starts the webhook's task: call within the tokio runtime.
+    pub fn new(
+        webhook: Option<&SecretString>,
+        secret: Option<&SecretString>,
+    ) -> anyhow::Result<Self> {
         let Some(url) = webhook else {
+            if secret.is_some() {
+                tracing::warn!("BROKER_ALERT_WEBHOOK_SECRET is set but BROKER_ALERT_WEBHOOK_URL is not: nothing is posted");
+            }
             return Ok(Self::log_only());
         };
         let url = url::Url::parse(url.expose_secret())
             .map_err(|_| anyhow::anyhow!("BROKER_ALERT_WEBHOOK_URL is not a valid URL"))?;
+        let signer = secret
+            .map(|secret| standardwebhooks::Webhook::new(secret.expose_secret()))
+            .transpose()
+            .map_err(|_| {
+                anyhow::anyhow!("BROKER_ALERT_WEBHOOK_SECRET is not a Standard Webhooks secret")
+            })?;
         let client = crate::http_client::builder()?.timeout(TIMEOUT).build()?;
         let (sender, receiver) = mpsc::channel(QUEUE);
-        tokio::spawn(deliver(client, url, receiver));
+        tokio::spawn(deliver(client, url, signer, receiver));
         Ok(Self {
             webhook: Some(sender),
         })
@@ -221,16 +233,57 @@ fn body(change: &StateChange) -> serde_json::Value {
     })
 }
 
+/// One attempt's request: the body as JSON, and with a signer the Standard Webhooks
+/// headers — `webhook-id` (the event's, the same on every attempt), `webhook-timestamp`
+/// (this attempt's, so a receiver's 5-minute tolerance holds for retries too) and
+/// `webhook-signature` (`v1,` + base64 HMAC-SHA256 over `id.timestamp.body`).
+fn request(
+    client: &reqwest::Client,
+    url: &url::Url,
+    signer: Option<&standardwebhooks::Webhook>,
+    id: &str,
+    payload: &[u8],
+) -> reqwest::RequestBuilder {
+    let mut request = client
+        .post(url.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(payload.to_vec());
+    if let Some(signer) = signer {
+        let timestamp = chrono::Utc::now().timestamp();
+        if let Ok(signature) = signer.sign(id, timestamp, payload) {
+            request = request
+                .header(standardwebhooks::HEADER_WEBHOOK_ID, id)
+                .header(
+                    standardwebhooks::HEADER_WEBHOOK_TIMESTAMP,
+                    timestamp.to_string(),
+                )
+                .header(standardwebhooks::HEADER_WEBHOOK_SIGNATURE, signature);
+        }
+    }
+    request
+}
+
 async fn deliver(
     client: reqwest::Client,
     url: url::Url,
+    signer: Option<standardwebhooks::Webhook>,
     mut receiver: mpsc::Receiver<Notification>,
 ) {
     while let Some((connection, body)) = receiver.recv().await {
         let mut pause = FIRST_PAUSE;
+        // One id per event, kept across its retries, so a receiver can drop duplicates.
+        let id = format!("msg_{}", {
+            use rand::Rng;
+            let bytes: [u8; 16] = rand::thread_rng().gen();
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        });
+        let payload = serde_json::to_vec(&body).unwrap_or_default();
         for attempt in 1..=ATTEMPTS {
             // The URL is a credential: errors are reported without it.
-            let outcome = match client.post(url.clone()).json(&body).send().await {
+            let outcome = match request(&client, &url, signer.as_ref(), &id, &payload)
+                .send()
+                .await
+            {
                 Ok(response) if response.status().is_success() => Ok(()),
                 Ok(response) => Err(format!("HTTP {}", response.status().as_u16())),
                 Err(err) if err.is_timeout() => Err("timed out".to_owned()),

@@ -195,7 +195,10 @@ async fn wire(
                 },
             ),
             Arc::new(crate::clock::SystemClock),
-            Alerts::new(config.alert_webhook.as_ref())?,
+            Alerts::new(
+                config.alert_webhook.as_ref(),
+                config.alert_webhook_secret.as_ref(),
+            )?,
         )
         .with_expiry_warning(config.refresh.expiry_warning),
     );

@@ -149,7 +149,7 @@ async fn setup(connection: &str, lifetime: i64) -> Setup {
             },
         ),
         clock.clone(),
-        Alerts::new(Some(&format!("{base}/hook").into())).expect("alerts"),
+        Alerts::new(Some(&format!("{base}/hook").into()), None).expect("alerts"),
     ));
     Setup {
         broker,

@@ -68,6 +68,9 @@ pub struct Config {
     /// Where connection state changes are posted (`BROKER_ALERT_WEBHOOK_URL`, a Teams or
     /// Slack incoming webhook). A secret: such URLs carry their own credential.
     pub alert_webhook: Option<SecretString>,
+    /// Signs every webhook post per Standard Webhooks (`BROKER_ALERT_WEBHOOK_SECRET`,
+    /// `whsec_` + base64 of the key); unsigned without it.
+    pub alert_webhook_secret: Option<SecretString>,
     /// Settings that work but probably not as intended; logged at startup.
     pub warnings: Vec<String>,
 }
@@ -76,6 +79,7 @@ pub struct Config {
 const DIRECT_SETTINGS: &[&str] = &[
     "BROKER_PUBLIC_URL",
     "BROKER_ALERT_WEBHOOK_URL",
+    "BROKER_ALERT_WEBHOOK_SECRET",
     "KEY_VAULT_URL",
     "AzureWebJobsStorage__blobServiceUri",
     "AzureWebJobsStorage__accountName",

@@ -163,11 +163,17 @@ impl RawConfig {
             Some(url) => Some(alert_webhook(&url)?),
             None => None,
         };
+        let alert_webhook_secret =
+            match env("BROKER_ALERT_WEBHOOK_SECRET").filter(|v| !v.trim().is_empty()) {
+                Some(secret) => Some(alert_webhook_secret(&secret)?),
+                None => None,
+            };
         let server = self.server.validate()?;
         Ok(Config {
             server,
             local_mode: self.local_mode,
             alert_webhook,
+            alert_webhook_secret,
             public_url,
             state_secret,
             auth,
@@ -305,6 +311,28 @@ fn warnings(placeholders: &[String], auth: &AuthConfig, refresh: &RefreshConfig)
         ));
     }
     warnings
+}
+
+/// The alert webhook's signing secret: `whsec_` and the base64 of a key of at least 24 bytes
+/// (Standard Webhooks), checked without echoing it; a placeholder or anything else refused.
+fn alert_webhook_secret(value: &str) -> Result<SecretString, ConfigError> {
+    const KEY: &str = "BROKER_ALERT_WEBHOOK_SECRET";
+    use base64::Engine;
+    let key = value.trim().strip_prefix("whsec_").and_then(|encoded| {
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .ok()
+    });
+    match key {
+        Some(key) if key.len() >= 24 && !is_placeholder(value) => {
+            Ok(SecretString::from(value.trim().to_owned()))
+        }
+        _ => Err(ConfigError::key(
+            KEY,
+            "must be `whsec_` followed by the base64 of a random key of at least 24 bytes \
+             (`echo whsec_$(openssl rand -base64 32)`)",
+        )),
+    }
 }
 
 /// The alert webhook's URL: https (http only on loopback), checked without ever echoing it —

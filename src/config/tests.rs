@@ -447,3 +447,31 @@ fn server_timeouts_default_and_stay_within_bounds() {
         assert!(err.contains("server.write_timeout"), "{err}");
     }
 }
+
+#[test]
+fn the_webhook_secret_is_a_standard_webhooks_secret_or_refused() {
+    let with = |secret: &'static str| {
+        move |name: &str| match name {
+            "BROKER_ALERT_WEBHOOK_SECRET" => Some(secret.to_owned()),
+            other => env_of(ENV)(other),
+        }
+    };
+    // 24 bytes, base64, behind `whsec_`.
+    let good = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let config = Config::parse(MINIMAL, &with(good)).expect("a valid secret");
+    assert!(config.alert_webhook_secret.is_some());
+    for bad in [
+        "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "whsec_not base64!",
+        "whsec_c2hvcnQ=",
+        "whsec_replace-with-a-secret",
+    ] {
+        let err = Config::parse(MINIMAL, &with(bad))
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("BROKER_ALERT_WEBHOOK_SECRET"), "{bad}: {err}");
+        assert!(!err.contains(bad), "the value is not echoed: {err}");
+    }
+    let config = Config::parse(MINIMAL, &env_of(ENV)).expect("no secret");
+    assert!(config.alert_webhook_secret.is_none());
+}

@@ -9,29 +9,47 @@ use serde_json::Value;
 
 use crate::support::{consent, free_port, BrokerConfig, BrokerProcess, Upstream, CALLER_KEY};
 
-/// A Teams/Slack-style incoming webhook: records every POSTed JSON body, and answers at
-/// once or never.
+/// A Teams/Slack-style incoming webhook: records every POSTed JSON body (and, raw, each
+/// delivery's headers and bytes), and answers at once, never, or first with a 500.
 struct Hook {
     url: String,
     received: Arc<Mutex<Vec<Value>>>,
+    deliveries: Arc<Mutex<Vec<(axum::http::HeaderMap, axum::body::Bytes)>>>,
 }
 
 impl Hook {
     async fn start(hang: bool) -> Self {
+        Self::start_with(hang, false).await
+    }
+
+    /// `fail_first`: the first delivery is answered 500 (and not counted as received).
+    async fn start_with(hang: bool, fail_first: bool) -> Self {
         let received = Arc::new(Mutex::new(Vec::new()));
-        let seen = Arc::clone(&received);
+        let deliveries = Arc::new(Mutex::new(Vec::new()));
+        let (seen, raw) = (Arc::clone(&received), Arc::clone(&deliveries));
         let app = axum::Router::new().route(
             "/hook/secret-path",
-            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
-                let seen = Arc::clone(&seen);
-                async move {
-                    seen.lock().expect("lock").push(body);
-                    if hang {
-                        std::future::pending::<()>().await;
+            axum::routing::post(
+                move |headers: axum::http::HeaderMap, bytes: axum::body::Bytes| {
+                    let (seen, raw) = (Arc::clone(&seen), Arc::clone(&raw));
+                    async move {
+                        let first = {
+                            let mut raw = raw.lock().expect("lock");
+                            raw.push((headers, bytes.clone()));
+                            raw.len() == 1
+                        };
+                        if fail_first && first {
+                            return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "later");
+                        }
+                        let body: Value = serde_json::from_slice(&bytes).expect("a JSON body");
+                        seen.lock().expect("lock").push(body);
+                        if hang {
+                            std::future::pending::<()>().await;
+                        }
+                        (axum::http::StatusCode::OK, "1")
                     }
-                    "1"
-                }
-            }),
+                },
+            ),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -41,7 +59,11 @@ impl Hook {
             listener.local_addr().expect("addr")
         );
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { url, received }
+        Self {
+            url,
+            received,
+            deliveries,
+        }
     }
 
     fn states(&self) -> Vec<String> {
@@ -79,7 +101,11 @@ impl Setup {
 
     /// With `extra` settings for connection `acme`.
     async fn with(hang: bool, extra: &str) -> Self {
-        let hook = Hook::start(hang).await;
+        Self::around(Hook::start(hang).await, extra, &[]).await
+    }
+
+    /// The broker posting to `hook`, with `env` beside the webhook's URL.
+    async fn around(hook: Hook, extra: &str, env: &[(&str, String)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
@@ -93,12 +119,13 @@ impl Setup {
                 &format!("client_secret = \"{}\"\n{extra}", upstream.client_secret),
             ))
             .write(dir.path());
-        let env = [
+        let mut env_all = vec![
             ("BROKER_ALERT_WEBHOOK_URL", hook.url.clone()),
             ("RUST_LOG", "info".to_owned()),
         ];
+        env_all.extend(env.iter().cloned());
         let broker =
-            BrokerProcess::start_on(port, &config, &env, &dir.path().join("broker.log")).await;
+            BrokerProcess::start_on(port, &config, &env_all, &dir.path().join("broker.log")).await;
         Self {
             upstream,
             broker,
@@ -211,6 +238,73 @@ async fn each_transition_is_logged_and_posted_once() {
     }
     // The webhook URL is a credential: never logged.
     assert!(!setup.broker.logs().contains("secret-path"));
+    // Without BROKER_ALERT_WEBHOOK_SECRET, no Standard Webhooks headers.
+    for (headers, _) in setup.hook.deliveries.lock().expect("lock").iter() {
+        for name in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
+            assert!(!headers.contains_key(name), "{name} without a secret");
+        }
+    }
+}
+
+/// With `BROKER_ALERT_WEBHOOK_SECRET`, every post carries Standard Webhooks' headers: an id
+/// per event that stays the same when the post is retried, the attempt's timestamp, and
+/// `v1,` + base64 HMAC-SHA256 over `id.timestamp.body` — computed here independently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_posts_are_signed_and_a_retry_keeps_the_id() {
+    use base64::Engine;
+    use hmac::Mac;
+    let key = [0x5au8; 32];
+    let secret = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    );
+    let hook = Hook::start_with(false, true).await;
+    let setup = Setup::around(hook, "", &[("BROKER_ALERT_WEBHOOK_SECRET", secret.clone())]).await;
+    consent(&setup.broker.base, "acme").await;
+    setup
+        .upstream
+        .fail_next(1, 500, r#"{"error":"server_error"}"#, "application/json")
+        .await;
+    assert_eq!(setup.refresh("?force=true").await, 502);
+    let received = setup.hook.wait_for(1).await;
+    assert_eq!(setup.hook.states(), ["failing"], "{received:?}");
+
+    let deliveries = setup.hook.deliveries.lock().expect("lock").clone();
+    assert_eq!(
+        deliveries.len(),
+        2,
+        "the first post was refused and retried once"
+    );
+    let header = |headers: &axum::http::HeaderMap, name: &str| {
+        headers
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} missing"))
+            .to_str()
+            .expect("ascii")
+            .to_owned()
+    };
+    let ids: Vec<String> = deliveries
+        .iter()
+        .map(|(headers, _)| header(headers, "webhook-id"))
+        .collect();
+    assert_eq!(ids[0], ids[1], "the id is the event's, the same on a retry");
+    assert!(ids[0].starts_with("msg_"), "{}", ids[0]);
+    for (headers, body) in &deliveries {
+        let timestamp = header(headers, "webhook-timestamp");
+        let seconds: i64 = timestamp.parse().expect("Unix seconds");
+        assert!((chrono::Utc::now().timestamp() - seconds).abs() < 60);
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).expect("key");
+        mac.update(format!("{}.{timestamp}.", ids[0]).as_bytes());
+        mac.update(body);
+        let expected = format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        );
+        assert_eq!(header(headers, "webhook-signature"), expected);
+    }
+    // The secret never reaches the log.
+    let logs = setup.broker.logs();
+    assert!(!logs.contains(&secret[6..]), "the secret was logged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
