@@ -64,7 +64,8 @@ pub struct CallerAuth {
     entra: Option<EntraVerifier>,
 }
 
-fn digest(key: &str) -> [u8; 32] {
+/// A key as it is kept and compared: its SHA-256 digest.
+pub(crate) fn digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
@@ -75,7 +76,7 @@ fn digests(keys: &[SecretString]) -> Vec<[u8; 32]> {
 /// Whether `presented` is one of `keys`, comparing every key in full and in constant time.
 /// Compared as four 64-bit words rather than 32 bytes: `subtle` puts an optimisation
 /// barrier after each element, and this runs on every request.
-fn contains(keys: &[[u8; 32]], presented: &[u8; 32]) -> bool {
+pub(crate) fn contains(keys: &[[u8; 32]], presented: &[u8; 32]) -> bool {
     let presented = words(presented);
     keys.iter()
         .fold(subtle::Choice::from(0), |found, key| {

@@ -146,6 +146,14 @@ impl Setup {
             .as_u16()
     }
 
+    /// The provider answers the next forced refresh with a 500: 502, and `failing`.
+    async fn provider_fails_once(&self) {
+        self.upstream
+            .fail_next(1, 500, r#"{"error":"server_error"}"#, "application/json")
+            .await;
+        assert_eq!(self.refresh("?force=true").await, 502);
+    }
+
     /// Consents, rotates once, and has someone replay the consented refresh token: the
     /// strict upstream revokes the grant, and the broker's next refresh finds it dead.
     async fn kill_the_grant(&self) {
@@ -185,11 +193,7 @@ async fn each_transition_is_logged_and_posted_once() {
     // Consent again: recovered.
     consent(&setup.broker.base, "acme").await;
     // The provider fails, then works again.
-    setup
-        .upstream
-        .fail_next(1, 500, r#"{"error":"server_error"}"#, "application/json")
-        .await;
-    assert_eq!(setup.refresh("?force=true").await, 502);
+    setup.provider_fails_once().await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(setup.refresh("?force=true").await, 200);
     assert_eq!(setup.refresh("").await, 200);
@@ -261,11 +265,7 @@ async fn webhook_posts_are_signed_and_a_retry_keeps_the_id() {
     let hook = Hook::start_with(false, true).await;
     let setup = Setup::around(hook, "", &[("BROKER_ALERT_WEBHOOK_SECRET", secret.clone())]).await;
     consent(&setup.broker.base, "acme").await;
-    setup
-        .upstream
-        .fail_next(1, 500, r#"{"error":"server_error"}"#, "application/json")
-        .await;
-    assert_eq!(setup.refresh("?force=true").await, 502);
+    setup.provider_fails_once().await;
     let received = setup.hook.wait_for(1).await;
     assert_eq!(setup.hook.states(), ["failing"], "{received:?}");
 
