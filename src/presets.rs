@@ -76,6 +76,30 @@ impl PresetError {
     }
 }
 
+/// A value a consent teaches the broker that the broker itself reads back: a preset names
+/// one to say where it comes from (a callback parameter) and where it goes (a proxy path
+/// placeholder, the proxy's base). `key` is its name in the stored record, in the
+/// `/api/refresh` answer and as a `{placeholder}`. (`token::Facts` holds the values.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fact {
+    /// The API base the provider names in its token response (Salesforce).
+    InstanceUrl,
+    /// The company a consent chose (QuickBooks' `realmId` callback parameter).
+    RealmId,
+    /// The user's current division (Exact Online's `/current/Me`).
+    Division,
+}
+
+impl Fact {
+    pub const fn key(self) -> &'static str {
+        match self {
+            Fact::InstanceUrl => "instance_url",
+            Fact::RealmId => "realm_id",
+            Fact::Division => "division",
+        }
+    }
+}
+
 /// What the broker does right after consent (and remembers in the record for callers).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
@@ -105,8 +129,8 @@ pub struct ProviderProfile {
     pub idle_lifetime: Option<Duration>,
     pub min_refresh_interval: Duration,
     pub lookup: Option<Lookup>,
-    /// Callback query parameters to keep, as (parameter, response field).
-    pub callback_params: &'static [(&'static str, &'static str)],
+    /// Callback query parameters to keep, as (parameter, the fact it gives).
+    pub callback_params: &'static [(&'static str, Fact)],
     /// Refuse a consent that yields no refresh token, with advice.
     pub require_refresh_token: bool,
     /// Fixed fields for callers (QuickBooks' API base for the chosen environment).
@@ -116,12 +140,12 @@ pub struct ProviderProfile {
     /// Where the provider's API lives, for the proxy (`/api/proxy/{connection}/…`).
     pub api_base_url: Option<String>,
     /// Otherwise, the token-response field that names it (Salesforce `instance_url`).
-    pub api_base_from_record: Option<&'static str>,
+    pub api_base_from_record: Option<Fact>,
     /// The header the proxy sends the chosen organisation in (Xero's `xero-tenant-id`).
     pub proxy_tenant_header: Option<&'static str>,
-    /// Path placeholders the proxy fills from what the consent recorded: `{name}` is the
-    /// record's field of that name (QuickBooks' `realm_id`, Exact Online's `division`).
-    pub proxy_path_values: &'static [&'static str],
+    /// Path placeholders the proxy fills from what the consent recorded: `{key}` is the
+    /// fact of that key (QuickBooks' `{realm_id}`, Exact Online's `{division}`).
+    pub proxy_path_values: &'static [Fact],
     /// A documented hard limit on a grant's life, counted from consent, whatever is done
     /// with it (QuickBooks' five years).
     pub grant_max_lifetime: Option<Duration>,
@@ -330,7 +354,7 @@ impl ProviderProfile {
                     rotation: Rotation::Always,
                     api_base_url: Some(api.to_owned()),
                     // `/api/v1/{division}/…`: the division read after consent.
-                    proxy_path_values: &["division"],
+                    proxy_path_values: &[Fact::Division],
                     ..generic(ClientAuth::Post)
                 }
             }
@@ -385,13 +409,13 @@ impl ProviderProfile {
                     idle_lifetime: days(100),
                     // "5 years" maximum from the original authorization, whatever the refreshes.
                     grant_max_lifetime: days(5 * 365 + 1),
-                    callback_params: &[("realmId", "realm_id")],
+                    callback_params: &[("realmId", Fact::RealmId)],
                     require_refresh_token: true,
                     static_extra: vec![("api_base_url", api_base.to_owned())],
                     rotation: Rotation::Always,
                     api_base_url: Some(api_base.to_owned()),
                     // `/v3/company/{realm_id}/…`: the company from the consent's redirect.
-                    proxy_path_values: &["realm_id"],
+                    proxy_path_values: &[Fact::RealmId],
                     ..generic(ClientAuth::Basic)
                 }
             }
@@ -418,7 +442,7 @@ impl ProviderProfile {
                     default_lifetime: Some(Duration::from_secs(2 * 3600)),
                     require_refresh_token: true,
                     // The org's API is on its instance, named in every token response.
-                    api_base_from_record: Some("instance_url"),
+                    api_base_from_record: Some(Fact::InstanceUrl),
                     ..generic(ClientAuth::Post)
                 }
             }
@@ -538,7 +562,7 @@ mod tests {
             quickbooks.idle_lifetime,
             Some(Duration::from_secs(100 * day))
         );
-        assert_eq!(quickbooks.callback_params, &[("realmId", "realm_id")]);
+        assert_eq!(quickbooks.callback_params, &[("realmId", Fact::RealmId)]);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use crate::token::Facts;
 use oauth2::{PkceCodeVerifier, TokenResponse};
-use serde_json::{Map, Value};
 use tracing::{info, warn, Instrument};
 
 use super::refresh::new_record;
@@ -24,14 +24,14 @@ impl Broker {
         name: &str,
         code: String,
         verifier: PkceCodeVerifier,
-        callback_extra: Map<String, Value>,
+        from_callback: Facts,
     ) -> Result<(), BrokerError> {
         // Its own task, like refreshes: a browser that goes away mid-exchange must not
         // cancel storing the tokens the provider has just issued.
         let this = Arc::clone(self);
         let name = name.to_owned();
         tokio::spawn(async move {
-            this.complete_consent_detached(&name, code, verifier, callback_extra)
+            this.complete_consent_detached(&name, code, verifier, from_callback)
                 .await
         })
         .await
@@ -43,7 +43,7 @@ impl Broker {
         name: &str,
         code: String,
         verifier: PkceCodeVerifier,
-        callback_extra: Map<String, Value>,
+        from_callback: Facts,
     ) -> Result<(), BrokerError> {
         let conn = self.connection(name)?;
         let span = tracing::info_span!("consent", connection = name);
@@ -62,11 +62,11 @@ impl Broker {
             }
             let now = self.clock.now();
             let mut record = new_record(None, &response, provider.default_lifetime, now, now);
-            record.extra.extend(callback_extra);
+            record.facts.merge(from_callback);
             // What callers need besides the token (tenants, division). A failed lookup
             // must not lose the grant: the tokens are stored regardless.
             match provider.lookup(&self.http, response.access_token()).await {
-                Ok(found) => record.extra.extend(found),
+                Ok(found) => record.facts.merge(found),
                 Err(err) => {
                     warn!(error = %err, "post-consent lookup failed; tokens are stored, reconnect to retry the lookup");
                     record.last_error = Some(format!("post-consent lookup failed: {err}"));

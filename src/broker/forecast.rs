@@ -211,7 +211,7 @@ mod tests {
             expires_at: Some(t(refreshed) + chrono::Duration::minutes(30)),
             refresh_token: Some(RefreshToken::new("r".into())),
             scope: None,
-            extra: Default::default(),
+            facts: Default::default(),
             obtained_at: t(refreshed),
             consented_at: t(consented),
             last_error: None,

@@ -170,8 +170,8 @@ pub(super) fn new_record(
         .expires_in()
         .unwrap_or(default_lifetime)
         .min(Duration::from_secs(10 * 365 * 86_400));
-    let mut extra = previous.map(|p| p.extra.clone()).unwrap_or_default();
-    extra.extend(response.extra());
+    let mut facts = previous.map(|p| p.facts.clone()).unwrap_or_default();
+    facts.merge(response.extra());
     TokenRecord {
         status: GrantStatus::Connected,
         access_token: Some(response.access_token().clone()),
@@ -186,7 +186,7 @@ pub(super) fn new_record(
         scope: response
             .scope()
             .or_else(|| previous.and_then(|p| p.scope.clone())),
-        extra,
+        facts,
         obtained_at: now,
         consented_at,
         last_error: None,

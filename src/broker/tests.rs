@@ -115,7 +115,7 @@ async fn setup(connection: &str, lifetime: i64) -> Setup {
                 expires_at: Some(start + chrono::Duration::seconds(lifetime)),
                 refresh_token: Some(RefreshToken::new("rt".into())),
                 scope: None,
-                extra: Default::default(),
+                facts: Default::default(),
                 obtained_at: start,
                 consented_at: start,
                 last_error: None,

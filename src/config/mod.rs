@@ -39,7 +39,7 @@ pub use store::{CredentialKind, KeyVaultConfig, StoreConfig};
 use env::expand_env;
 use raw::RawConfig;
 
-pub use crate::presets::{ClientAuth, ProviderKind};
+pub use crate::presets::{ClientAuth, Fact, ProviderKind};
 use crate::presets::{Lookup, PresetError};
 use url::Url;
 
@@ -119,7 +119,7 @@ pub struct ProxyConfig {
     /// The header the chosen organisation is sent in (Xero's `xero-tenant-id`).
     pub tenant_header: Option<&'static str>,
     /// Path placeholders filled from the consent's record (`realm_id`, `division`).
-    pub path_values: &'static [&'static str],
+    pub path_values: &'static [Fact],
 }
 
 /// Where a connection's proxy forwards to.
@@ -129,7 +129,7 @@ pub enum ProxyBase {
     Fixed(Url),
     /// A base URL the provider names in the token response, read from the stored record
     /// (Salesforce's `instance_url`).
-    FromRecord(&'static str),
+    FromRecord(Fact),
 }
 
 /// One named connection to one provider account.
@@ -162,7 +162,7 @@ pub struct ConnectionConfig {
     /// A lookup made right after consent (Xero tenants, Exact Online division).
     pub lookup: Option<Lookup>,
     /// Callback query parameters kept for callers, as (parameter, response field).
-    pub callback_params: &'static [(&'static str, &'static str)],
+    pub callback_params: &'static [(&'static str, Fact)],
     /// A consent without a refresh token is refused with advice.
     pub require_refresh_token: bool,
     /// Scopes the preset added because the config lacked them (logged at startup).

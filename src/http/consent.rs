@@ -222,21 +222,21 @@ pub(super) async fn callback(
         );
     };
     // Provider-specific callback parameters callers need (QuickBooks `realmId`).
-    let mut callback_extra = serde_json::Map::new();
+    let mut from_callback = crate::token::Facts::default();
     if let Ok(provider) = state.broker.provider(&connection) {
         let pairs: Vec<(String, String)> = query
             .as_deref()
             .and_then(|q| serde_urlencoded::from_str(q).ok())
             .unwrap_or_default();
-        for (param, field) in provider.callback_params {
+        for (param, fact) in provider.callback_params {
             if let Some((_, value)) = pairs.iter().find(|(k, _)| k == param) {
-                callback_extra.insert((*field).to_owned(), value.clone().into());
+                from_callback.set_text(*fact, value.clone());
             }
         }
     }
     match state
         .broker
-        .complete_consent(&connection, code, redeemed.verifier, callback_extra)
+        .complete_consent(&connection, code, redeemed.verifier, from_callback)
         .await
     {
         Ok(()) => page(

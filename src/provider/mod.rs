@@ -35,11 +35,13 @@ use oauth2::{
     Scope, StandardRevocableToken, TokenResponse, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde_json::Map;
 use url::Url;
 
 use crate::config::{ClientAuth, ConnectionConfig, ProviderKind};
-use crate::presets::Lookup;
+use crate::presets::{Fact, Lookup};
+use crate::token::{Facts, Id, Organisation};
 
 use error::classify;
 
@@ -72,7 +74,7 @@ pub struct Provider {
     pub min_refresh_interval: Duration,
     lookup: Option<Lookup>,
     /// Callback query parameters kept for callers, as (parameter, response field).
-    pub callback_params: &'static [(&'static str, &'static str)],
+    pub callback_params: &'static [(&'static str, Fact)],
     require_refresh_token: bool,
     static_extra: Vec<(&'static str, String)>,
 }
@@ -150,34 +152,29 @@ impl Provider {
         &self,
         http: &UpstreamHttp,
         access_token: &AccessToken,
-    ) -> Result<Map<String, Value>, UpstreamError> {
-        let mut extra: Map<String, Value> = self
-            .static_extra
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), Value::from(v.clone())))
-            .collect();
+    ) -> Result<Facts, UpstreamError> {
+        let mut facts = Facts::from_fields(self.static_extra.iter().map(|(k, v)| (*k, v.clone())));
         match &self.lookup {
             None => {}
             Some(Lookup::XeroTenants { url }) => {
                 let connections = http.get_json(url, access_token).await?;
-                let tenants: Vec<Value> = connections
+                let organisations = connections
                     .as_array()
                     .ok_or_else(|| {
                         UpstreamError::Malformed("Xero connections is not a list".into())
                     })?
                     .iter()
-                    .map(|c| {
-                        serde_json::json!({
-                            "tenant_id": c["tenantId"],
-                            "tenant_name": c["tenantName"],
-                            "tenant_type": c["tenantType"],
+                    // An entry without an id names no organisation a caller could pick.
+                    .filter_map(|c| {
+                        let text = |field: &str| c[field].as_str().map(str::to_owned);
+                        Some(Organisation {
+                            tenant_id: text("tenantId")?,
+                            tenant_name: text("tenantName"),
+                            rest: Map::from_iter([("tenant_type".into(), c["tenantType"].clone())]),
                         })
                     })
                     .collect();
-                if let [only] = tenants.as_slice() {
-                    extra.insert("tenant_id".into(), only["tenant_id"].clone());
-                }
-                extra.insert("tenants".into(), Value::Array(tenants));
+                facts.organisations = Some(organisations);
             }
             Some(Lookup::ExactDivision { url }) => {
                 let me = http.get_json(url, access_token).await?;
@@ -185,17 +182,16 @@ impl Provider {
                 let results = me["d"]["results"].as_array().or_else(|| me["d"].as_array());
                 let division = results
                     .and_then(|r| r.first())
-                    .map(|user| user["CurrentDivision"].clone())
-                    .filter(|d| !d.is_null())
+                    .and_then(|user| Id::deserialize(&user["CurrentDivision"]).ok())
                     .ok_or_else(|| {
                         UpstreamError::Malformed(
                             "Exact Online /current/Me has no CurrentDivision".into(),
                         )
                     })?;
-                extra.insert("division".into(), division);
+                facts.division = Some(division);
             }
         }
-        Ok(extra)
+        Ok(facts)
     }
 
     /// The consent URL: `response_type=code`, scopes, `state`, PKCE S256 and the configured
@@ -259,9 +255,9 @@ mod tests {
         assert_eq!(r.token_type_name(), "Bearer");
         assert_eq!(r.expires_in(), Some(Duration::from_secs(600)));
         assert_eq!(r.scope().as_deref(), Some("x y"));
-        let extra = r.extra();
-        assert_eq!(extra["instance_url"], "https://i.example");
-        assert!(!extra.contains_key("id_token"));
+        let facts = r.extra();
+        assert_eq!(facts.instance_url.as_deref(), Some("https://i.example"));
+        assert!(!facts.rest.contains_key("id_token"));
 
         let r = parse(r#"{"access_token":"a"}"#);
         assert_eq!(r.token_type_name(), "Bearer");

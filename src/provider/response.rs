@@ -8,6 +8,8 @@ use oauth2::{AccessToken, RefreshToken, Scope, TokenResponse};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
+use crate::token::Facts;
+
 /// Response fields that are secrets or already mapped; never copied into `extra`.
 pub(super) const NOT_EXTRA: &[&str] = &[
     "access_token",
@@ -124,11 +126,13 @@ impl ProviderTokenResponse {
     }
 
     /// Non-secret, non-standard fields (e.g. Salesforce `instance_url`).
-    pub fn extra(&self) -> Map<String, Value> {
-        self.other
-            .iter()
-            .filter(|(key, _)| !NOT_EXTRA.contains(&key.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+    pub fn extra(&self) -> Facts {
+        Facts::from_map(
+            self.other
+                .iter()
+                .filter(|(key, _)| !NOT_EXTRA.contains(&key.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
     }
 }

@@ -133,7 +133,7 @@ mod tests {
             expires_at: Some(Utc::now()),
             refresh_token: Some(RefreshToken::new(refresh.into())),
             scope: None,
-            extra: Default::default(),
+            facts: Default::default(),
             obtained_at: Utc::now(),
             consented_at: Utc::now(),
             last_error: None,

@@ -21,11 +21,11 @@ pub(super) fn resolve_base(
 ) -> Result<Url, ApiError> {
     match base {
         ProxyBase::Fixed(url) => Ok(url.clone()),
-        ProxyBase::FromRecord(field) => {
+        ProxyBase::FromRecord(fact) => {
+            let field = fact.key();
             let named = record
-                .extra
-                .get(*field)
-                .and_then(|v| v.as_str())
+                .facts
+                .text(*fact)
                 .and_then(|text| Url::parse(text.trim_end_matches('/')).ok())
                 .filter(|url| {
                     let internal = is_internal(url);
@@ -96,15 +96,15 @@ mod tests {
             expires_at: None,
             refresh_token: None,
             scope: None,
-            extra: url
-                .map(|url| serde_json::json!({"instance_url": url}))
-                .and_then(|v| v.as_object().cloned())
-                .unwrap_or_default(),
+            facts: crate::token::Facts {
+                instance_url: url.map(str::to_owned),
+                ..Default::default()
+            },
             obtained_at: chrono::Utc::now(),
             consented_at: chrono::Utc::now(),
             last_error: None,
         };
-        let base = ProxyBase::FromRecord("instance_url");
+        let base = ProxyBase::FromRecord(crate::presets::Fact::InstanceUrl);
         let ok = resolve_base(
             &base,
             &record(Some("https://acme.my.salesforce.com/")),

@@ -2,13 +2,16 @@
 //! has is its preset's business (`ProviderProfile::proxy_path_values`: QuickBooks'
 //! `realm_id`, Exact Online's `division`); this file only fills them.
 
+use crate::presets::Fact;
+use crate::token::Facts;
+
 /// `rest` with each `{name}` of `names` (raw or percent-encoded braces) replaced by the
 /// connection's recorded value of that name. Any other placeholder, or one the consent did
 /// not record, is the caller's error.
 pub(super) fn fill_placeholders(
     rest: &str,
-    names: &[&str],
-    extra: &serde_json::Map<String, serde_json::Value>,
+    facts_named: &[Fact],
+    facts: &Facts,
 ) -> Result<String, String> {
     if !rest.contains('{') && !rest.contains('%') {
         // Most paths have none: nothing to look for.
@@ -36,8 +39,11 @@ pub(super) fn fill_placeholders(
             return Ok(out);
         };
         let name = &remaining[at + open_len..at + open_len + name_len];
-        if !names.contains(&name) {
-            let known: Vec<String> = names.iter().map(|n| format!("{{{n}}}")).collect();
+        let Some(fact) = facts_named.iter().find(|f| f.key() == name) else {
+            let known: Vec<String> = facts_named
+                .iter()
+                .map(|f| format!("{{{}}}", f.key()))
+                .collect();
             return Err(match known.as_slice() {
                 [] => format!("`{{{name}}}`: this connection's proxy fills in no placeholders"),
                 _ => format!(
@@ -45,15 +51,11 @@ pub(super) fn fill_placeholders(
                     known.join(", ")
                 ),
             });
-        }
-        let value = match extra.get(name) {
-            Some(serde_json::Value::String(text)) => text.clone(),
-            Some(serde_json::Value::Number(number)) => number.to_string(),
-            _ => {
-                return Err(format!(
-                    "this connection's consent recorded no `{name}` to fill in `{{{name}}}`"
-                ))
-            }
+        };
+        let Some(value) = facts.text(*fact) else {
+            return Err(format!(
+                "this connection's consent recorded no `{name}` to fill in `{{{name}}}`"
+            ));
         };
         if value.is_empty()
             || !value
@@ -74,10 +76,12 @@ mod tests {
 
     #[test]
     fn placeholders_take_the_consents_values_and_nothing_else() {
-        let extra = serde_json::json!({"realm_id": "9130355", "division": 1234567, "bad": "a/b"});
-        let extra = extra.as_object().expect("map");
-        let quickbooks: &[&str] = &["realm_id"];
-        let exact: &[&str] = &["division"];
+        let facts =
+            |json: serde_json::Value| -> Facts { serde_json::from_value(json).expect("facts") };
+        let extra =
+            &facts(serde_json::json!({"realm_id": "9130355", "division": 1234567, "bad": "a/b"}));
+        let quickbooks: &[Fact] = &[Fact::RealmId];
+        let exact: &[Fact] = &[Fact::Division];
         assert_eq!(
             fill_placeholders("v3/company/{realm_id}/query", quickbooks, extra).as_deref(),
             Ok("v3/company/9130355/query")
@@ -101,12 +105,10 @@ mod tests {
         assert!(err.contains("({realm_id})"), "{err}");
         let err = fill_placeholders("{realm_id}", &[], extra).expect_err("none at all");
         assert!(err.contains("fills in no placeholders"), "{err}");
-        let none = serde_json::Map::new();
+        let none = Facts::default();
         let err = fill_placeholders("{division}", exact, &none).expect_err("not recorded");
         assert!(err.contains("recorded no `division`"), "{err}");
-        let hostile = serde_json::json!({"realm_id": "../admin"});
-        assert!(
-            fill_placeholders("{realm_id}", quickbooks, hostile.as_object().expect("map")).is_err()
-        );
+        let hostile = facts(serde_json::json!({"realm_id": "../admin"}));
+        assert!(fill_placeholders("{realm_id}", quickbooks, &hostile).is_err());
     }
 }

@@ -90,7 +90,7 @@ impl<'a> Request<'a> {
         local_mode: bool,
     ) -> Result<Target, ApiError> {
         let base = resolve_base(&self.proxy.base, record, local_mode)?;
-        let rest = fill_placeholders(self.rest, self.proxy.path_values, &record.extra)
+        let rest = fill_placeholders(self.rest, self.proxy.path_values, &record.facts)
             .map_err(ApiError::invalid_request)?;
         let url =
             target_url(&base, &rest, self.query.as_deref()).map_err(ApiError::invalid_request)?;

@@ -3,8 +3,14 @@
 use chrono::{DateTime, Utc};
 use oauth2::{AccessToken, RefreshToken};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::time::Duration;
+
+mod facts;
+
+use crate::presets::Fact;
+
+pub use facts::{Facts, Id, Organisation};
 
 /// Whether a connection can be served without a person consenting (again).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,9 +32,10 @@ pub struct TokenRecord {
     pub expires_at: Option<DateTime<Utc>>,
     pub refresh_token: Option<RefreshToken>,
     pub scope: Option<String>,
-    /// Non-secret fields the provider returned that callers need (e.g. `instance_url`).
-    #[serde(default)]
-    pub extra: Map<String, Value>,
+    /// What the consent and the provider's answers taught us (organisations, the API
+    /// base, ...): non-secret, answered to callers. Stored as `extra`.
+    #[serde(default, rename = "extra")]
+    pub facts: Facts,
     /// When the current access token was obtained.
     pub obtained_at: DateTime<Utc>,
     /// When the grant was (re)established by consent.
@@ -94,9 +101,7 @@ impl Serialize for Answer<'_> {
             _ => false,
         };
         let mut map = serializer.serialize_map(None)?;
-        for (key, value) in record.extra.iter().filter(|(k, _)| !written(k)) {
-            map.serialize_entry(key, value)?;
-        }
+        record.facts.write_entries(&mut map, written)?;
         map.serialize_entry("access_token", access_token.secret())?;
         map.serialize_entry("token_type", &record.token_type)?;
         map.serialize_entry("expires_in", &record.remaining(*now).as_secs())?;
@@ -134,24 +139,18 @@ impl TokenRecord {
     /// The organisations the consent covers: Xero's tenants, QuickBooks' company
     /// (`realm_id`), Exact Online's current division.
     pub fn tenants(&self) -> Vec<Tenant> {
-        if let Some(all) = self.extra.get("tenants").and_then(Value::as_array) {
+        if let Some(all) = &self.facts.organisations {
             return all
                 .iter()
-                .filter_map(|t| {
-                    Some(Tenant {
-                        id: t["tenant_id"].as_str()?.to_owned(),
-                        name: t["tenant_name"].as_str().unwrap_or_default().to_owned(),
-                    })
+                .map(|o| Tenant {
+                    id: o.tenant_id.clone(),
+                    name: o.tenant_name.clone().unwrap_or_default(),
                 })
                 .collect();
         }
-        ["realm_id", "division"]
-            .iter()
-            .filter_map(|field| match self.extra.get(*field)? {
-                Value::String(id) => Some(id.clone()),
-                Value::Number(id) => Some(id.to_string()),
-                _ => None,
-            })
+        [Fact::RealmId, Fact::Division]
+            .into_iter()
+            .filter_map(|fact| self.facts.text(fact))
             .map(|id| Tenant {
                 id,
                 name: String::new(),
@@ -232,10 +231,10 @@ mod tests {
             expires_at: Some(now + chrono::Duration::seconds(expires_in)),
             refresh_token: Some(RefreshToken::new("rt-secret".into())),
             scope: Some("openid api:read".into()),
-            extra: Map::from_iter([
+            facts: Facts::from_map(serde_json::Map::from_iter([
                 ("instance_url".into(), Value::from("https://x.example")),
                 ("access_token".into(), Value::from("spoofed")),
-            ]),
+            ])),
             obtained_at: now,
             consented_at: now,
             last_error: None,
@@ -314,7 +313,7 @@ mod tenant_tests {
             expires_at: None,
             refresh_token: None,
             scope: None,
-            extra: extra.as_object().cloned().unwrap_or_default(),
+            facts: serde_json::from_value(extra).expect("facts"),
             obtained_at: now,
             consented_at: now,
             last_error: None,
