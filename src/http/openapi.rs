@@ -68,8 +68,8 @@ pub(super) struct HealthBody {
 #[derive(Serialize, ToSchema)]
 pub(super) struct ConnectionRow {
     name: String,
-    /// The provider preset: `xero`, `google`, `exact-online`, `microsoft`, `quickbooks`,
-    /// `salesforce`, `hubspot`, `oauth2` or `oidc`.
+    /// The provider preset's name (`xero`, `oauth2`, `oidc`, ...: docs/configuration.md
+    /// lists them).
     provider: String,
     /// `connected`, `consent_required`, `failing` or `misconfigured`.
     state: String,
