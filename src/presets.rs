@@ -100,6 +100,10 @@ impl Fact {
     }
 }
 
+/// Advice for a consent without a refresh token, where the provider has no better.
+const OFFLINE_ACCESS: &str =
+    "check that the scopes include offline_access (or the provider's equivalent)";
+
 /// What the broker does right after consent (and remembers in the record for callers).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
@@ -131,8 +135,9 @@ pub struct ProviderProfile {
     pub lookup: Option<Lookup>,
     /// Callback query parameters to keep, as (parameter, the fact it gives).
     pub callback_params: &'static [(&'static str, Fact)],
-    /// Refuse a consent that yields no refresh token, with advice.
-    pub require_refresh_token: bool,
+    /// Refuse a consent that yields no refresh token, with this advice (what usually
+    /// causes it at this provider).
+    pub require_refresh_token: Option<&'static str>,
     /// Fixed fields for callers (QuickBooks' API base for the chosen environment).
     pub static_extra: Vec<(&'static str, String)>,
     /// Whether the provider replaces the refresh token on use.
@@ -219,7 +224,7 @@ fn generic(client_auth: ClientAuth) -> ProviderProfile {
         min_refresh_interval: Duration::ZERO,
         lookup: None,
         callback_params: &[],
-        require_refresh_token: false,
+        require_refresh_token: None,
         static_extra: Vec::new(),
         rotation: Rotation::Configurable,
         api_base_url: None,
@@ -284,7 +289,7 @@ impl ProviderProfile {
                             &format!("{}/connections", api.trim_end_matches('/')),
                         )?,
                     }),
-                    require_refresh_token: true,
+                    require_refresh_token: Some(OFFLINE_ACCESS),
                     rotation: Rotation::Always,
                     api_base_url: Some(api.trim_end_matches('/').to_owned()),
                     // The organisation goes in `xero-tenant-id` on every API call.
@@ -304,7 +309,7 @@ impl ProviderProfile {
                 token_url: Some("https://oauth2.googleapis.com/token".into()),
                 authorize_params: &[("access_type", "offline"), ("prompt", "consent")],
                 idle_lifetime: days(180),
-                require_refresh_token: true,
+                require_refresh_token: Some("Google issues one only with access_type=offline and prompt=consent (the preset sends both); remove the app's access at https://myaccount.google.com/permissions and consent again"),
                 rotation: Rotation::Never,
                 api_base_url: Some("https://www.googleapis.com".into()),
                 ..generic(ClientAuth::Post)
@@ -350,7 +355,7 @@ impl ProviderProfile {
                             &format!("{api}/api/v1/current/Me?$select=CurrentDivision"),
                         )?,
                     }),
-                    require_refresh_token: true,
+                    require_refresh_token: Some(OFFLINE_ACCESS),
                     rotation: Rotation::Always,
                     api_base_url: Some(api.to_owned()),
                     // `/api/v1/{division}/…`: the division read after consent.
@@ -380,7 +385,7 @@ impl ProviderProfile {
                     token_url: Some(format!("{base}/token")),
                     required_scopes: &["offline_access"],
                     idle_lifetime: days(90),
-                    require_refresh_token: true,
+                    require_refresh_token: Some(OFFLINE_ACCESS),
                     rotation: Rotation::Always,
                     api_base_url: Some("https://graph.microsoft.com".into()),
                     ..generic(ClientAuth::Post)
@@ -410,7 +415,7 @@ impl ProviderProfile {
                     // "5 years" maximum from the original authorization, whatever the refreshes.
                     grant_max_lifetime: days(5 * 365 + 1),
                     callback_params: &[("realmId", Fact::RealmId)],
-                    require_refresh_token: true,
+                    require_refresh_token: Some(OFFLINE_ACCESS),
                     static_extra: vec![("api_base_url", api_base.to_owned())],
                     rotation: Rotation::Always,
                     api_base_url: Some(api_base.to_owned()),
@@ -440,7 +445,9 @@ impl ProviderProfile {
                     token_url: Some(format!("{base}/services/oauth2/token")),
                     required_scopes: &["refresh_token"],
                     default_lifetime: Some(Duration::from_secs(2 * 3600)),
-                    require_refresh_token: true,
+                    require_refresh_token: Some(
+                        "the connected app needs the refresh_token (or offline_access) scope",
+                    ),
                     // The org's API is on its instance, named in every token response.
                     api_base_from_record: Some(Fact::InstanceUrl),
                     ..generic(ClientAuth::Post)
@@ -453,7 +460,7 @@ impl ProviderProfile {
                 authorize_url: Some("https://app.hubspot.com/oauth/authorize".into()),
                 token_url: Some("https://api.hubapi.com/oauth/v3/token".into()),
                 default_lifetime: Some(Duration::from_secs(1800)),
-                require_refresh_token: true,
+                require_refresh_token: Some(OFFLINE_ACCESS),
                 rotation: Rotation::Never,
                 api_base_url: Some("https://api.hubapi.com".into()),
                 ..generic(ClientAuth::Post)

@@ -164,7 +164,7 @@ pub struct ConnectionConfig {
     /// Callback query parameters kept for callers, as (parameter, response field).
     pub callback_params: &'static [(&'static str, Fact)],
     /// A consent without a refresh token is refused with advice.
-    pub require_refresh_token: bool,
+    pub require_refresh_token: Option<&'static str>,
     /// Scopes the preset added because the config lacked them (logged at startup).
     pub added_scopes: Vec<String>,
     /// Fixed fields for callers (e.g. QuickBooks `api_base_url`).

@@ -75,7 +75,7 @@ pub struct Provider {
     lookup: Option<Lookup>,
     /// Callback query parameters kept for callers, as (parameter, response field).
     pub callback_params: &'static [(&'static str, Fact)],
-    require_refresh_token: bool,
+    require_refresh_token: Option<&'static str>,
     static_extra: Vec<(&'static str, String)>,
 }
 
@@ -136,15 +136,12 @@ impl Provider {
         &self,
         response: &ProviderTokenResponse,
     ) -> Result<(), UpstreamError> {
-        if response.refresh_token().is_some() || !self.require_refresh_token {
-            return Ok(());
+        match self.require_refresh_token {
+            Some(advice) if response.refresh_token().is_none() => {
+                Err(UpstreamError::NoRefreshToken(advice))
+            }
+            _ => Ok(()),
         }
-        let advice = match self.kind {
-            ProviderKind::Google => "Google issues one only with access_type=offline and prompt=consent (the preset sends both); remove the app's access at https://myaccount.google.com/permissions and consent again",
-            ProviderKind::Salesforce => "the connected app needs the refresh_token (or offline_access) scope",
-            _ => "check that the scopes include offline_access (or the provider's equivalent)",
-        };
-        Err(UpstreamError::NoRefreshToken(advice))
     }
 
     /// The post-consent lookup (Xero tenants, Exact Online division): fields for callers.
