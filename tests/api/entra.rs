@@ -2,12 +2,10 @@
 //! the real binary against an Entra JWKS double.
 
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-use serde_json::{json, Value};
 
 use crate::support::azure_doubles::{Azure, TENANT};
+use crate::support::entra::{claims_from, entra_table, sign, sign_with};
 use crate::support::{free_port, BrokerConfig, BrokerProcess};
-
-const AUDIENCE: &str = "api://token-broker-test";
 const ADF: &str = "6a1f2c3d-0000-4000-8000-00000000adf1";
 const ADMIN: &str = "6a1f2c3d-0000-4000-8000-0000000ad111";
 const STRANGER: &str = "6a1f2c3d-0000-4000-8000-000000000bad";
@@ -25,15 +23,7 @@ async fn setup() -> Setup {
     // Callers authenticate with Entra ID tokens only: no API keys.
     let config = BrokerConfig::default()
         .without_auth("api_keys")
-        .auth_table(&format!(
-            r#"[auth.entra]
-tenant_id = "{TENANT}"
-audiences = ["{AUDIENCE}"]
-allowed_principals = ["{ADF}"]
-admin_principals = ["{ADMIN}"]
-authority = "{authority}""#,
-            authority = azure.login_authority,
-        ))
+        .auth_table(&entra_table(&azure.login_authority, &[ADF], &[ADMIN]))
         .file_store(&dir.path().join("tokens"))
         .unreached_connection("acme")
         .write(dir.path());
@@ -52,38 +42,6 @@ authority = "{authority}""#,
         http: reqwest::Client::new(),
         _dir: dir,
     }
-}
-
-/// Claims as Entra ID issues them for a managed identity, with the v2 issuer of the
-/// authority the broker is configured with (the double's).
-fn claims_from(authority: &str, oid: &str) -> Value {
-    let now = chrono::Utc::now().timestamp();
-    json!({
-        "aud": AUDIENCE,
-        "iss": format!("{authority}/{TENANT}/v2.0"),
-        "iat": now, "nbf": now, "exp": now + 3600,
-        "oid": oid, "sub": oid, "tid": TENANT,
-        "azp": "00000000-0000-0000-0000-0000000000a1", "idtyp": "app",
-    })
-}
-
-fn sign_with(claims: &Value, pem: &[u8], kid: &str) -> String {
-    let mut header = Header::new(Algorithm::RS256);
-    header.kid = Some(kid.to_owned());
-    encode(
-        &header,
-        claims,
-        &EncodingKey::from_rsa_pem(pem).expect("key"),
-    )
-    .expect("sign")
-}
-
-fn sign(claims: &Value) -> String {
-    sign_with(
-        claims,
-        include_bytes!("../fixtures/entra-signing-key.pem"),
-        "test-key-1",
-    )
 }
 
 impl Setup {

@@ -5,6 +5,7 @@
 pub mod api_double;
 pub mod azure_doubles;
 pub mod azurite;
+pub mod entra;
 pub mod provider_double;
 
 mod app;
