@@ -148,7 +148,8 @@ async fn wire(
         );
     }
 
-    let auth = CallerAuth::new(&config.auth, http.client())?;
+    let auth = CallerAuth::new(&config.auth, http.client())?
+        .with_callers(connections.iter().map(|(name, c)| (name, &c.callers)));
     if auth.is_anonymous() {
         tracing::warn!("!!! auth.allow_anonymous = true: ANYONE who can reach this service can get tokens and start consents. Never use this in production. !!!");
     } else if !auth.has_admins() {

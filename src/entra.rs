@@ -69,12 +69,16 @@ pub enum TokenError {
 pub struct Principal {
     /// Object id of the principal (for a managed identity, its principal id).
     pub object_id: String,
+    /// The client application the token was issued to (`appid` in v1 tokens, `azp` in v2).
+    pub app_id: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct Claims {
     oid: Option<String>,
     tid: Option<String>,
+    appid: Option<String>,
+    azp: Option<String>,
 }
 
 struct Keys {
@@ -168,7 +172,10 @@ impl EntraVerifier {
         let object_id = claims
             .oid
             .ok_or_else(|| TokenError::Invalid("no object id (oid) claim".into()))?;
-        Ok(Principal { object_id })
+        Ok(Principal {
+            object_id,
+            app_id: claims.appid.or(claims.azp),
+        })
     }
 
     async fn key(&self, kid: &str) -> Result<DecodingKey, TokenError> {

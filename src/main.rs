@@ -180,7 +180,29 @@ async fn check(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("refresh lease: {}", lock.describe()))?;
     println!("refresh lease ok; {}", lock.describe());
-    for name in config.connections.keys() {
+    let every_caller: Vec<String> = config
+        .auth
+        .api_keys
+        .iter()
+        .map(|k| k.name.clone())
+        .chain(
+            config
+                .auth
+                .entra
+                .iter()
+                .flat_map(|e| e.allowed_principals.clone()),
+        )
+        .collect();
+    for (name, connection) in &config.connections {
+        // Who may take it: its `callers`, or every caller identity; admins always.
+        let callers = connection.callers.as_ref().unwrap_or(&every_caller);
+        let who = match (callers.is_empty(), connection.callers.is_some()) {
+            _ if config.auth.allow_anonymous => "anyone (auth.allow_anonymous)".to_owned(),
+            (true, _) => "admins only".to_owned(),
+            (false, true) => format!("{} (and admins)", callers.join(", ")),
+            (false, false) => format!("every caller: {} (and admins)", callers.join(", ")),
+        };
+        println!("{name}: taken by {who}");
         let status = match store.load(name).await? {
             None => "no token yet (consent required)".to_owned(),
             Some(record) => format!(

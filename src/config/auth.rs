@@ -11,13 +11,102 @@ use super::ConfigError;
 #[derive(Debug, Default)]
 pub struct AuthConfig {
     /// Keys accepted in `X-API-Key` for `/api/refresh`.
-    pub api_keys: Vec<SecretString>,
+    pub api_keys: Vec<NamedKey>,
     /// Keys accepted for admin routes (`/api/authorize`), and for everything else too.
-    pub admin_keys: Vec<SecretString>,
+    pub admin_keys: Vec<NamedKey>,
     /// Serve without any caller authentication. Only when explicitly set.
     pub allow_anonymous: bool,
     /// Entra ID bearer tokens (Data Factory's managed identity).
     pub entra: Option<EntraConfig>,
+}
+
+/// A key and the name logs, the audit trail and connections' `callers` know it by.
+#[derive(Debug, Clone)]
+pub struct NamedKey {
+    pub name: String,
+    pub key: SecretString,
+}
+
+impl NamedKey {
+    pub fn new(name: &str, key: &str) -> NamedKey {
+        NamedKey {
+            name: name.to_owned(),
+            key: SecretString::from(key.to_owned()),
+        }
+    }
+}
+
+/// Keys as the file writes them: a table of name → key, or a plain list, whose entries are
+/// named by position (`key-1`, `key-2`, … for `api_keys`; `admin-key-1`, … for
+/// `admin_keys`).
+#[derive(Debug, Default)]
+pub(super) struct RawKeys {
+    named: bool,
+    entries: Vec<(String, String)>,
+}
+
+impl RawKeys {
+    /// `(config key, name, value)` for each entry: `auth.api_keys[0]` or
+    /// `auth.api_keys.finance`.
+    pub(super) fn entries<'a>(
+        &'a self,
+        list: &'a str,
+        unnamed: &'a str,
+    ) -> impl Iterator<Item = (String, String, &'a str)> + 'a {
+        self.entries
+            .iter()
+            .enumerate()
+            .map(move |(i, (name, value))| {
+                if self.named {
+                    (format!("{list}.{name}"), name.clone(), value.as_str())
+                } else {
+                    (
+                        format!("{list}[{i}]"),
+                        format!("{unnamed}-{}", i + 1),
+                        value.as_str(),
+                    )
+                }
+            })
+    }
+}
+
+impl<'de> Deserialize<'de> for RawKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = RawKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a table of named keys ({ finance = \"…\" }) or a list of keys")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawKeys, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(value) = seq.next_element::<String>()? {
+                    entries.push((String::new(), value));
+                }
+                Ok(RawKeys {
+                    named: false,
+                    entries,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawKeys, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry::<String, String>()? {
+                    entries.push(entry);
+                }
+                Ok(RawKeys {
+                    named: true,
+                    entries,
+                })
+            }
+        }
+        deserializer.deserialize_any(Keys)
+    }
 }
 
 /// Which Entra ID tokens are accepted, and from whom.
@@ -39,9 +128,9 @@ pub struct EntraConfig {
 pub(super) struct RawAuth {
     // Read by the file-wide checks too (placeholders, the host's relay).
     #[serde(default)]
-    pub(super) api_keys: Vec<String>,
+    pub(super) api_keys: RawKeys,
     #[serde(default)]
-    pub(super) admin_keys: Vec<String>,
+    pub(super) admin_keys: RawKeys,
     #[serde(default)]
     pub(super) allow_anonymous: bool,
     entra: Option<RawEntra>,
@@ -108,10 +197,148 @@ impl RawEntra {
     }
 }
 
+/// Keys with their config keys, checked: each at least 16 characters, each name a plain
+/// word (not a GUID, which `callers` reads as an object id) used once across both lists,
+/// and no key listed twice — in one list, or as both a caller and an admin key (which would
+/// make a caller key an admin key without anyone saying so, and rotating it out of one list
+/// would leave it in the other).
+fn named_keys(
+    entries: impl Iterator<Item = (String, String, impl AsRef<str>)>,
+    earlier: &[(String, NamedKey)],
+) -> Result<Vec<(String, NamedKey)>, ConfigError> {
+    let mut keys: Vec<(String, NamedKey)> = Vec::new();
+    for (config_key, name, value) in entries {
+        let value = value.as_ref();
+        let valid_name = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if !valid_name || is_guid(&name) {
+            return Err(ConfigError::key(
+                config_key,
+                "a key's name is 1-64 letters, digits, `-`, `_` or `.`, and not a GUID (in \
+                 `callers` a GUID is an Entra object id)",
+            ));
+        }
+        let key = secrets(&config_key, vec![value.to_owned()])?
+            .pop()
+            .map(|key| NamedKey { name, key });
+        let Some(key) = key else { continue };
+        for (other_key, other) in earlier.iter().chain(&keys) {
+            if other.name == key.name {
+                return Err(ConfigError::key(
+                    config_key,
+                    format!(
+                        "names a key `{}` as {other_key} does: names must be unique",
+                        key.name
+                    ),
+                ));
+            }
+            if other.key.expose_secret() == key.key.expose_secret() {
+                return Err(ConfigError::key(
+                    config_key,
+                    format!(
+                        "is the same key as {other_key}: a key is listed once, either as a \
+                         caller key or as an admin key (admin keys already work on every \
+                         caller route)"
+                    ),
+                ));
+            }
+        }
+        keys.push((config_key, key));
+    }
+    Ok(keys)
+}
+
+/// Each connection's `callers` against `[auth]`: every entry a key's name or an object id
+/// Entra ID admits (`allowed_principals` or `admin_principals`), and never an empty list.
+/// A name nobody has would admit nobody and look as if it did.
+pub(super) fn check_callers(
+    auth: &AuthConfig,
+    connections: &std::collections::BTreeMap<String, super::ConnectionConfig>,
+) -> Result<(), ConfigError> {
+    let principals: Vec<&String> = auth
+        .entra
+        .iter()
+        .flat_map(|e| e.allowed_principals.iter().chain(&e.admin_principals))
+        .collect();
+    let names: Vec<&str> = auth
+        .api_keys
+        .iter()
+        .chain(&auth.admin_keys)
+        .map(|k| k.name.as_str())
+        .collect();
+    for (connection, config) in connections {
+        let Some(callers) = &config.callers else {
+            continue;
+        };
+        if callers.is_empty() {
+            return Err(ConfigError::key(
+                format!("connections.{connection}.callers"),
+                "lists nobody: name the key names and object ids that may take this \
+                 connection's tokens, or leave `callers` out to serve every caller",
+            ));
+        }
+        for (i, caller) in callers.iter().enumerate() {
+            let key = format!("connections.{connection}.callers[{i}]");
+            if is_guid(caller) {
+                if !principals.contains(&caller) {
+                    return Err(ConfigError::key(
+                        key,
+                        format!(
+                            "names the object id {caller}, which auth.entra does not admit: add \
+                             it to auth.entra.allowed_principals"
+                        ),
+                    ));
+                }
+            } else if !names.contains(&caller.as_str()) {
+                let known = if names.is_empty() {
+                    "no key has a name: [auth] configures no keys".to_owned()
+                } else {
+                    format!("the keys are named {}", names.join(", "))
+                };
+                return Err(ConfigError::key(
+                    key,
+                    format!(
+                        "`{caller}` is neither a key's name nor an object id (a GUID): {known}"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// With several caller identities, a connection without `callers` serves all of them: said
+/// at startup, because that is rarely meant once there is more than one pipeline.
+pub(super) fn open_connections_warning(
+    auth: &AuthConfig,
+    connections: &std::collections::BTreeMap<String, super::ConnectionConfig>,
+) -> Option<String> {
+    let identities = auth.api_keys.len()
+        + auth
+            .entra
+            .as_ref()
+            .map_or(0, |e| e.allowed_principals.len());
+    let open: Vec<&str> = connections
+        .iter()
+        .filter(|(_, c)| c.callers.is_none())
+        .map(|(name, _)| name.as_str())
+        .collect();
+    (identities > 1 && !open.is_empty()).then(|| {
+        format!(
+            "{identities} caller identities are configured and {} take(s) tokens from any of \
+             them: set `callers` on each connection to say who may take its tokens",
+            open.join(", ")
+        )
+    })
+}
+
 /// The nil GUID: no Entra object has it. Deployments write it where a principal is not known
 /// yet (`ADF_PRINCIPAL_ID` before the factory exists), because an empty app setting may be
 /// dropped by the platform and a missing one stops the broker.
-const NOBODY: &str = "00000000-0000-0000-0000-000000000000";
+pub(super) const NOBODY: &str = "00000000-0000-0000-0000-000000000000";
 
 /// Object ids, lower-cased (as tokens carry them). The nil GUID and empty entries stand for
 /// nobody and are left out; anything else that is not a GUID (a name, a client id with
@@ -138,29 +365,17 @@ fn principals(key: &str, entries: Vec<String>) -> Result<Vec<String>, ConfigErro
 impl RawAuth {
     /// `[auth]`: keys, anonymous access, Entra ID; at least one way in.
     pub(super) fn validate(self) -> Result<AuthConfig, ConfigError> {
+        let api_keys = named_keys(self.api_keys.entries("auth.api_keys", "key"), &[])?;
+        let admin_keys = named_keys(
+            self.admin_keys.entries("auth.admin_keys", "admin-key"),
+            &api_keys,
+        )?;
         let auth = AuthConfig {
-            api_keys: secrets("auth.api_keys", self.api_keys)?,
-            admin_keys: secrets("auth.admin_keys", self.admin_keys)?,
+            api_keys: api_keys.into_iter().map(|(_, key)| key).collect(),
+            admin_keys: admin_keys.into_iter().map(|(_, key)| key).collect(),
             allow_anonymous: self.allow_anonymous,
             entra: self.entra.map(RawEntra::validate).transpose()?,
         };
-        // One key in both lists would make a caller key an admin key without anyone saying
-        // so (and rotating it out of one list would leave it in the other).
-        for (i, admin) in auth.admin_keys.iter().enumerate() {
-            if let Some(j) = auth
-                .api_keys
-                .iter()
-                .position(|caller| caller.expose_secret() == admin.expose_secret())
-            {
-                return Err(ConfigError::key(
-                    format!("auth.admin_keys[{i}]"),
-                    format!(
-                        "is also listed as auth.api_keys[{j}]: a key is either a caller key or \
-                         an admin key (admin keys already work on every caller route)"
-                    ),
-                ));
-            }
-        }
         if auth.api_keys.is_empty()
             && auth.admin_keys.is_empty()
             && auth.entra.is_none()

@@ -7,8 +7,9 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::Deserialize;
 
+use super::auth::NOBODY;
 use super::values::{
-    parse_endpoint, positive_secs, require_https_off_loopback, validate_secret_name,
+    is_guid, parse_endpoint, positive_secs, require_https_off_loopback, validate_secret_name,
 };
 use super::{
     ClientAuth, ConfigError, ConnectionConfig, Endpoints, GrantLifetime, ProviderKind, ProxyBase,
@@ -47,6 +48,9 @@ pub(super) struct RawConnection {
     api_base_url: Option<String>,
     /// The proxy route for this connection (default on when an API base URL is known).
     proxy: Option<bool>,
+    /// Who may take this connection's tokens: key names and Entra object ids (checked
+    /// against `[auth]` by `auth::check_callers`).
+    callers: Option<Vec<String>>,
 }
 
 /// Authorization parameters the broker sets itself; configuring them would break the flow.
@@ -212,6 +216,22 @@ impl RawConnection {
             path_values: preset.proxy_path_values,
         });
         Ok(ConnectionConfig {
+            callers: self.callers.map(|callers| {
+                callers
+                    .into_iter()
+                    .map(|c| {
+                        let c = c.trim();
+                        // Object ids as tokens carry them; key names as written.
+                        if is_guid(c) {
+                            c.to_ascii_lowercase()
+                        } else {
+                            c.to_owned()
+                        }
+                    })
+                    // The nil GUID stands for nobody, as in `auth.entra`'s lists.
+                    .filter(|c| c != NOBODY)
+                    .collect()
+            }),
             proxy,
             provider: self.provider,
             endpoints,

@@ -30,7 +30,7 @@ mod server;
 mod store;
 mod values;
 
-pub use auth::{AuthConfig, EntraConfig};
+pub use auth::{AuthConfig, EntraConfig, NamedKey};
 pub use lock::{BlobLockConfig, LeaseTimings, LockConfig};
 pub use refresh::RefreshConfig;
 pub use server::ServerConfig;
@@ -136,6 +136,9 @@ pub enum ProxyBase {
 #[derive(Debug)]
 pub struct ConnectionConfig {
     pub provider: ProviderKind,
+    /// Who may take its tokens and use its proxy (key names, Entra object ids) besides
+    /// admins; `None`: every authenticated caller.
+    pub callers: Option<Vec<String>>,
     /// Where `/api/proxy/{connection}/…` forwards to, and how; `None`: no proxy for it.
     pub proxy: Option<ProxyConfig>,
     pub endpoints: Endpoints,

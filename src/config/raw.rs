@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::auth::RawAuth;
+use super::auth::{self, RawAuth};
 use super::connection::{validate_connection_name, RawConnection};
 use super::refresh::RawRefresh;
 use super::server::RawServer;
@@ -76,12 +76,12 @@ impl RawConfig {
         if let Some(secret) = &self.state_secret {
             candidates.push(("state_secret".to_owned(), secret));
         }
-        for (list, values) in [
-            ("auth.api_keys", &self.auth.api_keys),
-            ("auth.admin_keys", &self.auth.admin_keys),
+        for (list, unnamed, keys) in [
+            ("auth.api_keys", "key", &self.auth.api_keys),
+            ("auth.admin_keys", "admin-key", &self.auth.admin_keys),
         ] {
-            for (i, value) in values.iter().enumerate() {
-                candidates.push((format!("{list}[{i}]"), value));
+            for (key, _, value) in keys.entries(list, unnamed) {
+                candidates.push((key, value));
             }
         }
         for (name, connection) in &self.connections {
@@ -156,8 +156,10 @@ impl RawConfig {
 
         let refresh = self.refresh.validate()?;
 
-        let warnings = warnings(&placeholders, &auth, &refresh);
+        let mut warnings = warnings(&placeholders, &auth, &refresh);
         let connections = validate_connections(self.connections, &store)?;
+        auth::check_callers(&auth, &connections)?;
+        warnings.extend(auth::open_connections_warning(&auth, &connections));
 
         let alert_webhook = match env("BROKER_ALERT_WEBHOOK_URL").filter(|v| !v.trim().is_empty()) {
             Some(url) => Some(alert_webhook(&url)?),

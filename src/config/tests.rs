@@ -475,3 +475,108 @@ fn the_webhook_secret_is_a_standard_webhooks_secret_or_refused() {
     let config = Config::parse(MINIMAL, &env_of(ENV)).expect("no secret");
     assert!(config.alert_webhook_secret.is_none());
 }
+
+#[test]
+fn keys_have_names_and_connections_name_their_callers() {
+    let named = MINIMAL.replace(
+        "api_keys = [\"${API_KEY}\"]",
+        "api_keys = { finance = \"${API_KEY}\", ops = \"other-caller-key-0123\" }\n\
+         admin_keys = [\"the-admin-key-0123456\"]",
+    );
+    let with_callers = |callers: &str| {
+        named.replace(
+            "[connections.acme]",
+            &format!("[connections.acme]\ncallers = {callers}"),
+        )
+    };
+    let config = Config::parse(&with_callers("[\"finance\"]"), &env_of(ENV)).expect("valid");
+    let names: Vec<&str> = config
+        .auth
+        .api_keys
+        .iter()
+        .map(|k| k.name.as_str())
+        .collect();
+    assert_eq!(names, ["finance", "ops"]);
+    assert_eq!(
+        config.auth.admin_keys[0].name, "admin-key-1",
+        "a plain list is named in order"
+    );
+    assert_eq!(
+        config.connections["acme"].callers.as_deref(),
+        Some(&["finance".to_owned()][..])
+    );
+    // A plain list of caller keys: key-1, key-2, …
+    let config = Config::parse(MINIMAL, &env_of(ENV)).expect("valid");
+    assert_eq!(config.auth.api_keys[0].name, "key-1");
+    assert_eq!(config.connections["acme"].callers, None);
+
+    for (callers, says) in [
+        ("[\"finanse\"]", "callers[0]`: `finanse` is neither a key's name nor an object id (a GUID): the keys are named finance, ops, admin-key-1"),
+        ("[\"finance\", \"6d3a1c4e-0000-4000-8000-00000000adf1\"]", "callers[1]`: names the object id 6d3a1c4e-0000-4000-8000-00000000adf1, which auth.entra does not admit"),
+        ("[]", "callers`: lists nobody"),
+    ] {
+        let err = parse_err(&with_callers(callers), ENV);
+        assert!(err.contains(says), "{callers}: {err}");
+        assert!(!err.contains("0123456789abcdef-key"), "no key echoed: {err}");
+    }
+    for (keys, says) in [
+        (
+            "api_keys = { ops = \"${API_KEY}\" }\nadmin_keys = { ops = \"the-admin-key-0123456\" }",
+            "auth.admin_keys.ops`: names a key `ops` as auth.api_keys.ops does",
+        ),
+        (
+            "api_keys = { \"6d3a1c4e-0000-4000-8000-00000000adf1\" = \"${API_KEY}\" }",
+            "auth.api_keys.6d3a1c4e-0000-4000-8000-00000000adf1`: a key's name is",
+        ),
+        (
+            "api_keys = { \"fin ance\" = \"${API_KEY}\" }",
+            "a key's name is 1-64 letters",
+        ),
+        (
+            "api_keys = { a = \"${API_KEY}\", b = \"${API_KEY}\" }",
+            "auth.api_keys.b`: is the same key as auth.api_keys.a",
+        ),
+        ("api_keys = { short = \"tiny\" }", "auth.api_keys.short"),
+    ] {
+        let err = parse_err(&MINIMAL.replace("api_keys = [\"${API_KEY}\"]", keys), ENV);
+        assert!(err.contains(says), "{keys}: {err}");
+        assert!(
+            !err.contains("0123456789abcdef-key"),
+            "no key echoed: {err}"
+        );
+    }
+}
+
+#[test]
+fn several_callers_and_a_connection_open_to_all_of_them_is_warned_about() {
+    let two_keys = MINIMAL.replace(
+        "api_keys = [\"${API_KEY}\"]",
+        "api_keys = [\"${API_KEY}\", \"other-caller-key-0123\"]",
+    );
+    let config = Config::parse(&two_keys, &env_of(ENV)).expect("valid");
+    assert!(
+        config
+            .warnings
+            .iter()
+            .any(|w| w.contains("2 caller identities") && w.contains("acme")),
+        "{:?}",
+        config.warnings
+    );
+    let scoped = two_keys.replace(
+        "[connections.acme]",
+        "[connections.acme]\ncallers = [\"key-1\"]",
+    );
+    let config = Config::parse(&scoped, &env_of(ENV)).expect("valid");
+    assert!(!config
+        .warnings
+        .iter()
+        .any(|w| w.contains("caller identities")));
+    let config = Config::parse(MINIMAL, &env_of(ENV)).expect("valid");
+    assert!(
+        !config
+            .warnings
+            .iter()
+            .any(|w| w.contains("caller identities")),
+        "one caller"
+    );
+}

@@ -63,7 +63,8 @@ pub(super) async fn authenticate_admin(
     {
         return Ok(());
     }
-    Ok(state.auth.authenticate(headers, Role::Admin).await?)
+    state.auth.authenticate(headers, Role::Admin).await?;
+    Ok(())
 }
 
 /// The browser routes' admission: a `?key=` is exchanged at once (the answer to send is
@@ -96,7 +97,9 @@ fn exchange_query_key(state: &AppState, uri: &Uri) -> Result<Option<Response>, A
                 return Err(AuthError::Invalid.into());
             }
         }
-        None => state.auth.check_key(Some(&key), Role::Admin)?,
+        None => {
+            state.auth.check_key(Some(&key), Role::Admin)?;
+        }
     }
     let target = match serde_urlencoded::to_string(&rest) {
         Ok(rest) if !rest.is_empty() => format!("{}?{rest}", uri.path()),

@@ -14,6 +14,8 @@ pub enum ErrorCode {
     Unauthorized,
     /// A credential without the right (a caller key on an admin route).
     Forbidden,
+    /// A caller the connection's `callers` do not name (the message names the caller).
+    CallerNotAllowed,
     /// No such connection in the configuration.
     UnknownConnection,
     /// `tenant` names no organisation the connection's consent recorded.
@@ -56,10 +58,11 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in the order the documentation lists them.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::InvalidRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
+        ErrorCode::CallerNotAllowed,
         ErrorCode::UnknownConnection,
         ErrorCode::UnknownTenant,
         ErrorCode::NotFound,
@@ -87,6 +90,7 @@ impl ErrorCode {
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::CallerNotAllowed => "caller_not_allowed",
             ErrorCode::UnknownConnection => "unknown_connection",
             ErrorCode::UnknownTenant => "unknown_tenant",
             ErrorCode::NotFound => "not_found",
@@ -115,7 +119,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden | ErrorCode::CallerNotAllowed => StatusCode::FORBIDDEN,
             ErrorCode::UnknownConnection
             | ErrorCode::UnknownTenant
             | ErrorCode::NotFound

@@ -129,6 +129,9 @@ impl From<AuthError> for ApiError {
                 Self::new(ErrorCode::Forbidden, err.to_string())
             }
             AuthError::KeysUnavailable(_) => Self::new(ErrorCode::AuthUnavailable, err.to_string()),
+            AuthError::CallerNotAllowed(..) => {
+                Self::new(ErrorCode::CallerNotAllowed, err.to_string())
+            }
             AuthError::Missing
             | AuthError::Invalid
             | AuthError::NoEntra

@@ -12,7 +12,6 @@ use serde::Deserialize;
 
 use super::code::ErrorCode;
 use super::{ApiError, AppState};
-use crate::auth::Role;
 use crate::broker::{BrokerError, TokenRequest};
 
 /// The most life a caller may ask a token to have left: an hour, what most providers' access
@@ -129,7 +128,12 @@ async fn cached_answer(
     {
         return None;
     }
-    state.auth.authenticate(headers, Role::Caller).await.ok()?;
+    // A caller the connection does not serve takes the router's path to its 403.
+    state
+        .auth
+        .authenticate_for(headers, connection)
+        .await
+        .ok()?;
     let request = TokenRequest {
         min_validity: params.min_validity.map(Duration::from_secs),
         force: false,
@@ -198,8 +202,9 @@ async fn refresh(
             "send the API key in the X-API-Key header, not in the URL",
         ));
     }
-    // Who is asking, before a byte of the body is read.
-    state.auth.authenticate(&headers, Role::Caller).await?;
+    // Who is asking, and whether this connection serves them, before a byte of the body
+    // is read.
+    state.auth.authenticate_for(&headers, &connection).await?;
     let body = if method == Method::POST {
         super::read_body(body, MAX_BODY).await?
     } else {

@@ -8,6 +8,7 @@ mod architecture;
 mod bad_input;
 mod bench;
 mod binary;
+mod callers;
 mod cli;
 mod concurrency;
 mod discovery;

@@ -41,7 +41,6 @@ use axum::response::Response;
 
 use super::code::ErrorCode;
 use super::{ApiError, AppState};
-use crate::auth::Role;
 use crate::broker::TokenRequest;
 
 /// Marks an answer relayed from the API: the framework-error rewriting leaves it alone.
@@ -96,7 +95,7 @@ pub(super) async fn proxy(
             "the proxy relays GET, POST, PUT, PATCH and DELETE",
         ));
     }
-    state.auth.authenticate(&headers, Role::Caller).await?;
+    state.auth.authenticate_for(&headers, &connection).await?;
     // Everything that can be judged before a byte of the body is read or a token taken.
     let request = target::Request::read(&state, &connection, &uri)?;
     let body = body::start_body(body).await?;
