@@ -170,7 +170,7 @@ async fn wire(
         }
         crate::config::LockConfig::Blob(_) => {}
     }
-    if config.state_secret.is_none() {
+    if config.state_secret.is_empty() {
         tracing::info!("no state_secret configured: a random key signs `state`, so consents in progress do not survive a restart and need a single instance");
     }
     tracing::info!(
@@ -221,7 +221,7 @@ async fn wire(
         .context("building the proxy's HTTP client")?;
     // Admin sessions end when the admin keys change (on every instance alike).
     let signer =
-        StateSigner::new(config.state_secret.as_ref()).with_session_scope(&auth.admin_generation());
+        StateSigner::new(&config.state_secret).with_session_scope(&auth.admin_generation());
     let state = Arc::new(AppState {
         proxies,
         proxy_http,

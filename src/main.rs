@@ -264,7 +264,7 @@ async fn login(
     config.public_url = Some(url::Url::parse(&public_url)?);
     // The process signs its `state` and its one admin session with a key of its own, so
     // nothing it issues is good on an instance that shares the deployment's state_secret.
-    config.state_secret = None;
+    config.state_secret = Vec::new();
     // A one-time key for one `?key=` exchange on this connection's consent (LoginGate): not
     // an admin key, so never good as X-API-Key, on another route, or twice.
     let one_time = secrecy::SecretString::from({

@@ -80,7 +80,10 @@ pub struct Redeemed {
 
 /// Issues and redeems `state` values.
 pub struct StateSigner {
-    key: Vec<u8>,
+    /// The first signs; every one verifies (the keys of a rotation: new, then old). A
+    /// `state` is redeemed with the key that signed it, so its PKCE verifier is the one its
+    /// challenge was made from.
+    keys: Vec<Vec<u8>>,
     /// What an admin session is bound to besides the key: the admin key set it was
     /// bought with ([`StateSigner::with_session_scope`]), so changing the admin keys ends
     /// every session, on every instance.
@@ -91,14 +94,18 @@ pub struct StateSigner {
 }
 
 impl StateSigner {
-    /// With the configured key, or a random one (then pending consents die with the process).
-    pub fn new(secret: Option<&SecretString>) -> Self {
-        let key = match secret {
-            Some(secret) => secret.expose_secret().as_bytes().to_vec(),
-            None => random_bytes(32),
-        };
+    /// With the configured keys (the first signs), or a random one when there are none
+    /// (then pending consents die with the process).
+    pub fn new(secrets: &[SecretString]) -> Self {
+        let mut keys: Vec<Vec<u8>> = secrets
+            .iter()
+            .map(|secret| secret.expose_secret().as_bytes().to_vec())
+            .collect();
+        if keys.is_empty() {
+            keys.push(random_bytes(32));
+        }
         Self {
-            key,
+            keys,
             session_scope: Vec::new(),
             used: Mutex::new(HashMap::new()),
         }
@@ -138,7 +145,7 @@ impl StateSigner {
         ]));
         Issued {
             state: format!("v1.{payload_b64}.{mac}"),
-            verifier: self.verifier(&payload.n, binding),
+            verifier: self.verifier(self.signing_key(), &payload.n, binding),
         }
     }
 
@@ -162,10 +169,16 @@ impl StateSigner {
         let mac = URL_SAFE_NO_PAD
             .decode(mac_b64)
             .map_err(|_| StateError::Malformed)?;
-        // `verify_slice` compares in constant time.
-        self.keyed(&[b"state", payload_b64.as_bytes(), binding.as_bytes()])
-            .verify_slice(&mac)
-            .map_err(|_| StateError::BadSignature)?;
+        // `verify_slice` compares in constant time; which key signed is not a secret.
+        let key = self
+            .keys
+            .iter()
+            .find(|key| {
+                keyed(key, &[b"state", payload_b64.as_bytes(), binding.as_bytes()])
+                    .verify_slice(&mac)
+                    .is_ok()
+            })
+            .ok_or(StateError::BadSignature)?;
         let payload: Payload = URL_SAFE_NO_PAD
             .decode(payload_b64)
             .ok()
@@ -183,34 +196,30 @@ impl StateSigner {
             }
         }
         Ok(Redeemed {
-            verifier: self.verifier(&payload.n, binding),
+            verifier: self.verifier(key, &payload.n, binding),
             connection: payload.c,
             nonce: payload.n,
         })
     }
 
-    fn verifier(&self, nonce: &str, binding: &str) -> PkceCodeVerifier {
+    fn verifier(&self, key: &[u8], nonce: &str, binding: &str) -> PkceCodeVerifier {
         // 32 bytes of MAC → 43 base64url characters, the RFC 7636 §4.1 minimum length.
-        PkceCodeVerifier::new(URL_SAFE_NO_PAD.encode(self.mac(&[
-            b"pkce",
-            nonce.as_bytes(),
-            binding.as_bytes(),
-        ])))
+        let mac = keyed(key, &[b"pkce", nonce.as_bytes(), binding.as_bytes()]);
+        PkceCodeVerifier::new(URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
     }
 
-    /// HMAC over length-prefixed parts, so no two different part lists collide.
-    fn keyed(&self, parts: &[&[u8]]) -> Hmac<Sha256> {
-        // HMAC accepts keys of any length, so this cannot fail.
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
-        for part in parts {
-            mac.update(&(part.len() as u64).to_be_bytes());
-            mac.update(part);
-        }
-        mac
+    /// The key that signs (the first configured).
+    fn signing_key(&self) -> &[u8] {
+        // `new` always keeps at least one key.
+        self.keys.first().map(Vec::as_slice).unwrap_or_default()
     }
 
+    /// A MAC with the signing key.
     fn mac(&self, parts: &[&[u8]]) -> Vec<u8> {
-        self.keyed(parts).finalize().into_bytes().to_vec()
+        keyed(self.signing_key(), parts)
+            .finalize()
+            .into_bytes()
+            .to_vec()
     }
 
     /// An admin session for a browser that presented an admin key: `v1.{expiry}.{nonce}.{mac}`,
@@ -242,18 +251,33 @@ impl StateSigner {
         let Ok(mac) = URL_SAFE_NO_PAD.decode(mac) else {
             return false;
         };
-        // Constant-time comparison, through the hmac crate.
-        let signed = self
-            .keyed(&[
-                b"admin-session",
-                &self.session_scope,
-                expiry.as_bytes(),
-                nonce.as_bytes(),
-            ])
+        // Constant-time comparison, through the hmac crate; any configured key.
+        let signed = self.keys.iter().any(|key| {
+            keyed(
+                key,
+                &[
+                    b"admin-session",
+                    &self.session_scope,
+                    expiry.as_bytes(),
+                    nonce.as_bytes(),
+                ],
+            )
             .verify_slice(&mac)
-            .is_ok();
+            .is_ok()
+        });
         signed && expiry.parse::<i64>().is_ok_and(|e| now.timestamp() < e)
     }
+}
+
+/// HMAC under `key` over length-prefixed parts, so no two different part lists collide.
+fn keyed(key: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    for part in parts {
+        mac.update(&(part.len() as u64).to_be_bytes());
+        mac.update(part);
+    }
+    mac
 }
 
 fn random_bytes(n: usize) -> Vec<u8> {
@@ -267,7 +291,7 @@ mod tests {
     use super::*;
 
     fn signer() -> StateSigner {
-        StateSigner::new(Some(&SecretString::from("k".repeat(32))))
+        StateSigner::new(&[SecretString::from("k".repeat(32))])
     }
 
     #[test]
@@ -339,7 +363,7 @@ mod tests {
             s.redeem(Some(&forged), Some(&b), now).err(),
             Some(StateError::BadSignature)
         );
-        let other_key = StateSigner::new(None);
+        let other_key = StateSigner::new(&[]);
         assert_eq!(
             other_key.redeem(Some(&issued.state), Some(&b), now).err(),
             Some(StateError::BadSignature)
@@ -348,5 +372,33 @@ mod tests {
             s.redeem(Some("garbage"), Some(&b), now).err(),
             Some(StateError::Malformed)
         );
+    }
+
+    #[test]
+    fn a_rotation_signs_with_the_new_key_and_verifies_with_both() {
+        let key = |k: &str| SecretString::from(k.repeat(32));
+        let old = StateSigner::new(&[key("o")]);
+        let rotating = StateSigner::new(&[key("n"), key("o")]);
+        let new = StateSigner::new(&[key("n")]);
+        let now = Utc::now();
+        let b = StateSigner::new_binding();
+        // Begun under the old key, redeemed during the rotation, with the old verifier.
+        let issued = old.issue("acme", &b, now);
+        let redeemed = rotating
+            .redeem(Some(&issued.state), Some(&b), now)
+            .expect("old state verifies");
+        assert_eq!(redeemed.verifier.secret(), issued.verifier.secret());
+        // Issued during the rotation: the new key signed it.
+        let issued = rotating.issue("acme", &b, now);
+        let redeemed = new
+            .redeem(Some(&issued.state), Some(&b), now)
+            .expect("new key");
+        assert_eq!(redeemed.verifier.secret(), issued.verifier.secret());
+        assert!(old.redeem(Some(&issued.state), Some(&b), now).is_err());
+        // Sessions: the old one lives through the rotation and ends without the old key.
+        let session = old.issue_admin_session(now);
+        assert!(rotating.is_admin_session(&session, now));
+        assert!(!new.is_admin_session(&session, now));
+        assert!(new.is_admin_session(&rotating.issue_admin_session(now), now));
     }
 }

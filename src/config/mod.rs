@@ -52,8 +52,10 @@ pub struct Config {
     /// Public base URL of the broker; the redirect URI is `{public_url}/api/callback`.
     /// `None` means "derive from the listening port" (`http://localhost:{port}`).
     pub public_url: Option<Url>,
-    /// Key for signing `state` and deriving PKCE verifiers. Random per process when absent.
-    pub state_secret: Option<SecretString>,
+    /// Keys for signing `state` and admin sessions and deriving PKCE verifiers: the first
+    /// signs, every one verifies (a rotation lists the new key first, then the old one).
+    /// Empty: a random key per process.
+    pub state_secret: Vec<SecretString>,
     pub auth: AuthConfig,
     pub store: StoreConfig,
     pub refresh: RefreshConfig,

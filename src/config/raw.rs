@@ -11,7 +11,7 @@ use super::connection::{validate_connection_name, RawConnection};
 use super::refresh::RawRefresh;
 use super::server::RawServer;
 use super::store::RawStore;
-use super::values::parse_base_url;
+use super::values::{parse_base_url, StringOrList};
 use super::{
     lock, AuthConfig, Config, ConfigError, ConnectionConfig, RefreshConfig, StoreConfig,
     DEFAULT_TIMER_PERIOD,
@@ -49,7 +49,7 @@ pub(super) struct RawConfig {
     #[serde(default)]
     local_mode: bool,
     public_url: Option<String>,
-    state_secret: Option<String>,
+    state_secret: Option<StringOrList>,
     #[serde(default)]
     auth: RawAuth,
     #[serde(default)]
@@ -73,8 +73,12 @@ impl RawConfig {
         // unless the config says it is a local trial.
         let mut placeholders = Vec::new();
         let mut candidates: Vec<(String, &str)> = Vec::new();
-        if let Some(secret) = &self.state_secret {
-            candidates.push(("state_secret".to_owned(), secret));
+        for (key, secret) in self
+            .state_secret
+            .iter()
+            .flat_map(|s| s.entries("state_secret"))
+        {
+            candidates.push((key, secret));
         }
         for (list, unnamed, keys) in [
             ("auth.api_keys", "key", &self.auth.api_keys),
@@ -140,15 +144,31 @@ impl RawConfig {
                 .map(|url| parse_base_url("public_url", url))
                 .transpose()?,
         };
-        let state_secret = match self.state_secret {
-            Some(secret) if secret.len() < 32 => {
+        let mut state_secret = Vec::new();
+        for (key, secret) in self
+            .state_secret
+            .iter()
+            .flat_map(|s| s.entries("state_secret"))
+        {
+            if secret.len() < 32 {
                 return Err(ConfigError::key(
-                    "state_secret",
+                    key,
                     "must be at least 32 characters (it signs OAuth `state`)",
-                ))
+                ));
             }
-            other => other.map(SecretString::from),
-        };
+            state_secret.push(SecretString::from(secret));
+        }
+        if self
+            .state_secret
+            .as_ref()
+            .is_some_and(StringOrList::is_empty)
+        {
+            return Err(ConfigError::key(
+                "state_secret",
+                "lists no key: name the signing key first (then any older ones still accepted), \
+                 or leave state_secret out for a random key per process",
+            ));
+        }
 
         let auth = self.auth.validate()?;
         let store = self.store.validate(env)?;

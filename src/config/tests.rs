@@ -580,3 +580,21 @@ fn several_callers_and_a_connection_open_to_all_of_them_is_warned_about() {
         "one caller"
     );
 }
+
+#[test]
+fn state_secret_is_one_key_or_a_rotation_list() {
+    let with = |value: &str| format!("state_secret = {value}\n{MINIMAL}");
+    let (new, old) = ("n".repeat(32), "o".repeat(32));
+    let config =
+        Config::parse(&with(&format!("[\"{new}\", \"{old}\"]")), &env_of(ENV)).expect("list");
+    assert_eq!(config.state_secret.len(), 2);
+    let config = Config::parse(&with(&format!("\"{new}\"")), &env_of(ENV)).expect("one");
+    assert_eq!(config.state_secret.len(), 1);
+    let err = parse_err(&with(&format!("[\"{new}\", \"short\"]")), ENV);
+    assert!(
+        err.contains("`state_secret[1]`: must be at least 32"),
+        "{err}"
+    );
+    let err = parse_err(&with("[]"), ENV);
+    assert!(err.contains("lists no key"), "{err}");
+}

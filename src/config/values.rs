@@ -109,3 +109,55 @@ pub(super) fn parse_base_url(key: &str, value: &str) -> Result<Url, ConfigError>
     }
     Ok(url)
 }
+
+/// A setting written as one string or as a list of them (`state_secret = "…"` or
+/// `state_secret = ["new…", "old…"]`).
+#[derive(Debug)]
+pub(super) enum StringOrList {
+    One(String),
+    List(Vec<String>),
+}
+
+impl StringOrList {
+    /// `(config key, value)` for each: `key` alone, or `key[i]`.
+    pub(super) fn entries<'a>(&'a self, key: &'a str) -> Vec<(String, &'a str)> {
+        match self {
+            StringOrList::One(value) => vec![(key.to_owned(), value.as_str())],
+            StringOrList::List(values) => values
+                .iter()
+                .enumerate()
+                .map(|(i, value)| (format!("{key}[{i}]"), value.as_str()))
+                .collect(),
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        matches!(self, StringOrList::List(values) if values.is_empty())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for StringOrList {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = StringOrList;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<StringOrList, E> {
+                Ok(StringOrList::One(value.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<StringOrList, A::Error> {
+                let mut values = Vec::new();
+                while let Some(value) = seq.next_element::<String>()? {
+                    values.push(value);
+                }
+                Ok(StringOrList::List(values))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}

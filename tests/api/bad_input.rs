@@ -23,7 +23,7 @@ async fn forged_state_is_refused_and_nothing_is_stored() {
     let app = TestApp::spawn().await;
     let binding = StateSigner::new_binding();
     // Signed with another key.
-    let forged = StateSigner::new(None).issue("acme", &binding, chrono::Utc::now());
+    let forged = StateSigner::new(&[]).issue("acme", &binding, chrono::Utc::now());
     let (status, page) = callback_with(
         &app,
         &format!("code=abc&state={}", forged.state),
@@ -43,7 +43,7 @@ async fn forged_state_is_refused_and_nothing_is_stored() {
 #[tokio::test]
 async fn expired_state_is_refused() {
     let app = TestApp::spawn().await;
-    let signer = StateSigner::new(Some(&STATE_SECRET.to_owned().into()));
+    let signer = StateSigner::new(&[STATE_SECRET.to_owned().into()]);
     let binding = StateSigner::new_binding();
     let eleven_minutes_ago = chrono::Utc::now() - chrono::Duration::minutes(11);
     let issued = signer.issue("acme", &binding, eleven_minutes_ago);

@@ -23,6 +23,7 @@ mod openapi;
 mod presets;
 mod proxy;
 mod proxy_providers;
+mod rotation;
 mod status_page;
 mod storage;
 mod support;
