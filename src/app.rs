@@ -233,6 +233,7 @@ async fn wire(
         functions_host: config.functions_host,
         local_mode: config.local_mode,
         login,
+        audit: crate::audit::Audit::new(config.audit),
     });
     Ok(state)
 }

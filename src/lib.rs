@@ -26,6 +26,7 @@
 
 pub mod alert;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod azure;
 pub mod broker;

@@ -228,12 +228,14 @@ async fn token(
     if !config.connections.contains_key(connection) {
         anyhow::bail!("no connection `{connection}` in the config");
     }
+    let audit = token_broker::audit::Audit::new(config.audit);
     let broker = token_broker::app::broker(config).await?;
     let request = token_broker::broker::TokenRequest {
         min_validity: min_validity.map(std::time::Duration::from_secs),
         force,
         internal: false,
     };
+    let asked_at = broker.now();
     let result = broker.token(connection, request).await;
     // A refresh token the store has not accepted yet must not leave with this process.
     broker.flush_pending().await;
@@ -243,6 +245,24 @@ async fn token(
             "connection `{connection}` has no access token: run `token-broker login {connection}`"
         )
     })?;
+    if let Some(token) = &record.access_token {
+        // Whoever runs the CLI holds the configuration and its secrets: `cli` names them.
+        audit.issued(&token_broker::audit::Handout {
+            connection,
+            caller: "cli",
+            app_id: None,
+            route: "cli",
+            tenant: None,
+            source: if record.obtained_at >= asked_at {
+                token_broker::audit::Source::Refreshed
+            } else {
+                token_broker::audit::Source::Cached
+            },
+            token_id: &token_broker::audit::token_id(token),
+            expires_at: record.expires_at,
+            invocation_id: "",
+        });
+    }
     println!("{}", serde_json::to_string_pretty(&body)?);
     Ok(())
 }

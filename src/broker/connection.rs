@@ -115,7 +115,16 @@ pub(super) struct Cached {
     pub(super) unsaved: bool,
     /// The record's `/api/refresh` answer and the `expires_in` it was written for: the
     /// answer changes only with the record and that second, so busy callers share it.
-    pub(super) answer: Option<(u64, Bytes)>,
+    pub(super) answer: Option<(u64, CachedAnswer)>,
+}
+
+/// A cached token's `/api/refresh` answer, with what the audit trail writes of it.
+#[derive(Debug, Clone)]
+pub struct CachedAnswer {
+    pub body: Bytes,
+    /// The access token's fingerprint (`audit::token_id`).
+    pub token_id: Arc<str>,
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl Connection {
@@ -201,7 +210,7 @@ impl Connection {
         &self,
         accept: impl Fn(&TokenRecord) -> bool,
         now: DateTime<Utc>,
-    ) -> Option<Bytes> {
+    ) -> Option<CachedAnswer> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let record = cache
             .record
@@ -213,7 +222,16 @@ impl Connection {
                 return Some(answer.clone());
             }
         }
-        let answer = Bytes::from(record.response_bytes(now)?);
+        let token_id = match &cache.answer {
+            // The same record, a second later: the same token.
+            Some((_, previous)) => Arc::clone(&previous.token_id),
+            None => crate::audit::token_id(record.access_token.as_ref()?).into(),
+        };
+        let answer = CachedAnswer {
+            body: Bytes::from(record.response_bytes(now)?),
+            token_id,
+            expires_at: record.expires_at,
+        };
         cache.answer = Some((expires_in, answer.clone()));
         Some(answer)
     }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::token::Facts;
+use crate::token::{Facts, TokenRecord};
 use oauth2::{PkceCodeVerifier, TokenResponse};
 use tracing::{info, warn, Instrument};
 
@@ -18,14 +18,15 @@ impl Broker {
         self.lock.claim_once(nonce).await.map_err(BrokerError::from)
     }
 
-    /// Stores the tokens from a completed consent, replacing whatever was there.
+    /// Stores the tokens from a completed consent, replacing whatever was there; the new
+    /// record (for the audit trail).
     pub async fn complete_consent(
         self: &Arc<Self>,
         name: &str,
         code: String,
         verifier: PkceCodeVerifier,
         from_callback: Facts,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Arc<TokenRecord>, BrokerError> {
         // Its own task, like refreshes: a browser that goes away mid-exchange must not
         // cancel storing the tokens the provider has just issued.
         let this = Arc::clone(self);
@@ -44,7 +45,7 @@ impl Broker {
         code: String,
         verifier: PkceCodeVerifier,
         from_callback: Facts,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Arc<TokenRecord>, BrokerError> {
         let conn = self.connection(name)?;
         let span = tracing::info_span!("consent", connection = name);
         async {
@@ -79,16 +80,18 @@ impl Broker {
                 // Another instance holds the lease (a long refresh, or a refresh token of
                 // the old grant it is still saving): keep the new grant in memory and store
                 // it once the lease is free, over whatever the other wrote (it is older).
-                conn.set_cache(Some(Arc::new(record)), true);
+                let record = Arc::new(record);
+                conn.set_cache(Some(Arc::clone(&record)), true);
                 drop(flight);
                 self.spawn_saver(name);
                 info!(outcome = "connected", "consent completed; it is stored as soon as another instance releases the refresh lease");
-                return Ok(());
+                return Ok(record);
             }
             if let Err(err) = &lease {
                 // Storage is down. The code is spent already: store the tokens regardless.
                 warn!(error = %err, "storing the consent without the refresh lease");
             }
+            let handed = Arc::new(record.clone());
             let persisted = self.persist_locked(name, conn, record).await;
             match lease {
                 Ok(lease) => {
@@ -105,7 +108,7 @@ impl Broker {
             persisted?;
             self.transition(name, conn, AlertState::Connected, None);
             info!(outcome = "connected", "consent completed");
-            Ok(())
+            Ok(handed)
         }
         .instrument(span)
         .await

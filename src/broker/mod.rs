@@ -38,6 +38,7 @@ mod refresh;
 mod status;
 mod timer;
 
+pub use connection::CachedAnswer;
 pub use forecast::{forecast, ExpiryReason, Forecast};
 pub use status::{ConnectionState, ConnectionStatus};
 pub use timer::{PrerefreshOutcome, PrerefreshReport};
@@ -285,7 +286,7 @@ impl Broker {
     /// them) when the cached record satisfies `request` as it is (no `force`, the provider
     /// set up, enough life left), without waiting for anything; `None`: ask
     /// [`Broker::token`].
-    pub fn cached_answer(&self, name: &str, request: TokenRequest) -> Option<bytes::Bytes> {
+    pub fn cached_answer(&self, name: &str, request: TokenRequest) -> Option<CachedAnswer> {
         if request.force {
             return None;
         }

@@ -375,10 +375,10 @@ async fn the_cached_answer_is_rewritten_each_second_and_with_each_record() {
     assert!(s.broker.cached_answer("c", plain).is_none());
     let record = s.broker.token("c", plain).await.expect("token");
     let answer = |at: &str| -> serde_json::Value {
-        let bytes = s.broker.cached_answer("c", plain).expect(at);
+        let bytes = s.broker.cached_answer("c", plain).expect(at).body;
         serde_json::from_slice(&bytes).expect("json")
     };
-    let first = s.broker.cached_answer("c", plain).expect("cached");
+    let first = s.broker.cached_answer("c", plain).expect("cached").body;
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&first).expect("json"),
         record.to_response(s.start).expect("answer"),
@@ -386,14 +386,14 @@ async fn the_cached_answer_is_rewritten_each_second_and_with_each_record() {
     );
     // Within the same second of expires_in the bytes are shared, not written again.
     s.clock.set(s.start + chrono::Duration::milliseconds(100));
-    let early = s.broker.cached_answer("c", plain).expect("cached");
+    let early = s.broker.cached_answer("c", plain).expect("cached").body;
     assert_ne!(
         early.as_ptr(),
         first.as_ptr(),
         "3599 s left, no longer 3600"
     );
     s.clock.set(s.start + chrono::Duration::milliseconds(900));
-    let late = s.broker.cached_answer("c", plain).expect("cached");
+    let late = s.broker.cached_answer("c", plain).expect("cached").body;
     assert_eq!(late.as_ptr(), early.as_ptr());
     // The next second has its own expires_in.
     s.at(1);

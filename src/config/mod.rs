@@ -56,6 +56,8 @@ pub struct Config {
     /// signs, every one verifies (a rotation lists the new key first, then the old one).
     /// Empty: a random key per process.
     pub state_secret: Vec<SecretString>,
+    /// Write the audit trail (`token_issued`, `token_refused`): on unless `audit = false`.
+    pub audit: bool,
     pub auth: AuthConfig,
     pub store: StoreConfig,
     pub refresh: RefreshConfig,

@@ -50,6 +50,8 @@ pub(super) struct RawConfig {
     local_mode: bool,
     public_url: Option<String>,
     state_secret: Option<StringOrList>,
+    /// The audit trail of token handouts and refusals (default on).
+    audit: Option<bool>,
     #[serde(default)]
     auth: RawAuth,
     #[serde(default)]
@@ -198,6 +200,7 @@ impl RawConfig {
             alert_webhook_secret,
             public_url,
             state_secret,
+            audit: self.audit.unwrap_or(true),
             auth,
             store,
             refresh,

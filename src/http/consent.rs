@@ -239,11 +239,27 @@ pub(super) async fn callback(
         .complete_consent(&connection, code, redeemed.verifier, from_callback)
         .await
     {
-        Ok(()) => page(
+        Ok(record) => {
+            // The admin who began it: their browser's session (which names nobody).
+            super::audit::issued(
+                &state,
+                &headers,
+                &crate::auth::Caller::Key {
+                    name: "admin".to_owned(),
+                    admin: true,
+                },
+                &connection,
+                "/api/callback",
+                None,
+                crate::audit::Source::Consent,
+                &record,
+            );
+            page(
             StatusCode::OK,
             "Connected",
             &format!("`{connection}` is connected. Pipelines can now get tokens from /api/refresh/{connection}. You can close this window."),
-        ),
+        )
+        }
         Err(BrokerError::Upstream(UpstreamError::InvalidGrant { description })) => {
             // The provider refused the code the browser brought back (forged, spent or
             // expired): the browser's input was bad, not the gateway.

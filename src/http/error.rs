@@ -53,6 +53,11 @@ impl ApiError {
         }
     }
 
+    /// The error's code.
+    pub(super) fn code(&self) -> ErrorCode {
+        self.code
+    }
+
     /// `400 invalid_request`.
     pub(super) fn invalid_request(description: impl Into<String>) -> Self {
         Self::new(ErrorCode::InvalidRequest, description)

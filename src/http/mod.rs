@@ -5,6 +5,7 @@
 //! logged, never echoed beyond a secret-free description).
 
 mod admin;
+mod audit;
 mod code;
 mod consent;
 mod deadline;
@@ -61,6 +62,8 @@ pub struct AppState {
     pub proxy_http: reqwest::Client,
     /// `token-broker login`'s process: only its connection's consent routes are served.
     pub login: Option<LoginGate>,
+    /// Who took which token (`audit = false` turns it off).
+    pub audit: crate::audit::Audit,
 }
 
 impl AppState {

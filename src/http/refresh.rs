@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use super::code::ErrorCode;
 use super::{ApiError, AppState};
+use crate::audit::Source;
 use crate::broker::{BrokerError, TokenRequest};
 
 /// The most life a caller may ask a token to have left: an hour, what most providers' access
@@ -128,8 +129,9 @@ async fn cached_answer(
     {
         return None;
     }
-    // A caller the connection does not serve takes the router's path to its 403.
-    state
+    // A caller the connection does not serve (or none) takes the router's path to its
+    // refusal, which the audit trail writes there.
+    let caller = state
         .auth
         .authenticate_for(headers, connection)
         .await
@@ -139,12 +141,23 @@ async fn cached_answer(
         force: false,
         internal: false,
     };
-    let body = state.broker.cached_answer(connection, request)?;
+    let answer = state.broker.cached_answer(connection, request)?;
     // The line the router's path writes for a cached token (`Broker::token`), at the same
     // level: off unless asked for, and then cheap to skip.
     tracing::debug!(connection, "served from cache");
+    super::audit::issued_token(
+        state,
+        headers,
+        &caller,
+        connection,
+        ROUTE,
+        None,
+        Source::Cached,
+        &answer.token_id,
+        answer.expires_at,
+    );
     // The same headers as the router's answer, without its conversions.
-    let mut response = Response::new(Body::from(body));
+    let mut response = Response::new(Body::from(answer.body));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -194,7 +207,7 @@ async fn refresh(
     body: Body,
 ) -> Result<Response, ApiError> {
     // Parameters before the key, so that a key sent in the URL gets a helpful 400.
-    let mut params: RefreshParams = Query::try_from_uri(&uri)
+    let params: RefreshParams = Query::try_from_uri(&uri)
         .map(|Query(p)| p)
         .map_err(|err| ApiError::invalid_request(err.body_text()))?;
     if params.key.is_some() {
@@ -204,7 +217,27 @@ async fn refresh(
     }
     // Who is asking, and whether this connection serves them, before a byte of the body
     // is read.
-    state.auth.authenticate_for(&headers, &connection).await?;
+    let caller = super::audit::caller_of(&state, &headers, &connection, ROUTE).await?;
+    let answer = serve(&state, &connection, method, &headers, body, params, &caller).await;
+    if let Err(error) = &answer {
+        super::audit::refused(&state, &headers, &caller, &connection, ROUTE, error);
+    }
+    answer
+}
+
+/// The route as the audit trail names it.
+const ROUTE: &str = "/api/refresh/{connection}";
+
+/// The authenticated part of [`refresh`]: the body's parameters, the token, the tenant.
+async fn serve(
+    state: &AppState,
+    connection: &str,
+    method: Method,
+    headers: &HeaderMap,
+    body: Body,
+    mut params: RefreshParams,
+    caller: &crate::auth::Caller,
+) -> Result<Response, ApiError> {
     let body = if method == Method::POST {
         super::read_body(body, MAX_BODY).await?
     } else {
@@ -254,11 +287,12 @@ async fn refresh(
         force: params.force.unwrap_or(false),
         internal: false,
     };
+    let asked_at = state.broker.now();
     let record = state
         .broker
-        .token(&connection, request)
+        .token(connection, request)
         .await
-        .map_err(|err| ApiError::from_broker(err, &state))?;
+        .map_err(|err| ApiError::from_broker(err, state))?;
     // The organisation asked for, from what consent recorded: the same token either way.
     let tenant = match params.tenant.as_deref() {
         Some(wanted) => record.pick_tenant(Some(wanted))?,
@@ -268,11 +302,26 @@ async fn refresh(
         ApiError::from_broker(
             BrokerError::ConsentRequired {
                 reason: format!("connection `{connection}` has no access token"),
-                connection: connection.clone(),
+                connection: connection.to_owned(),
             },
-            &state,
+            state,
         )
     })?;
+    let source = if record.obtained_at >= asked_at {
+        Source::Refreshed
+    } else {
+        Source::Cached
+    };
+    super::audit::issued(
+        state,
+        headers,
+        caller,
+        connection,
+        ROUTE,
+        tenant.as_ref().map(|t| t.id.as_str()),
+        source,
+        &record,
+    );
     if let Some(tenant) = tenant {
         body["tenant_id"] = tenant.id.into();
         if !tenant.name.is_empty() {

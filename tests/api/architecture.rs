@@ -61,7 +61,9 @@ fn modules_depend_downwards_only_and_form_no_circle() {
         &["http"],
         &["html", "auth"],
         &["broker"],
-        &["store", "lock", "provider", "entra", "state", "alert"],
+        &[
+            "store", "lock", "provider", "entra", "state", "alert", "audit",
+        ],
         &["azure", "http_client", "token", "clock", "telemetry"],
         &["config"],
         &["presets"],

@@ -11,31 +11,34 @@ use crate::support::azure_doubles::{Azure, VAULT_HOST};
 use crate::support::entra::{claims_from, entra_table, sign};
 use crate::support::{consent, free_port, BrokerConfig, BrokerProcess, Upstream, ADMIN_KEY};
 
-const FINANCE_KEY: &str = "finance-caller-key-0123456789";
-const OPS_KEY: &str = "ops-caller-key-0123456789";
+pub(crate) const FINANCE_KEY: &str = "finance-caller-key-0123456789";
+pub(crate) const OPS_KEY: &str = "ops-caller-key-0123456789";
 /// Data Factory's managed identity: listed in the connection's `callers`.
-const ADF: &str = "6a1f2c3d-0000-4000-8000-00000000adf1";
+pub(crate) const ADF: &str = "6a1f2c3d-0000-4000-8000-00000000adf1";
 /// Another managed identity the broker admits, but not for this connection.
-const OTHER: &str = "6a1f2c3d-0000-4000-8000-0000000a0e01";
+pub(crate) const OTHER: &str = "6a1f2c3d-0000-4000-8000-0000000a0e01";
 
-enum Credential<'a> {
+pub(crate) enum Credential<'a> {
     Key(&'a str),
     Bearer(String),
 }
 
-struct Setup {
-    azure: Azure,
-    api: ApiDouble,
-    broker: BrokerProcess,
-    base: String,
-    config: std::path::PathBuf,
-    http: reqwest::Client,
-    _upstream: Upstream,
-    _dir: tempfile::TempDir,
+/// The binary with `acme` consented, scoped to `finance` and ADF; `ops` and OTHER are
+/// callers the broker admits but `acme` does not serve.
+pub(crate) struct Setup {
+    pub(crate) azure: Azure,
+    pub(crate) api: ApiDouble,
+    pub(crate) broker: BrokerProcess,
+    pub(crate) base: String,
+    pub(crate) config: std::path::PathBuf,
+    pub(crate) http: reqwest::Client,
+    pub(crate) upstream: Upstream,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Setup {
-    async fn start() -> Self {
+    /// With `env` besides the doubles' own.
+    pub(crate) async fn start(extra_env: &[(&str, String)]) -> Self {
         let azure = Azure::start().await;
         let api = ApiDouble::start().await;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -58,10 +61,11 @@ impl Setup {
                 ),
             ))
             .write(dir.path());
-        let env = vec![
+        let mut env = vec![
             ("SSL_CERT_FILE", azure.pki.ca_file.display().to_string()),
             ("BROKER_RESOLVE", format!("{VAULT_HOST}=127.0.0.1")),
         ];
+        env.extend(extra_env.iter().cloned());
         let broker =
             BrokerProcess::start_on(port, &config, &env, &dir.path().join("broker.log")).await;
         consent(&base, "acme").await;
@@ -72,17 +76,22 @@ impl Setup {
             base,
             config,
             http: reqwest::Client::new(),
-            _upstream: upstream,
-            _dir: dir,
+            upstream,
+            dir,
         }
     }
 
-    fn bearer(&self, oid: &str) -> Credential<'static> {
+    pub(crate) fn bearer(&self, oid: &str) -> Credential<'static> {
         Credential::Bearer(sign(&claims_from(&self.azure.login_authority, oid)))
     }
 
     /// Status and JSON body (`Null` when not JSON) of `method path` with `credential`.
-    async fn call(&self, method: &str, path: &str, credential: &Credential<'_>) -> (u16, Value) {
+    pub(crate) async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        credential: &Credential<'_>,
+    ) -> (u16, Value) {
         let request = self.http.request(
             method.parse().expect("method"),
             format!("{}{path}", self.base),
@@ -98,7 +107,13 @@ impl Setup {
     }
 
     /// Asserts a refusal of `who` for this connection that names `who` and not the list.
-    async fn refused(&self, method: &str, path: &str, credential: &Credential<'_>, who: &str) {
+    pub(crate) async fn refused(
+        &self,
+        method: &str,
+        path: &str,
+        credential: &Credential<'_>,
+        who: &str,
+    ) {
         let (status, body) = self.call(method, path, credential).await;
         assert_eq!(status, 403, "{method} {path}: {body}");
         assert_eq!(body["error"], "caller_not_allowed", "{body}");
@@ -112,7 +127,7 @@ impl Setup {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_a_connections_callers_and_admins_take_its_tokens() {
-    let setup = Setup::start().await;
+    let setup = Setup::start(&[]).await;
     let finance = Credential::Key(FINANCE_KEY);
     let ops = Credential::Key(OPS_KEY);
     let admin = Credential::Key(ADMIN_KEY);

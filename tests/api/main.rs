@@ -5,6 +5,7 @@
 
 mod alerts;
 mod architecture;
+mod audit;
 mod bad_input;
 mod bench;
 mod binary;

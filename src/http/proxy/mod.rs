@@ -41,6 +41,7 @@ use axum::response::Response;
 
 use super::code::ErrorCode;
 use super::{ApiError, AppState};
+use crate::audit::Source;
 use crate::broker::TokenRequest;
 
 /// Marks an answer relayed from the API: the framework-error rewriting leaves it alone.
@@ -95,18 +96,54 @@ pub(super) async fn proxy(
             "the proxy relays GET, POST, PUT, PATCH and DELETE",
         ));
     }
-    state.auth.authenticate_for(&headers, &connection).await?;
+    let caller = super::audit::caller_of(&state, &headers, &connection, ROUTE).await?;
+    let answer = forward(&state, &connection, &caller, &method, &uri, &headers, body).await;
+    if let Err(error) = &answer {
+        super::audit::refused(&state, &headers, &caller, &connection, ROUTE, error);
+    }
+    answer
+}
+
+/// The route as the audit trail names it.
+const ROUTE: &str = "/api/proxy/{connection}/{path}";
+
+/// The authenticated part of [`proxy`]: target → send → relay.
+async fn forward(
+    state: &Arc<AppState>,
+    connection: &str,
+    caller: &crate::auth::Caller,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     // Everything that can be judged before a byte of the body is read or a token taken.
-    let request = target::Request::read(&state, &connection, &uri)?;
+    let request = target::Request::read(state, connection, uri)?;
     let body = body::start_body(body).await?;
-    let record = send::token(&state, &connection, TokenRequest::default()).await?;
+    let asked_at = state.broker.now();
+    let record = send::token(state, connection, TokenRequest::default()).await?;
     let target = request.target(&record, state.local_mode)?;
+    let source = if record.obtained_at >= asked_at {
+        Source::Refreshed
+    } else {
+        Source::Cached
+    };
+    super::audit::issued(
+        state,
+        headers,
+        caller,
+        connection,
+        ROUTE,
+        target.tenant.as_deref(),
+        source,
+        &record,
+    );
     let upstream = send::with_one_retry(
-        &state,
-        &connection,
-        &method,
+        state,
+        connection,
+        method,
         &target,
-        headers::forwarded_headers(&headers),
+        headers::forwarded_headers(headers),
         body,
         record,
     )
