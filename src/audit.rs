@@ -52,7 +52,8 @@ pub struct Handout<'a> {
     pub tenant: Option<&'a str>,
     pub source: Source,
     pub token_id: &'a str,
-    pub expires_at: Option<DateTime<Utc>>,
+    /// As [`timestamp`] writes it (the cached path keeps it written).
+    pub expires_at: Option<&'a str>,
     /// The Functions host's invocation id, if the host relayed the request.
     pub invocation_id: &'a str,
 }
@@ -94,9 +95,6 @@ impl Audit {
         if !self.enabled {
             return;
         }
-        let expires_at = handout
-            .expires_at
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
         tracing::info!(
             target: "token_broker::audit",
             connection = handout.connection,
@@ -106,7 +104,7 @@ impl Audit {
             tenant = handout.tenant,
             source = handout.source.as_str(),
             token_id = handout.token_id,
-            expires_at = expires_at.as_deref(),
+            expires_at = handout.expires_at,
             invocation_id = handout.invocation_id,
             "token_issued"
         );
@@ -148,6 +146,11 @@ impl Audit {
             "unauthenticated_attempts"
         );
     }
+}
+
+/// An instant as the audit trail writes it: RFC 3339 in UTC, whole seconds.
+pub fn timestamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// A short fingerprint of an access token: the first 16 hex digits of its SHA-256. Enough to

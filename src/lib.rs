@@ -12,6 +12,7 @@
 //! - [`store`]: the token store trait, the local file store and the Key Vault store.
 //! - [`alert`]: connection state changes, as a log event alert rules match and an optional
 //!   webhook notification.
+//! - [`audit`]: the audit trail of tokens handed out and refused.
 //! - [`lock`]: the refresh lease per connection (in-process, or an Azure Blob lease).
 //! - [`azure`]: Azure credentials and client options for the Azure SDK clients.
 //! - [`auth`]: caller authentication (API keys, Entra ID bearer tokens via [`entra`]).
@@ -21,7 +22,7 @@
 //! - [`app`]: wiring and serving; [`telemetry`]: tracing setup.
 //!
 //! Dependencies point one way: `app → http → {auth, html} → broker → {store, lock, provider,
-//! entra, state, alert} → {azure, http_client, token, clock} → config → presets` (ARCHITECTURE.md;
+//! entra, state, alert, audit} → {azure, http_client, token, clock} → config → presets` (ARCHITECTURE.md;
 //! checked by `tests/api/architecture.rs`).
 
 pub mod alert;

@@ -85,7 +85,8 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    telemetry::init();
+    // Held to the end of `main`: dropping it writes out the log lines still queued.
+    let _log = telemetry::init();
     let config = match Config::load(&cli.config, &|name| std::env::var(name).ok()) {
         Ok(config) => config,
         Err(err) => {
@@ -259,7 +260,10 @@ async fn token(
                 token_broker::audit::Source::Cached
             },
             token_id: &token_broker::audit::token_id(token),
-            expires_at: record.expires_at,
+            expires_at: record
+                .expires_at
+                .map(token_broker::audit::timestamp)
+                .as_deref(),
             invocation_id: "",
         });
     }

@@ -124,7 +124,8 @@ pub struct CachedAnswer {
     pub body: Bytes,
     /// The access token's fingerprint (`audit::token_id`).
     pub token_id: Arc<str>,
-    pub expires_at: Option<DateTime<Utc>>,
+    /// When the access token expires, as the audit trail writes it.
+    pub expires_at: Option<Arc<str>>,
 }
 
 impl Connection {
@@ -222,15 +223,18 @@ impl Connection {
                 return Some(answer.clone());
             }
         }
-        let token_id = match &cache.answer {
+        let (token_id, expires_at) = match &cache.answer {
             // The same record, a second later: the same token.
-            Some((_, previous)) => Arc::clone(&previous.token_id),
-            None => crate::audit::token_id(record.access_token.as_ref()?).into(),
+            Some((_, previous)) => (Arc::clone(&previous.token_id), previous.expires_at.clone()),
+            None => (
+                crate::audit::token_id(record.access_token.as_ref()?).into(),
+                record.expires_at.map(|t| crate::audit::timestamp(t).into()),
+            ),
         };
         let answer = CachedAnswer {
             body: Bytes::from(record.response_bytes(now)?),
             token_id,
-            expires_at: record.expires_at,
+            expires_at,
         };
         cache.answer = Some((expires_in, answer.clone()));
         Some(answer)

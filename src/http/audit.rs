@@ -2,7 +2,6 @@
 //! on which route, and what they were given or refused.
 
 use axum::http::HeaderMap;
-use chrono::{DateTime, Utc};
 
 use super::{invocation_id, ApiError, AppState};
 use crate::audit::{Handout, Refusal, Source};
@@ -62,7 +61,7 @@ pub(super) fn issued(
         tenant,
         source,
         &crate::audit::token_id(token),
-        record.expires_at,
+        record.expires_at.map(crate::audit::timestamp).as_deref(),
     );
 }
 
@@ -77,7 +76,7 @@ pub(super) fn issued_token(
     tenant: Option<&str>,
     source: Source,
     token_id: &str,
-    expires_at: Option<DateTime<Utc>>,
+    expires_at: Option<&str>,
 ) {
     state.audit.issued(&Handout {
         connection,

@@ -154,7 +154,7 @@ async fn cached_answer(
         None,
         Source::Cached,
         &answer.token_id,
-        answer.expires_at,
+        answer.expires_at.as_deref(),
     );
     // The same headers as the router's answer, without its conversions.
     let mut response = Response::new(Body::from(answer.body));
