@@ -66,6 +66,10 @@ param alertEmail string = ''
 @description('Optional webhook the broker itself posts connection state changes to (ALERT_WEBHOOK_URL, app setting BROKER_ALERT_WEBHOOK_URL). Empty: no setting.')
 param alertWebhookUrl string = ''
 
+@secure()
+@description('Optional Standard Webhooks secret (whsec_ + base64) the broker signs its webhook posts with (ALERT_WEBHOOK_SECRET, app setting BROKER_ALERT_WEBHOOK_SECRET). Stored in Key Vault. Empty: posts are not signed.')
+param alertWebhookSecret string = ''
+
 @allowed([512, 2048, 4096])
 param instanceMemoryMB int = 512
 
@@ -107,6 +111,7 @@ module resources 'resources.bicep' = {
     keyVaultName: empty(keyVaultName) ? 'kv-tb-${uniqueString(subscription().id, environmentName, 'key-vault')}' : keyVaultName
     alertEmail: alertEmail
     alertWebhookUrl: alertWebhookUrl
+    alertWebhookSecret: alertWebhookSecret
   }
 }
 

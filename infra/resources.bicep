@@ -20,6 +20,8 @@ param keyVaultName string
 param alertEmail string
 @secure()
 param alertWebhookUrl string
+@secure()
+param alertWebhookSecret string
 
 var token = toLower(uniqueString(subscription().id, resourceGroup().id, environmentName))
 var appName = 'func-tb-${token}'
@@ -120,6 +122,12 @@ resource apiKey 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
   parent: vault
   name: 'broker-api-key'
   properties: { value: brokerApiKey }
+}
+
+resource webhookSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (!empty(alertWebhookSecret)) {
+  parent: vault
+  name: 'broker-alert-webhook-secret'
+  properties: { value: alertWebhookSecret }
 }
 
 resource adminKey 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
@@ -268,9 +276,14 @@ var brokerSettings = [
 ]
 
 // Only when set: the broker posts connection state changes there.
-var webhookSettings = empty(alertWebhookUrl) ? [] : [
+var webhookSettings = concat(empty(alertWebhookUrl) ? [] : [
   { name: 'BROKER_ALERT_WEBHOOK_URL', value: alertWebhookUrl }
-]
+], empty(alertWebhookSecret) ? [] : [
+  // Signs the posts (Standard Webhooks); the secret stays in the vault. Named by vault and
+  // secret rather than through the conditional resource's properties, which ARM would
+  // evaluate even when the secret is not deployed.
+  { name: 'BROKER_ALERT_WEBHOOK_SECRET', value: '@Microsoft.KeyVault(VaultName=${vault.name};SecretName=broker-alert-webhook-secret)' }
+])
 
 resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
   parent: app
@@ -280,6 +293,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     appVaultRole
     appStorageRoles
     appTelemetryRole
+    webhookSecret
   ]
 }
 
