@@ -49,25 +49,25 @@ pub fn init() -> LogGuard {
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(vec![
-            layer(json, ansi, BoxMakeWriter::new(std::io::stderr), false),
-            layer(json, ansi, BoxMakeWriter::new(audit_writer), true),
+            layer(json, ansi, BoxMakeWriter::new(std::io::stderr)),
+            AuditLayer {
+                json,
+                writer: audit_writer,
+            }
+            .with_filter(filter_fn(|meta| meta.target() == AUDIT))
+            .boxed(),
         ])
         .try_init();
     guard
 }
 
-/// The lines of the audit trail (`audit`) or all others, as text or JSON, to `writer`.
-fn layer<S>(
-    json: bool,
-    ansi: bool,
-    writer: BoxMakeWriter,
-    audit: bool,
-) -> Box<dyn Layer<S> + Send + Sync>
+/// Every line but the audit trail's, as text or JSON, to `writer`.
+fn layer<S>(json: bool, ansi: bool, writer: BoxMakeWriter) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
     let layer = fmt::layer().with_ansi(ansi).with_writer(writer);
-    let only = filter_fn(move |meta| (meta.target() == AUDIT) == audit);
+    let only = filter_fn(|meta| meta.target() != AUDIT);
     if json {
         layer.json().with_filter(only).boxed()
     } else {
@@ -167,5 +167,126 @@ impl Drop for LogGuard {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Writes the audit trail's events in the shape `fmt` gives every other line — JSON
+/// `{"timestamp":…,"level":"INFO","fields":{"message":"token_issued",…},"target":…}`, or text
+/// `{timestamp}  INFO token_broker::audit: token_issued connection="acme" …` — but by hand:
+/// its fields are a handful of strings and numbers, and `fmt`'s general machinery (a
+/// visitor per field through `Debug`, its time formatter) was most of what a cached handout
+/// cost with the trail on (BENCHMARKS.md).
+struct AuditLayer {
+    json: bool,
+    writer: Batched,
+}
+
+impl<S: tracing::Subscriber> Layer<S> for AuditLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut line = String::with_capacity(384);
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        if self.json {
+            line.push_str("{\"timestamp\":\"");
+            line.push_str(&now);
+            line.push_str("\",\"level\":\"INFO\",\"fields\":{");
+        } else {
+            line.push_str(&now);
+            line.push_str("  INFO ");
+            line.push_str(AUDIT);
+            line.push(':');
+        }
+        event.record(&mut AuditFields {
+            line: &mut line,
+            json: self.json,
+            first: true,
+        });
+        if self.json {
+            line.push_str("},\"target\":\"");
+            line.push_str(AUDIT);
+            line.push_str("\"}");
+        }
+        line.push('\n');
+        let _ = self.writer.clone().write_all(line.as_bytes());
+    }
+}
+
+/// One audit event's fields into its line.
+struct AuditFields<'a> {
+    line: &'a mut String,
+    json: bool,
+    first: bool,
+}
+
+impl AuditFields<'_> {
+    fn key(&mut self, name: &str) {
+        if self.json {
+            if !self.first {
+                self.line.push(',');
+            }
+            push_json_str(self.line, name);
+            self.line.push(':');
+        } else if name != "message" {
+            self.line.push(' ');
+            self.line.push_str(name);
+            self.line.push('=');
+        } else {
+            self.line.push(' ');
+        }
+        self.first = false;
+    }
+}
+
+impl tracing::field::Visit for AuditFields<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.key(field.name());
+        if self.json {
+            push_json_str(self.line, value);
+        } else if field.name() == "message" {
+            self.line.push_str(value);
+        } else {
+            use std::fmt::Write;
+            let _ = write!(self.line, "{value:?}");
+        }
+    }
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        use std::fmt::Write;
+        self.key(field.name());
+        let _ = write!(self.line, "{value}");
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        // The message (`format_args!`) and anything not a string or a number.
+        let text = format!("{value:?}");
+        self.record_str(field, &text);
+    }
+}
+
+/// `value` as a JSON string.
+fn push_json_str(line: &mut String, value: &str) {
+    line.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => line.push_str("\\\""),
+            '\\' => line.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                use std::fmt::Write;
+                let _ = write!(line, "\\u{:04x}", c as u32);
+            }
+            c => line.push(c),
+        }
+    }
+    line.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn json_strings_are_escaped() {
+        let mut line = String::new();
+        super::push_json_str(&mut line, "a\"b\\c\u{1}d é");
+        assert_eq!(line, r#""a\"b\\c\u0001d é""#);
+        let parsed: String = serde_json::from_str(&line).expect("json");
+        assert_eq!(parsed, "a\"b\\c\u{1}d é");
     }
 }
