@@ -30,6 +30,16 @@ pub enum Source {
 }
 
 impl Source {
+    /// A token obtained at `obtained_at` for a caller who asked at `asked_at`: refreshed
+    /// when obtained since, else cached.
+    pub fn of(obtained_at: DateTime<Utc>, asked_at: DateTime<Utc>) -> Source {
+        if obtained_at >= asked_at {
+            Source::Refreshed
+        } else {
+            Source::Cached
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Cached => "cached",

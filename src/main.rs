@@ -254,11 +254,7 @@ async fn token(
             app_id: None,
             route: "cli",
             tenant: None,
-            source: if record.obtained_at >= asked_at {
-                token_broker::audit::Source::Refreshed
-            } else {
-                token_broker::audit::Source::Cached
-            },
+            source: token_broker::audit::Source::of(record.obtained_at, asked_at),
             token_id: &token_broker::audit::token_id(token),
             expires_at: record
                 .expires_at

@@ -307,11 +307,7 @@ async fn serve(
             state,
         )
     })?;
-    let source = if record.obtained_at >= asked_at {
-        Source::Refreshed
-    } else {
-        Source::Cached
-    };
+    let source = Source::of(record.obtained_at, asked_at);
     super::audit::issued(
         state,
         headers,

@@ -123,11 +123,7 @@ async fn forward(
     let asked_at = state.broker.now();
     let record = send::token(state, connection, TokenRequest::default()).await?;
     let target = request.target(&record, state.local_mode)?;
-    let source = if record.obtained_at >= asked_at {
-        Source::Refreshed
-    } else {
-        Source::Cached
-    };
+    let source = Source::of(record.obtained_at, asked_at);
     super::audit::issued(
         state,
         headers,
