@@ -15,7 +15,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use tracing_subscriber::filter::filter_fn;
-use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, EnvFilter, Layer};
@@ -49,7 +48,7 @@ pub fn init() -> LogGuard {
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(vec![
-            layer(json, ansi, BoxMakeWriter::new(std::io::stderr)),
+            layer(json, ansi),
             AuditLayer {
                 json,
                 writer: audit_writer,
@@ -61,12 +60,12 @@ pub fn init() -> LogGuard {
     guard
 }
 
-/// Every line but the audit trail's, as text or JSON, to `writer`.
-fn layer<S>(json: bool, ansi: bool, writer: BoxMakeWriter) -> Box<dyn Layer<S> + Send + Sync>
+/// Every line but the audit trail's, as text or JSON, to stderr.
+fn layer<S>(json: bool, ansi: bool) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    let layer = fmt::layer().with_ansi(ansi).with_writer(writer);
+    let layer = fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
     let only = filter_fn(|meta| meta.target() != AUDIT);
     if json {
         layer.json().with_filter(only).boxed()

@@ -21,8 +21,9 @@ pub(super) async fn caller_of(
         Ok(caller) => caller,
         Err(err) => {
             if let AuthError::PrincipalNotAllowed(object_id, _) = &err {
-                let error = ApiError::from(err.clone());
-                refused_as(state, headers, connection, route, object_id, None, &error);
+                let object_id = object_id.clone();
+                let error = ApiError::from(err);
+                refused_as(state, headers, connection, route, &object_id, None, &error);
                 return Err(error);
             }
             state.audit.unauthenticated(state.broker.now());
