@@ -160,6 +160,13 @@ async fn wire(
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
+    let sign_in = match (&config.auth.admin_sign_in, &config.auth.entra) {
+        // `login`'s process serves one consent to the browser that holds its key.
+        (Some(sign_in), Some(entra)) if login.is_none() => {
+            Some(admin_sign_in(sign_in, entra, &public_url, http.clone())?)
+        }
+        _ => None,
+    };
     let lock = crate::lock::open(&config)?;
     match &config.lock {
         crate::config::LockConfig::Local(_) if config.functions_host => {
@@ -234,8 +241,38 @@ async fn wire(
         local_mode: config.local_mode,
         login,
         audit: crate::audit::Audit::new(config.audit),
+        sign_in,
     });
     Ok(state)
+}
+
+/// The admins' Entra ID sign-in, with the managed identity as its credential when the
+/// config asks for a client assertion.
+fn admin_sign_in(
+    config: &crate::config::AdminSignInConfig,
+    entra: &crate::config::EntraConfig,
+    public_url: &Url,
+    http: UpstreamHttp,
+) -> anyhow::Result<crate::sign_in::AdminSignIn> {
+    let identity = match &config.credential {
+        crate::config::SignInCredential::ManagedIdentity(client_id) => {
+            let options = crate::azure::client_options(std::time::Duration::from_secs(10))?;
+            let (credential, _) = crate::azure::credential(
+                crate::config::CredentialKind::ManagedIdentity,
+                client_id.as_deref(),
+                &options,
+            )?;
+            Some(credential)
+        }
+        crate::config::SignInCredential::Secret(_) => None,
+    };
+    let sign_in = crate::sign_in::AdminSignIn::new(config, entra, public_url, http, identity)
+        .context("setting up the admins' Entra ID sign-in")?;
+    tracing::info!(
+        redirect_uri = %format!("{}{}", public_url.as_str().trim_end_matches('/'), crate::sign_in::REDIRECT_PATH),
+        "admins sign in with Entra ID"
+    );
+    Ok(sign_in)
 }
 
 /// What setting up a connection's provider needs besides its config.

@@ -7,14 +7,14 @@
 //! key shows in the timing.
 
 use axum::http::{header, HeaderMap, HeaderName};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use std::collections::HashMap;
 
 use crate::config::{AuthConfig, NamedKey};
-use crate::entra::{EntraVerifier, TokenError};
+use crate::entra::{EntraVerifier, SignedIn, TokenError};
 
 /// Header carrying an API key (a typed name: looking it up by `&str` would parse it on
 /// every request).
@@ -138,6 +138,8 @@ pub struct CallerAuth {
     /// Connection → the callers (key names, object ids) its `callers` lists; a connection
     /// without `callers` is not here and serves every authenticated caller.
     callers: HashMap<String, Vec<String>>,
+    /// Admins sign in with Entra ID in the browser.
+    sign_in: bool,
 }
 
 /// A key as it is kept and compared: its SHA-256 digest.
@@ -185,7 +187,25 @@ impl CallerAuth {
                 .map(|entra| EntraVerifier::new(entra, http.clone()))
                 .transpose()?,
             callers: HashMap::new(),
+            sign_in: config.admin_sign_in.is_some(),
         })
+    }
+
+    /// Verifies an admin sign-in's id_token (for the broker app `client_id`, carrying
+    /// `nonce`): who signed in, and whether they are an admin.
+    pub async fn verify_sign_in(
+        &self,
+        id_token: &SecretString,
+        client_id: &str,
+        nonce: &str,
+    ) -> Result<SignedIn, TokenError> {
+        let entra = self
+            .entra
+            .as_ref()
+            .ok_or_else(|| TokenError::Invalid("no [auth.entra] tenant is configured".into()))?;
+        entra
+            .verify_id_token(id_token.expose_secret(), client_id, nonce)
+            .await
     }
 
     /// Who may take each connection: its `callers`, for the connections that have them.
@@ -220,7 +240,8 @@ impl CallerAuth {
 
     /// True when some admin credential exists, so admin routes are usable at all.
     pub fn has_admins(&self) -> bool {
-        !self.admin_keys.digests.is_empty()
+        self.sign_in
+            || !self.admin_keys.digests.is_empty()
             || self
                 .entra
                 .as_ref()
@@ -328,6 +349,7 @@ mod tests {
                 admin_keys: vec![NamedKey::new("root", "admin-key-0123456789")],
                 allow_anonymous: false,
                 entra: None,
+                admin_sign_in: None,
             },
             &reqwest::Client::new(),
         )

@@ -73,6 +73,32 @@ pub struct Principal {
     pub app_id: Option<String>,
 }
 
+/// The app role that makes a signed-in user an admin (declared on the broker's app
+/// registration; assigned to users or groups in its enterprise application).
+pub const ADMIN_ROLE: &str = "TokenBroker.Admin";
+
+/// Who signed in to the admin pages, from a verified id_token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedIn {
+    /// The user's object id (`oid`).
+    pub object_id: String,
+    /// `preferred_username` (or `name`), for the pages and logs; not used to decide.
+    pub name: Option<String>,
+    /// Listed in `admin_principals`, or holding the [`ADMIN_ROLE`] app role.
+    pub admin: bool,
+}
+
+#[derive(Deserialize)]
+struct IdClaims {
+    oid: Option<String>,
+    tid: Option<String>,
+    nonce: Option<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+    preferred_username: Option<String>,
+    name: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct Claims {
     oid: Option<String>,
@@ -140,8 +166,73 @@ impl EntraVerifier {
         })
     }
 
-    /// Verifies `token` and returns its principal.
+    /// Verifies `token` (an access token for the broker) and returns its principal.
     pub async fn verify(&self, token: &str) -> Result<Principal, TokenError> {
+        if self.audiences.is_empty() {
+            // `[auth.entra]` serves only the admins' sign-in: no audience, no bearer tokens.
+            return Err(TokenError::Invalid(
+                "bearer tokens are not accepted: auth.entra names no audiences".into(),
+            ));
+        }
+        let claims: Claims = self.decode(token, &self.audiences, &self.issuers).await?;
+        let object_id = self.check_tenant(claims.tid.as_deref(), claims.oid)?;
+        Ok(Principal {
+            object_id,
+            app_id: claims.appid.or(claims.azp),
+        })
+    }
+
+    /// Verifies an id_token from the admins' sign-in (OpenID Connect Core §3.1.3.7): the
+    /// tenant's signature, the v2 issuer, `aud` = the broker app's `client_id`, `tid`,
+    /// `exp`/`nbf`, and the `nonce` this sign-in sent.
+    pub async fn verify_id_token(
+        &self,
+        token: &str,
+        client_id: &str,
+        nonce: &str,
+    ) -> Result<SignedIn, TokenError> {
+        let claims: IdClaims = self
+            .decode(token, &[client_id.to_owned()], &self.issuers[1..])
+            .await?;
+        // Not a secret (it travelled through the browser), but compared in constant time
+        // all the same.
+        use subtle::ConstantTimeEq;
+        let nonce_matches = claims
+            .nonce
+            .as_deref()
+            .is_some_and(|sent| bool::from(sent.as_bytes().ct_eq(nonce.as_bytes())));
+        if !nonce_matches {
+            return Err(TokenError::Invalid(
+                "the nonce is not this sign-in's".into(),
+            ));
+        }
+        let object_id = self.check_tenant(claims.tid.as_deref(), claims.oid)?;
+        let admin = self.admin_principals.contains(&object_id)
+            || claims.roles.iter().any(|role| role == ADMIN_ROLE);
+        Ok(SignedIn {
+            object_id,
+            name: claims.preferred_username.or(claims.name),
+            admin,
+        })
+    }
+
+    /// The object id, when the token was issued in the configured tenant.
+    fn check_tenant(&self, tid: Option<&str>, oid: Option<String>) -> Result<String, TokenError> {
+        if tid.is_some_and(|tid| tid != self.tenant) {
+            return Err(TokenError::Invalid("issued for another tenant".into()));
+        }
+        oid.map(|oid| oid.to_ascii_lowercase())
+            .ok_or_else(|| TokenError::Invalid("no object id (oid) claim".into()))
+    }
+
+    /// Checks `token`'s signature (RS256, a key the tenant publishes), lifetime, audience
+    /// and issuer, and returns its claims.
+    async fn decode<C: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+        audiences: &[String],
+        issuers: &[String],
+    ) -> Result<C, TokenError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| TokenError::Invalid("not a JWT".into()))?;
         if header.alg != Algorithm::RS256 {
@@ -160,22 +251,12 @@ impl EntraVerifier {
         // RFC 7519 §4.1.5: a token that is not yet valid must be refused (jsonwebtoken leaves
         // `nbf` unchecked unless asked).
         validation.validate_nbf = true;
-        validation.set_audience(&self.audiences);
-        validation.set_issuer(&self.issuers);
+        validation.set_audience(audiences);
+        validation.set_issuer(issuers);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
-        let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
+        Ok(jsonwebtoken::decode::<C>(token, &key, &validation)
             .map_err(|err| TokenError::Invalid(describe(&err)))?
-            .claims;
-        if claims.tid.as_deref().is_some_and(|tid| tid != self.tenant) {
-            return Err(TokenError::Invalid("issued for another tenant".into()));
-        }
-        let object_id = claims
-            .oid
-            .ok_or_else(|| TokenError::Invalid("no object id (oid) claim".into()))?;
-        Ok(Principal {
-            object_id,
-            app_id: claims.appid.or(claims.azp),
-        })
+            .claims)
     }
 
     async fn key(&self, kid: &str) -> Result<DecodingKey, TokenError> {

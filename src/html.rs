@@ -149,8 +149,9 @@ pub fn connections(cards: &[Card<'_>]) -> String {
         ));
     }
     body.push_str(
-        "</ul><p class=\"note\">The buttons work in this browser for 30 minutes after the admin key \
-         was last given (<code>?key=…</code> once, which this page then drops from the address).</p>",
+        "</ul><p class=\"note\">The buttons work in this browser for 30 minutes after you signed in \
+         (with Entra ID, or with the admin key as <code>?key=…</code> once, which this page then \
+         drops from the address).</p>",
     );
     document("Connections", &body)
 }

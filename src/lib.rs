@@ -16,12 +16,13 @@
 //! - [`lock`]: the refresh lease per connection (in-process, or an Azure Blob lease).
 //! - [`azure`]: Azure credentials and client options for the Azure SDK clients.
 //! - [`auth`]: caller authentication (API keys, Entra ID bearer tokens via [`entra`]).
+//! - [`sign_in`]: admins signing in with Entra ID in the browser (OpenID Connect).
 //! - [`http`]: the router, one module per route group, and the error-to-response mapping.
 //! - [`html`]: the small pages a browser sees.
 //! - [`http_client`]: outgoing HTTPS trust (system roots plus `SSL_CERT_FILE`) and `BROKER_RESOLVE`.
 //! - [`app`]: wiring and serving; [`telemetry`]: tracing setup.
 //!
-//! Dependencies point one way: `app → http → {auth, html} → broker → {store, lock, provider,
+//! Dependencies point one way: `app → http → {auth, html, sign_in} → broker → {store, lock, provider,
 //! entra, state, alert, audit} → {azure, http_client, token, clock} → config → presets` (ARCHITECTURE.md;
 //! checked by `tests/api/architecture.rs`).
 
@@ -40,6 +41,7 @@ pub mod http_client;
 pub mod lock;
 pub mod presets;
 pub mod provider;
+pub mod sign_in;
 pub mod state;
 pub mod store;
 pub mod telemetry;

@@ -78,6 +78,41 @@ pub struct Redeemed {
     pub nonce: String,
 }
 
+/// An admin's Entra ID sign-in in flight: what its `state` carries and implies.
+pub struct SignIn {
+    /// The `state` to send (empty once redeemed).
+    pub state: String,
+    pub verifier: PkceCodeVerifier,
+    /// The OpenID Connect `nonce` the id_token must carry: derived like the verifier, so
+    /// only this browser's sign-in yields it.
+    pub nonce: String,
+    /// Where the browser goes once signed in (a path of this broker).
+    pub return_to: String,
+}
+
+/// What a `state` is for; each is signed under its own label, so neither redeems as the
+/// other.
+#[derive(Clone, Copy)]
+enum Purpose {
+    Consent,
+    SignIn,
+}
+
+impl Purpose {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Purpose::Consent => b"state",
+            Purpose::SignIn => b"sign-in",
+        }
+    }
+}
+
+/// The sign-in's OpenID Connect nonce: HMAC(key, nonce, cookie), base64url.
+fn oidc_nonce(key: &[u8], nonce: &str, binding: &str) -> String {
+    let mac = keyed(key, &[b"oidc-nonce", nonce.as_bytes(), binding.as_bytes()]);
+    URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+}
+
 /// Issues and redeems `state` values.
 pub struct StateSigner {
     /// The first signs; every one verifies (the keys of a rotation: new, then old). A
@@ -130,22 +165,10 @@ impl StateSigner {
 
     /// Issues a `state` for `connection`, bound to the browser holding `binding`.
     pub fn issue(&self, connection: &str, binding: &str, now: DateTime<Utc>) -> Issued {
-        let payload = Payload {
-            c: connection.to_owned(),
-            n: URL_SAFE_NO_PAD.encode(random_bytes(16)),
-            e: now.timestamp() + STATE_TTL.as_secs() as i64,
-        };
-        // Serializing a struct of strings and an integer cannot fail.
-        let json = serde_json::to_vec(&payload).unwrap_or_default();
-        let payload_b64 = URL_SAFE_NO_PAD.encode(json);
-        let mac = URL_SAFE_NO_PAD.encode(self.mac(&[
-            b"state",
-            payload_b64.as_bytes(),
-            binding.as_bytes(),
-        ]));
+        let (state, nonce) = self.sign(Purpose::Consent, connection, binding, now);
         Issued {
-            state: format!("v1.{payload_b64}.{mac}"),
-            verifier: self.verifier(self.signing_key(), &payload.n, binding),
+            state,
+            verifier: self.verifier(self.signing_key(), &nonce, binding),
         }
     }
 
@@ -156,6 +179,78 @@ impl StateSigner {
         binding: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Redeemed, StateError> {
+        let (payload, key, binding) = self.open(Purpose::Consent, state, binding, now)?;
+        Ok(Redeemed {
+            verifier: self.verifier(key, &payload.n, binding),
+            connection: payload.c,
+            nonce: payload.n,
+        })
+    }
+
+    /// Issues the `state` of an admin's Entra ID sign-in, which comes back to `return_to`
+    /// (a path of this broker), with its PKCE verifier and OpenID Connect `nonce`. Signed
+    /// for this purpose only: it never redeems as a consent's `state`, nor the reverse.
+    pub fn issue_sign_in(&self, return_to: &str, binding: &str, now: DateTime<Utc>) -> SignIn {
+        let (state, nonce) = self.sign(Purpose::SignIn, return_to, binding, now);
+        let key = self.signing_key();
+        SignIn {
+            state,
+            verifier: self.verifier(key, &nonce, binding),
+            nonce: oidc_nonce(key, &nonce, binding),
+            return_to: return_to.to_owned(),
+        }
+    }
+
+    /// Verifies a sign-in's `state` against the browser's binding cookie, marks it used, and
+    /// gives back what [`Self::issue_sign_in`] made of it.
+    pub fn redeem_sign_in(
+        &self,
+        state: Option<&str>,
+        binding: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<SignIn, StateError> {
+        let (payload, key, binding) = self.open(Purpose::SignIn, state, binding, now)?;
+        Ok(SignIn {
+            verifier: self.verifier(key, &payload.n, binding),
+            nonce: oidc_nonce(key, &payload.n, binding),
+            return_to: payload.c,
+            state: String::new(),
+        })
+    }
+
+    /// A signed `v1.{payload}.{mac}` naming `subject`, bound to `binding`; and its nonce.
+    fn sign(
+        &self,
+        purpose: Purpose,
+        subject: &str,
+        binding: &str,
+        now: DateTime<Utc>,
+    ) -> (String, String) {
+        let payload = Payload {
+            c: subject.to_owned(),
+            n: URL_SAFE_NO_PAD.encode(random_bytes(16)),
+            e: now.timestamp() + STATE_TTL.as_secs() as i64,
+        };
+        // Serializing a struct of strings and an integer cannot fail.
+        let json = serde_json::to_vec(&payload).unwrap_or_default();
+        let payload_b64 = URL_SAFE_NO_PAD.encode(json);
+        let mac = URL_SAFE_NO_PAD.encode(self.mac(&[
+            purpose.label(),
+            payload_b64.as_bytes(),
+            binding.as_bytes(),
+        ]));
+        (format!("v1.{payload_b64}.{mac}"), payload.n)
+    }
+
+    /// Checks a `state` signed for `purpose` against the binding cookie, and marks its
+    /// nonce used: the payload, the key that signed it, and the binding.
+    fn open<'a>(
+        &self,
+        purpose: Purpose,
+        state: Option<&str>,
+        binding: Option<&'a str>,
+        now: DateTime<Utc>,
+    ) -> Result<(Payload, &[u8], &'a str), StateError> {
         let state = state.filter(|s| !s.is_empty()).ok_or(StateError::Missing)?;
         let binding = binding
             .filter(|b| Self::is_valid_binding(b))
@@ -174,9 +269,12 @@ impl StateSigner {
             .keys
             .iter()
             .find(|key| {
-                keyed(key, &[b"state", payload_b64.as_bytes(), binding.as_bytes()])
-                    .verify_slice(&mac)
-                    .is_ok()
+                keyed(
+                    key,
+                    &[purpose.label(), payload_b64.as_bytes(), binding.as_bytes()],
+                )
+                .verify_slice(&mac)
+                .is_ok()
             })
             .ok_or(StateError::BadSignature)?;
         let payload: Payload = URL_SAFE_NO_PAD
@@ -195,11 +293,7 @@ impl StateSigner {
                 return Err(StateError::Replayed);
             }
         }
-        Ok(Redeemed {
-            verifier: self.verifier(key, &payload.n, binding),
-            connection: payload.c,
-            nonce: payload.n,
-        })
+        Ok((payload, key.as_slice(), binding))
     }
 
     fn verifier(&self, key: &[u8], nonce: &str, binding: &str) -> PkceCodeVerifier {
@@ -400,5 +494,50 @@ mod tests {
         assert!(rotating.is_admin_session(&session, now));
         assert!(!new.is_admin_session(&session, now));
         assert!(new.is_admin_session(&rotating.issue_admin_session(now), now));
+    }
+
+    #[test]
+    fn a_sign_in_state_comes_back_with_its_verifier_nonce_and_page_and_nothing_else() {
+        let s = signer();
+        let binding = StateSigner::new_binding();
+        let now = Utc::now();
+        let issued = s.issue_sign_in("/api/authorize/xero", &binding, now);
+        let back = s
+            .redeem_sign_in(Some(&issued.state), Some(&binding), now)
+            .expect("redeemed");
+        assert_eq!(back.return_to, "/api/authorize/xero");
+        assert_eq!(back.nonce, issued.nonce);
+        assert_eq!(back.verifier.secret(), issued.verifier.secret());
+        assert_eq!(
+            s.redeem_sign_in(Some(&issued.state), Some(&binding), now)
+                .err(),
+            Some(StateError::Replayed)
+        );
+
+        // Another browser's sign-in has another nonce; neither kind of state redeems as
+        // the other.
+        let other = s.issue_sign_in("/api/connections", &StateSigner::new_binding(), now);
+        assert_ne!(other.nonce, issued.nonce);
+        let sign_in = s.issue_sign_in("xero", &binding, now);
+        assert_eq!(
+            s.redeem(Some(&sign_in.state), Some(&binding), now).err(),
+            Some(StateError::BadSignature)
+        );
+        let consent = s.issue("xero", &binding, now);
+        assert_eq!(
+            s.redeem_sign_in(Some(&consent.state), Some(&binding), now)
+                .err(),
+            Some(StateError::BadSignature)
+        );
+        let late = s.issue_sign_in("/api/connections", &binding, now);
+        assert_eq!(
+            s.redeem_sign_in(
+                Some(&late.state),
+                Some(&binding),
+                now + chrono::Duration::seconds(STATE_TTL.as_secs() as i64)
+            )
+            .err(),
+            Some(StateError::Expired)
+        );
     }
 }

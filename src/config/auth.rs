@@ -18,6 +18,29 @@ pub struct AuthConfig {
     pub allow_anonymous: bool,
     /// Entra ID bearer tokens (Data Factory's managed identity).
     pub entra: Option<EntraConfig>,
+    /// Admins signing in with Entra ID in the browser (`[auth.admin_sign_in]`).
+    pub admin_sign_in: Option<AdminSignInConfig>,
+}
+
+/// `[auth.admin_sign_in]`: the broker's own app registration, which admins sign in to with
+/// OpenID Connect (the tenant and authority are `[auth.entra]`'s).
+#[derive(Debug, Clone)]
+pub struct AdminSignInConfig {
+    /// The app registration's application (client) id: the id_token's `aud`.
+    pub client_id: String,
+    /// How the broker proves it is that app at the token endpoint.
+    pub credential: SignInCredential,
+}
+
+/// The broker's credential at the tenant's token endpoint.
+#[derive(Debug, Clone)]
+pub enum SignInCredential {
+    /// A client secret of the app registration.
+    Secret(SecretString),
+    /// No secret: the app trusts the broker's managed identity (a federated identity
+    /// credential), and a managed-identity token for `api://AzureADTokenExchange` is the
+    /// `client_assertion`. `Some(client id)` for a user-assigned identity.
+    ManagedIdentity(Option<String>),
 }
 
 /// A key and the name logs, the audit trail and connections' `callers` know it by.
@@ -134,6 +157,87 @@ pub(super) struct RawAuth {
     #[serde(default)]
     pub(super) allow_anonymous: bool,
     entra: Option<RawEntra>,
+    pub(super) admin_sign_in: Option<RawAdminSignIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdminSignIn {
+    client_id: String,
+    pub(super) client_secret: Option<String>,
+    client_assertion: Option<String>,
+    managed_identity_client_id: Option<String>,
+}
+
+/// What `client_assertion` accepts: the broker's managed identity.
+const MANAGED_IDENTITY_ASSERTION: &str = "managed-identity";
+
+impl RawAdminSignIn {
+    fn validate(self, entra: Option<&EntraConfig>) -> Result<AdminSignInConfig, ConfigError> {
+        if entra.is_none() {
+            return Err(ConfigError::key(
+                "auth.admin_sign_in",
+                "needs [auth.entra] for the tenant (tenant_id, and authority outside the public \
+                 cloud)",
+            ));
+        }
+        // The id_token's `aud` is the app's client id, a GUID: anything else admits nobody.
+        if !is_guid(&self.client_id) {
+            return Err(ConfigError::key(
+                "auth.admin_sign_in.client_id",
+                "must be the app registration's application (client) id, a GUID",
+            ));
+        }
+        let credential = match (self.client_secret, self.client_assertion.as_deref()) {
+            (Some(secret), None) => {
+                if self.managed_identity_client_id.is_some() {
+                    return Err(ConfigError::key(
+                        "auth.admin_sign_in.managed_identity_client_id",
+                        "goes with client_assertion = \"managed-identity\", not with a client_secret",
+                    ));
+                }
+                let key = "auth.admin_sign_in.client_secret";
+                let secret = secrets(key, vec![secret])?
+                    .pop()
+                    .ok_or_else(|| ConfigError::key(key, "is empty"))?;
+                SignInCredential::Secret(secret)
+            }
+            (None, Some(MANAGED_IDENTITY_ASSERTION)) => {
+                let id = self.managed_identity_client_id.filter(|id| !id.is_empty());
+                if id.as_deref().is_some_and(|id| !is_guid(id)) {
+                    return Err(ConfigError::key(
+                        "auth.admin_sign_in.managed_identity_client_id",
+                        "must be the user-assigned identity's client id, a GUID",
+                    ));
+                }
+                SignInCredential::ManagedIdentity(id)
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::key(
+                    "auth.admin_sign_in.client_assertion",
+                    "the one assertion the broker presents is \"managed-identity\" (its managed \
+                     identity, trusted by the app registration as a federated credential)",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::key(
+                    "auth.admin_sign_in",
+                    "set client_secret or client_assertion = \"managed-identity\", not both",
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::key(
+                    "auth.admin_sign_in",
+                    "set client_secret (the app registration's secret) or client_assertion = \
+                     \"managed-identity\" (no secret: the app trusts the broker's managed identity)",
+                ))
+            }
+        };
+        Ok(AdminSignInConfig {
+            client_id: self.client_id.to_ascii_lowercase(),
+            credential,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -150,7 +254,9 @@ pub(super) struct RawEntra {
 }
 
 impl RawEntra {
-    pub(super) fn validate(self) -> Result<EntraConfig, ConfigError> {
+    /// With `sign_in`, Entra ID may serve only the admins' browser sign-in: no audience (no
+    /// bearer tokens) and no listed principal (the app role admits) are then fine.
+    pub(super) fn validate(self, sign_in: bool) -> Result<EntraConfig, ConfigError> {
         // Every token's issuer carries the tenant's GUID: a domain would refuse everyone.
         if !is_guid(&self.tenant_id) {
             return Err(ConfigError::key(
@@ -159,13 +265,14 @@ impl RawEntra {
                  (a domain name never matches a token's issuer)",
             ));
         }
-        if self.audiences.iter().all(|a| a.is_empty()) {
+        let no_audience = self.audiences.iter().all(|a| a.is_empty());
+        if no_audience && (!sign_in || !self.allowed_principals.is_empty()) {
             return Err(ConfigError::key(
                 "auth.entra.audiences",
                 "name at least one audience: the broker app's Application ID URI and/or client id",
             ));
         }
-        if self.allowed_principals.is_empty() && self.admin_principals.is_empty() {
+        if self.allowed_principals.is_empty() && self.admin_principals.is_empty() && !sign_in {
             return Err(ConfigError::key(
                 "auth.entra.allowed_principals",
                 "name the object ids (e.g. Data Factory's managed identity) that may call the broker",
@@ -370,11 +477,21 @@ impl RawAuth {
             self.admin_keys.entries("auth.admin_keys", "admin-key"),
             &api_keys,
         )?;
+        let sign_in = self.admin_sign_in.is_some();
+        let entra = self
+            .entra
+            .map(|entra| entra.validate(sign_in))
+            .transpose()?;
+        let admin_sign_in = self
+            .admin_sign_in
+            .map(|raw| raw.validate(entra.as_ref()))
+            .transpose()?;
         let auth = AuthConfig {
             api_keys: api_keys.into_iter().map(|(_, key)| key).collect(),
             admin_keys: admin_keys.into_iter().map(|(_, key)| key).collect(),
             allow_anonymous: self.allow_anonymous,
-            entra: self.entra.map(RawEntra::validate).transpose()?,
+            entra,
+            admin_sign_in,
         };
         if auth.api_keys.is_empty()
             && auth.admin_keys.is_empty()

@@ -30,7 +30,7 @@ mod server;
 mod store;
 mod values;
 
-pub use auth::{AuthConfig, EntraConfig, NamedKey};
+pub use auth::{AdminSignInConfig, AuthConfig, EntraConfig, NamedKey, SignInCredential};
 pub use lock::{BlobLockConfig, LeaseTimings, LockConfig};
 pub use refresh::RefreshConfig;
 pub use server::ServerConfig;
@@ -261,5 +261,7 @@ impl KeyVaultConfig {
     }
 }
 
+#[cfg(test)]
+mod auth_tests;
 #[cfg(test)]
 mod tests;

@@ -90,6 +90,14 @@ impl RawConfig {
                 candidates.push((key, value));
             }
         }
+        if let Some(secret) = self
+            .auth
+            .admin_sign_in
+            .as_ref()
+            .and_then(|s| s.client_secret.as_deref())
+        {
+            candidates.push(("auth.admin_sign_in.client_secret".to_owned(), secret));
+        }
         for (name, connection) in &self.connections {
             for (field, value) in connection.credentials() {
                 candidates.push((format!("connections.{name}.{field}"), value));
@@ -311,10 +319,11 @@ fn warnings(placeholders: &[String], auth: &AuthConfig, refresh: &RefreshConfig)
             placeholders.join(", ")
         ));
     }
-    if auth
-        .entra
-        .as_ref()
-        .is_some_and(|e| e.allowed_principals.is_empty() && e.admin_principals.is_empty())
+    if auth.admin_sign_in.is_none()
+        && auth
+            .entra
+            .as_ref()
+            .is_some_and(|e| e.allowed_principals.is_empty() && e.admin_principals.is_empty())
     {
         warnings.push(
             "auth.entra authorizes no principal yet (only the nil GUID or empty entries): \

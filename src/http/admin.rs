@@ -1,5 +1,6 @@
 //! Admin authentication for the browser and admin routes: a bearer token, `X-API-Key`, or
-//! the admin-session cookie a browser gets in exchange for `?key=`.
+//! the admin-session cookie a browser gets in exchange for `?key=` or by signing in with
+//! Entra ID (`sign_in`).
 //!
 //! A key in a URL lands in the browser's history and in request logs, so `?key=` is taken
 //! only on the browser routes (`/api/authorize/…`, `/api/connections`), and only once: the
@@ -77,6 +78,9 @@ pub(super) async fn admit_browser_admin(
     if let Some(exchanged) = exchange_query_key(state, uri)? {
         return Ok(Some(exchanged));
     }
+    if let Some(sign_in) = super::sign_in::redirect_unsigned(state, uri, headers) {
+        return Ok(Some(sign_in));
+    }
     authenticate_admin(state, headers).await?;
     Ok(None)
 }
@@ -105,13 +109,7 @@ fn exchange_query_key(state: &AppState, uri: &Uri) -> Result<Option<Response>, A
         Ok(rest) if !rest.is_empty() => format!("{}?{rest}", uri.path()),
         _ => uri.path().to_owned(),
     };
-    let session = state.signer.issue_admin_session(state.broker.now());
-    let cookie = format!(
-        "{}={session}; Max-Age={}; HttpOnly; SameSite=Strict{}",
-        state.cookie_name(ADMIN_COOKIE),
-        ADMIN_SESSION_TTL.as_secs(),
-        state.cookie_scope()
-    );
+    let cookie = session_cookie(state);
     tracing::info!(
         path = uri.path(),
         "admin key exchanged for a session cookie"
@@ -129,6 +127,18 @@ fn exchange_query_key(state: &AppState, uri: &Uri) -> Result<Option<Response>, A
         )
             .into_response(),
     ))
+}
+
+/// A new admin session, as the `Set-Cookie` value: `HttpOnly`, `SameSite=Strict`, scoped as
+/// [`AppState::cookie_scope`] says.
+pub(super) fn session_cookie(state: &AppState) -> String {
+    let session = state.signer.issue_admin_session(state.broker.now());
+    format!(
+        "{}={session}; Max-Age={}; HttpOnly; SameSite=Strict{}",
+        state.cookie_name(ADMIN_COOKIE),
+        ADMIN_SESSION_TTL.as_secs(),
+        state.cookie_scope()
+    )
 }
 
 /// The value of cookie `name` in the request, if any.

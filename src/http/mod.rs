@@ -14,6 +14,7 @@ mod openapi;
 mod proxy;
 mod refresh;
 mod server;
+mod sign_in;
 mod status;
 mod timer;
 
@@ -64,6 +65,8 @@ pub struct AppState {
     pub login: Option<LoginGate>,
     /// Who took which token (`audit = false` turns it off).
     pub audit: crate::audit::Audit,
+    /// Admins signing in with Entra ID (`[auth.admin_sign_in]`).
+    pub sign_in: Option<crate::sign_in::AdminSignIn>,
 }
 
 impl AppState {
@@ -150,6 +153,7 @@ fn routes() -> Vec<Route> {
         route("/api/health", get(health), MAX_BODY),
         route("/api/authorize/{connection}", get(authorize), MAX_BODY),
         route("/api/callback", get(callback), MAX_BODY),
+        route("/api/signin", get(sign_in::signed_in), MAX_BODY),
         route(
             "/api/refresh/{connection}",
             get(refresh_get).post(refresh_post),

@@ -265,6 +265,7 @@ fn operations_mut(
         super::refresh::refresh_post,
         super::consent::authorize,
         super::consent::callback,
+        super::sign_in::signed_in,
         super::status::connections,
         super::timer::prerefresh,
         super::proxy::proxy,

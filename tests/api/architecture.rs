@@ -59,7 +59,7 @@ fn modules_depend_downwards_only_and_form_no_circle() {
     let layers: &[&[&str]] = &[
         &["app"],
         &["http"],
-        &["html", "auth"],
+        &["html", "auth", "sign_in"],
         &["broker"],
         &[
             "store", "lock", "provider", "entra", "state", "alert", "audit",

@@ -90,7 +90,8 @@ fn function_json_files_declare_every_route_and_the_timer() {
             "openapi",
             "prerefresh",
             "proxy",
-            "refresh"
+            "refresh",
+            "signin"
         ]
     );
     let http = http_functions();
@@ -100,8 +101,9 @@ fn function_json_files_declare_every_route_and_the_timer() {
             .map(|f| f.3.clone())
             .expect("function")
     };
-    // The provider's redirect and the probes carry no key.
+    // The provider's and Entra ID's redirects and the probes carry no key.
     assert_eq!(auth_of("callback"), "anonymous");
+    assert_eq!(auth_of("signin"), "anonymous");
     assert_eq!(auth_of("health"), "anonymous");
     for (name, route, _, _) in &http {
         assert!(
@@ -203,8 +205,8 @@ fn every_documented_route_and_method_is_declared_to_the_host() {
             checked += 1;
         }
     }
-    // authorize, callback, connections, health, openapi.json, refresh ×2, proxy ×5.
-    assert!(checked >= 12, "only {checked} operations checked");
+    // authorize, callback, signin, connections, health, openapi.json, refresh ×2, proxy ×5.
+    assert!(checked >= 13, "only {checked} operations checked");
 }
 
 /// Whether `.funcignore` leaves `name` (an entry of the repository root) out of a publish.
@@ -345,6 +347,25 @@ fn settings_cover_everything_the_deployed_config_reads() {
         entra.allowed_principals.is_empty(),
         "the nil GUID authorizes nobody"
     );
+    assert!(config.auth.admin_sign_in.is_none());
+
+    // The admins' sign-in, uncommented as docs/deployment.md says, is valid with the
+    // setting the Bicep writes.
+    assert!(bicep.contains("name: 'BROKER_SIGN_IN_CLIENT_ID'"));
+    let signing_in = edited
+        .replace("# [auth.admin_sign_in]", "[auth.admin_sign_in]")
+        .replace("# client_id = ", "client_id = ")
+        .replace("# client_assertion = ", "client_assertion = ");
+    let with_client_id = |name: &str| match name {
+        "BROKER_SIGN_IN_CLIENT_ID" => Some("1b7c0c5e-0000-4000-8000-00000000a991".to_owned()),
+        other => env(other),
+    };
+    let config = token_broker::Config::parse(&signing_in, &with_client_id)
+        .expect("examples/azure.toml with the admins' sign-in is valid");
+    assert!(matches!(
+        config.auth.admin_sign_in.expect("sign-in").credential,
+        token_broker::config::SignInCredential::ManagedIdentity(None)
+    ));
 }
 
 #[test]

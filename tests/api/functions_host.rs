@@ -182,6 +182,11 @@ async fn the_packaged_app_speaks_the_functions_host_protocol() {
             let expected = match name.as_str() {
                 "authorize" => 302,
                 "callback" => 400,
+                // The handler itself: this deployment has no admin sign-in configured.
+                "signin" => {
+                    assert!(body.contains("admin_sign_in"), "{name} {method}: {body}");
+                    404
+                }
                 "refresh" => 409,
                 // The handler itself: this connection names no API to forward to.
                 "proxy" => {

@@ -25,6 +25,7 @@ mod presets;
 mod proxy;
 mod proxy_providers;
 mod rotation;
+mod sign_in;
 mod status_page;
 mod storage;
 mod support;

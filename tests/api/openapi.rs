@@ -144,7 +144,7 @@ async fn schemathesis_finds_nothing_against_a_consented_broker() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(output.status.success(), "{report}\n{}", broker.logs());
-    assert!(report.contains("13 selected"), "{report}");
+    assert!(report.contains("14 selected"), "{report}");
     eprintln!(
         "{}",
         report

@@ -16,8 +16,9 @@
 //! `tests/keyvault/sdk_check.py` drives both with Microsoft's Python SDK to show they behave
 //! as the real services do for an independent official client.
 //!
-//! The Key Vault REST contract is in `vault`; this file holds the certificates, the shared
-//! state, the identity endpoint and the Entra key set.
+//! The Key Vault REST contract is in `vault`, Entra ID's sign-in (authorize and token
+//! endpoints) in `sign_in`; this file holds the certificates, the shared state, the
+//! identity endpoint and the Entra key set.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,7 +35,9 @@ use rand::Rng;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+mod sign_in;
 mod vault;
+pub use sign_in::{ClientCredential, Forgery, SignInDouble, User};
 use vault::{get_latest, get_version, kv_error, set_secret};
 
 /// The vault's host name. The Azure SDK requires the vault host to end with
@@ -259,6 +262,8 @@ pub struct Azure {
     /// The Entra ID authority double (`{login_authority}/{tenant}/discovery/v2.0/keys`).
     pub login_authority: String,
     pub identity_header: String,
+    /// Entra ID's sign-in for the broker's app registration, on the login authority.
+    pub sign_in: SignInDouble,
     vault_connect: String,
     handles: Vec<axum_server::Handle<SocketAddr>>,
 }
@@ -347,9 +352,13 @@ impl Azure {
         login_listener.set_nonblocking(true).expect("nonblocking");
         let login_port = login_listener.local_addr().expect("addr").port();
         let login_handle = axum_server::Handle::new();
+        let login_authority = format!("https://{VAULT_HOST}:{login_port}");
+        let sign_in = SignInDouble::default();
+        sign_in.set_authority(&login_authority);
         let login = Router::new()
             .route("/{tenant}/discovery/v2.0/keys", get(jwks))
-            .with_state(shared.clone());
+            .with_state(shared.clone())
+            .merge(sign_in::routes(shared.clone(), sign_in.clone()));
         let tls = RustlsConfig::from_pem(
             pki.cert_pem.clone().into_bytes(),
             pki.key_pem.clone().into_bytes(),
@@ -367,7 +376,8 @@ impl Azure {
             vault_url,
             identity_endpoint: format!("http://127.0.0.1:{identity_port}/msi/token"),
             identity_header,
-            login_authority: format!("https://{VAULT_HOST}:{login_port}"),
+            login_authority,
+            sign_in,
             vault_connect: format!("127.0.0.1:{vault_port}"),
             handles: vec![vault_handle, identity_handle, login_handle],
         }
