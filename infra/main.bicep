@@ -70,6 +70,9 @@ param alertWebhookUrl string = ''
 @description('Optional Standard Webhooks secret (whsec_ + base64) the broker signs its webhook posts with (ALERT_WEBHOOK_SECRET, app setting BROKER_ALERT_WEBHOOK_SECRET). Stored in Key Vault. Empty: posts are not signed.')
 param alertWebhookSecret string = ''
 
+@description('Optional application (client) id of the app registration admins sign in to (ADMIN_SIGN_IN_CLIENT_ID, app setting BROKER_SIGN_IN_CLIENT_ID; docs/deployment.md). Empty: no setting.')
+param adminSignInClientId string = ''
+
 @allowed([512, 2048, 4096])
 param instanceMemoryMB int = 512
 
@@ -112,6 +115,7 @@ module resources 'resources.bicep' = {
     alertEmail: alertEmail
     alertWebhookUrl: alertWebhookUrl
     alertWebhookSecret: alertWebhookSecret
+    adminSignInClientId: adminSignInClientId
   }
 }
 

@@ -22,6 +22,7 @@ param alertEmail string
 param alertWebhookUrl string
 @secure()
 param alertWebhookSecret string
+param adminSignInClientId string
 
 var token = toLower(uniqueString(subscription().id, resourceGroup().id, environmentName))
 var appName = 'func-tb-${token}'
@@ -285,10 +286,15 @@ var webhookSettings = concat(empty(alertWebhookUrl) ? [] : [
   { name: 'BROKER_ALERT_WEBHOOK_SECRET', value: '@Microsoft.KeyVault(VaultName=${vault.name};SecretName=broker-alert-webhook-secret)' }
 ])
 
+// Only when set: the app registration admins sign in to (docs/deployment.md).
+var signInSettings = empty(adminSignInClientId) ? [] : [
+  { name: 'BROKER_SIGN_IN_CLIENT_ID', value: adminSignInClientId }
+]
+
 resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
   parent: app
   name: 'appsettings'
-  properties: toObject(concat(brokerSettings, webhookSettings), setting => setting.name, setting => setting.value)
+  properties: toObject(concat(brokerSettings, webhookSettings, signInSettings), setting => setting.name, setting => setting.value)
   dependsOn: [
     appVaultRole
     appStorageRoles
