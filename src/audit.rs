@@ -5,8 +5,9 @@
 //! counted, not written one by one: their count goes out at most once a minute
 //! (`unauthenticated_attempts`).
 //!
-//! The events are not debug output: `telemetry` lets this target through at INFO whatever
-//! `RUST_LOG` says, and only `audit = false` in the configuration turns them off. With
+//! The events are not debug output: `telemetry::audit` writes them whatever `RUST_LOG` says
+//! (not through `tracing`'s filters: see there why), and only `audit = false` in the
+//! configuration turns them off. With
 //! `BROKER_LOG_FORMAT=json` they are JSON lines like every log line. They carry a
 //! fingerprint of the access token (`token_id`) so handouts of one token can be grouped,
 //! never the token.
@@ -17,6 +18,8 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use oauth2::AccessToken;
 use sha2::{Digest, Sha256};
+
+use crate::telemetry::{audit, AuditValue};
 
 /// Where a handed-out token came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +55,8 @@ impl Source {
 /// One token handed out.
 pub struct Handout<'a> {
     pub connection: &'a str,
-    /// The key's name, the principal's object id, `admin` for a browser's admin session.
+    /// The key's name, the principal's object id; for a consent, the admin who began it (the
+    /// admin key's name, or the signed-in user's object id).
     pub caller: &'a str,
     /// The client application of an Entra ID caller, when its token names one.
     pub app_id: Option<&'a str>,
@@ -105,18 +109,19 @@ impl Audit {
         if !self.enabled {
             return;
         }
-        tracing::info!(
-            target: "token_broker::audit",
-            connection = handout.connection,
-            caller = handout.caller,
-            app_id = handout.app_id,
-            route = handout.route,
-            tenant = handout.tenant,
-            source = handout.source.as_str(),
-            token_id = handout.token_id,
-            expires_at = handout.expires_at,
-            invocation_id = handout.invocation_id,
-            "token_issued"
+        audit(
+            "token_issued",
+            &[
+                ("connection", text(handout.connection)),
+                ("caller", text(handout.caller)),
+                ("app_id", handout.app_id.and_then(text)),
+                ("route", plain(handout.route)),
+                ("tenant", handout.tenant.and_then(text)),
+                ("source", plain(handout.source.as_str())),
+                ("token_id", plain(handout.token_id)),
+                ("expires_at", handout.expires_at.and_then(plain)),
+                ("invocation_id", text(handout.invocation_id)),
+            ],
         );
     }
 
@@ -124,16 +129,17 @@ impl Audit {
         if !self.enabled {
             return;
         }
-        tracing::info!(
-            target: "token_broker::audit",
-            connection = refusal.connection,
-            caller = refusal.caller,
-            app_id = refusal.app_id,
-            route = refusal.route,
-            error = refusal.code,
-            status = refusal.status,
-            invocation_id = refusal.invocation_id,
-            "token_refused"
+        audit(
+            "token_refused",
+            &[
+                ("connection", text(refusal.connection)),
+                ("caller", text(refusal.caller)),
+                ("app_id", refusal.app_id.and_then(text)),
+                ("route", plain(refusal.route)),
+                ("error", plain(refusal.code)),
+                ("status", Some(AuditValue::U64(refusal.status.into()))),
+                ("invocation_id", text(refusal.invocation_id)),
+            ],
         );
     }
 
@@ -150,12 +156,21 @@ impl Audit {
         }
         *last = Some(now);
         let count = self.unauthenticated.swap(0, Ordering::Relaxed);
-        tracing::info!(
-            target: "token_broker::audit",
-            count,
-            "unauthenticated_attempts"
+        audit(
+            "unauthenticated_attempts",
+            &[("count", Some(AuditValue::U64(count)))],
         );
     }
+}
+
+fn text(value: &str) -> Option<AuditValue<'_>> {
+    Some(AuditValue::Str(value))
+}
+
+/// The broker's own text: a route template, an error code, the source, a fingerprint, a
+/// timestamp (see [`AuditValue::Plain`]).
+fn plain(value: &str) -> Option<AuditValue<'_>> {
+    Some(AuditValue::Plain(value))
 }
 
 /// An instant as the audit trail writes it: RFC 3339 in UTC, whole seconds.

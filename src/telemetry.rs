@@ -44,18 +44,14 @@ pub fn init() -> LogGuard {
     // Insights' `traces` would break every search for `state=…`.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (audit_writer, guard) = Batched::start();
+    let _ = AUDIT_SINK.set(AuditSink {
+        json,
+        writer: audit_writer,
+    });
     // A second init (tests) is harmless, hence `try_init`.
     let _ = tracing_subscriber::registry()
         .with(filter)
-        .with(vec![
-            layer(json, ansi),
-            AuditLayer {
-                json,
-                writer: audit_writer,
-            }
-            .with_filter(filter_fn(|meta| meta.target() == AUDIT))
-            .boxed(),
-        ])
+        .with(layer(json, ansi))
         .try_init();
     guard
 }
@@ -84,7 +80,6 @@ struct Pending {
 /// A writer that appends to a shared buffer, written to stderr by a thread of its own.
 /// Written by hand: the crates that do this (`tracing-appender`) hand each line to a channel
 /// and wake the writer for it, which is the cost this avoids.
-#[derive(Clone)]
 struct Batched(Arc<(Mutex<Pending>, Condvar)>);
 
 /// Every how long the buffer is written out, and past which size sooner.
@@ -99,15 +94,20 @@ impl Batched {
             .name("audit-writer".into())
             .spawn(move || {
                 let (pending, ready) = &*shared;
+                // Two buffers, swapped: the loggers append to one while this thread writes
+                // the other, and neither is allocated anew.
+                let mut lines = Vec::with_capacity(BATCH_MAX);
                 loop {
-                    let (lines, stop) = {
+                    lines.clear();
+                    let stop = {
                         let guard = pending.lock().unwrap_or_else(|p| p.into_inner());
                         let (mut guard, _) = ready
                             .wait_timeout_while(guard, BATCH_EVERY, |p| {
                                 !p.stop && p.lines.len() < BATCH_MAX
                             })
                             .unwrap_or_else(|p| p.into_inner());
-                        (std::mem::take(&mut guard.lines), guard.stop)
+                        std::mem::swap(&mut guard.lines, &mut lines);
+                        guard.stop
                     };
                     if !lines.is_empty() {
                         // Nothing to do about a failed write to stderr: the line is lost,
@@ -129,26 +129,15 @@ impl Batched {
     }
 }
 
-impl Write for Batched {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+impl Batched {
+    /// Appends `bytes` for the thread to write.
+    fn append(&self, bytes: &[u8]) {
         let (pending, ready) = &*self.0;
         let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
         pending.lines.extend_from_slice(bytes);
         if pending.lines.len() >= BATCH_MAX {
             ready.notify_one();
         }
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> fmt::MakeWriter<'a> for Batched {
-    type Writer = Batched;
-    fn make_writer(&'a self) -> Batched {
-        self.clone()
     }
 }
 
@@ -169,101 +158,168 @@ impl Drop for LogGuard {
     }
 }
 
-/// Writes the audit trail's events in the shape `fmt` gives every other line — JSON
-/// `{"timestamp":…,"level":"INFO","fields":{"message":"token_issued",…},"target":…}`, or text
-/// `{timestamp}  INFO token_broker::audit: token_issued connection="acme" …` — but by hand:
-/// its fields are a handful of strings and numbers, and `fmt`'s general machinery (a
-/// visitor per field through `Debug`, its time formatter) was most of what a cached handout
-/// cost with the trail on (BENCHMARKS.md).
-struct AuditLayer {
+/// A field's value on an audit line.
+#[derive(Clone, Copy)]
+pub enum AuditValue<'a> {
+    Str(&'a str),
+    /// Text the broker wrote itself (a route template, a hex fingerprint, a timestamp):
+    /// printable ASCII without `"` or `\\`, written without looking for what to escape.
+    Plain(&'a str),
+    U64(u64),
+}
+
+/// Where audit lines go once [`init`] has run: the batch buffer, as text or JSON.
+struct AuditSink {
     json: bool,
     writer: Batched,
 }
 
-impl<S: tracing::Subscriber> Layer<S> for AuditLayer {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        let mut line = String::with_capacity(384);
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        if self.json {
-            line.push_str("{\"timestamp\":\"");
-            line.push_str(&now);
-            line.push_str("\",\"level\":\"INFO\",\"fields\":{");
-        } else {
-            line.push_str(&now);
-            line.push_str("  INFO ");
-            line.push_str(AUDIT);
-            line.push(':');
+static AUDIT_SINK: std::sync::OnceLock<AuditSink> = std::sync::OnceLock::new();
+
+/// Writes one audit line, `message` and the `fields` that have a value, in the shape `fmt`
+/// gives every other line — JSON `{"timestamp":…,"level":"INFO","fields":{"message":
+/// "token_issued",…},"target":"token_broker::audit"}`, or text `{timestamp}  INFO
+/// token_broker::audit: token_issued connection="acme" …` — but formatted here, by hand,
+/// and not through `tracing`: its fields are a handful of strings and numbers, and the
+/// event's way through the subscriber (the callsite, the per-layer filters, a visitor per
+/// field through `Debug`, the time formatter) was most of what a cached handout cost with
+/// the trail on (BENCHMARKS.md). Before [`init`] (unit tests), the line goes to `tracing`.
+pub fn audit(message: &str, fields: &[(&str, Option<AuditValue<'_>>)]) {
+    let Some(sink) = AUDIT_SINK.get() else {
+        let mut line = String::new();
+        format_audit(&mut line, false, |_| {}, message, fields);
+        tracing::info!(target: AUDIT, "{}", line.trim());
+        return;
+    };
+    LINE.with_borrow_mut(|line| {
+        line.clear();
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let now = |line: &mut String| STAMP.with_borrow_mut(|stamp| stamp.write(line, since_epoch));
+        format_audit(line, sink.json, now, message, fields);
+        sink.writer.append(line.as_bytes());
+    });
+}
+
+thread_local! {
+    /// The line being written: one buffer per thread, kept, so a line costs no allocation.
+    static LINE: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(512));
+    static STAMP: std::cell::RefCell<Stamp> = const { std::cell::RefCell::new(Stamp { second: i64::MIN, prefix: String::new() }) };
+}
+
+/// The time as `fmt` writes it (RFC 3339, UTC, microseconds), its date and second formatted
+/// once a second per thread.
+struct Stamp {
+    second: i64,
+    /// `2026-12-06T21:05:03.`
+    prefix: String,
+}
+
+impl Stamp {
+    /// Writes the instant `since_epoch` after 1970-01-01 (the clock without a calendar: the
+    /// date is worked out once a second).
+    fn write(&mut self, line: &mut String, since_epoch: Duration) {
+        let second = i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX);
+        if second != self.second {
+            self.second = second;
+            self.prefix = chrono::DateTime::from_timestamp(second, 0)
+                .unwrap_or_default()
+                .format("%Y-%m-%dT%H:%M:%S.")
+                .to_string();
         }
-        event.record(&mut AuditFields {
-            line: &mut line,
-            json: self.json,
-            first: true,
-        });
-        if self.json {
-            line.push_str("},\"target\":\"");
-            line.push_str(AUDIT);
-            line.push_str("\"}");
+        let micros = since_epoch.subsec_micros();
+        line.push_str(&self.prefix);
+        for divisor in [100_000, 10_000, 1_000, 100, 10, 1] {
+            line.push(char::from(b'0' + (micros / divisor % 10) as u8));
         }
-        line.push('\n');
-        let _ = self.writer.clone().write_all(line.as_bytes());
+        line.push('Z');
     }
 }
 
-/// One audit event's fields into its line.
-struct AuditFields<'a> {
-    line: &'a mut String,
+/// One audit line into `line`.
+fn format_audit(
+    line: &mut String,
     json: bool,
-    first: bool,
-}
-
-impl AuditFields<'_> {
-    fn key(&mut self, name: &str) {
-        if self.json {
-            if !self.first {
-                self.line.push(',');
+    now: impl FnOnce(&mut String),
+    message: &str,
+    fields: &[(&str, Option<AuditValue<'_>>)],
+) {
+    use std::fmt::Write;
+    if json {
+        line.push_str("{\"timestamp\":\"");
+        now(line);
+        line.push_str("\",\"level\":\"INFO\",\"fields\":{\"message\":");
+        push_json_str(line, message);
+    } else {
+        now(line);
+        line.push_str("  INFO ");
+        line.push_str(AUDIT);
+        line.push_str(": ");
+        line.push_str(message);
+    }
+    for (name, value) in fields {
+        let Some(value) = value else { continue };
+        if json {
+            line.push(',');
+            push_json_str(line, name);
+            line.push(':');
+        } else {
+            line.push(' ');
+            line.push_str(name);
+            line.push('=');
+        }
+        match value {
+            AuditValue::Str(text) if json => push_json_str(line, text),
+            AuditValue::Str(text) => push_debug_str(line, text),
+            AuditValue::Plain(text) => {
+                debug_assert!(plain(text), "not plain: {text:?}");
+                line.push('"');
+                line.push_str(text);
+                line.push('"');
             }
-            push_json_str(self.line, name);
-            self.line.push(':');
-        } else if name != "message" {
-            self.line.push(' ');
-            self.line.push_str(name);
-            self.line.push('=');
-        } else {
-            self.line.push(' ');
+            AuditValue::U64(n) => {
+                let _ = write!(line, "{n}");
+            }
         }
-        self.first = false;
+    }
+    if json {
+        line.push_str("},\"target\":\"");
+        line.push_str(AUDIT);
+        line.push_str("\"}");
+    }
+    line.push('\n');
+}
+
+/// `value` quoted as `Debug` quotes it (what `fmt`'s text lines show), without `Debug`'s
+/// character-by-character escaping when nothing needs escaping.
+fn push_debug_str(line: &mut String, value: &str) {
+    if plain(value) {
+        line.push('"');
+        line.push_str(value);
+        line.push('"');
+    } else {
+        use std::fmt::Write;
+        let _ = write!(line, "{value:?}");
     }
 }
 
-impl tracing::field::Visit for AuditFields<'_> {
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.key(field.name());
-        if self.json {
-            push_json_str(self.line, value);
-        } else if field.name() == "message" {
-            self.line.push_str(value);
-        } else {
-            use std::fmt::Write;
-            let _ = write!(self.line, "{value:?}");
-        }
-    }
-
-    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
-        use std::fmt::Write;
-        self.key(field.name());
-        let _ = write!(self.line, "{value}");
-    }
-
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        // The message (`format_args!`) and anything not a string or a number.
-        let text = format!("{value:?}");
-        self.record_str(field, &text);
-    }
+/// Whether `value` is printable ASCII without `"` or `\\`: quoted as it is in JSON and in
+/// `Debug`. Every byte is looked at, without a branch per byte, so it vectorises.
+fn plain(value: &str) -> bool {
+    value.bytes().fold(true, |plain, b| {
+        plain & (0x20..0x7f).contains(&b) & (b != b'"') & (b != b'\\')
+    })
 }
 
 /// `value` as a JSON string.
 fn push_json_str(line: &mut String, value: &str) {
     line.push('"');
+    if plain(value) {
+        line.push_str(value);
+        line.push('"');
+        return;
+    }
     for c in value.chars() {
         match c {
             '"' => line.push_str("\\\""),
@@ -287,5 +343,69 @@ mod tests {
         assert_eq!(line, r#""a\"b\\c\u0001d é""#);
         let parsed: String = serde_json::from_str(&line).expect("json");
         assert_eq!(parsed, "a\"b\\c\u{1}d é");
+    }
+
+    #[test]
+    fn audit_lines_have_the_shape_of_every_other_line_and_escape_what_callers_sent() {
+        use super::{format_audit, AuditValue};
+        let fields = [
+            ("connection", Some(AuditValue::Str("acme"))),
+            ("app_id", None),
+            (
+                "route",
+                Some(AuditValue::Plain("/api/refresh/{connection}")),
+            ),
+            ("invocation_id", Some(AuditValue::Str("a\"b\\c"))),
+            ("status", Some(AuditValue::U64(403))),
+        ];
+        let stamp = |line: &mut String| line.push_str("2026-12-06T21:05:03.000042Z");
+        let mut json = String::new();
+        format_audit(&mut json, true, stamp, "token_refused", &fields);
+        let parsed: serde_json::Value = serde_json::from_str(&json).expect("one JSON line");
+        assert!(json.ends_with("}\n") && json.matches('\n').count() == 1);
+        assert_eq!(parsed["target"], "token_broker::audit");
+        assert_eq!(parsed["level"], "INFO");
+        assert_eq!(parsed["timestamp"], "2026-12-06T21:05:03.000042Z");
+        assert_eq!(parsed["fields"]["message"], "token_refused");
+        assert_eq!(parsed["fields"]["invocation_id"], "a\"b\\c");
+        assert_eq!(parsed["fields"]["status"], 403);
+        assert!(
+            parsed["fields"].get("app_id").is_none(),
+            "no value, no field"
+        );
+
+        let mut text = String::new();
+        format_audit(&mut text, false, stamp, "token_refused", &fields);
+        assert_eq!(
+            text,
+            "2026-12-06T21:05:03.000042Z  INFO token_broker::audit: token_refused \
+             connection=\"acme\" route=\"/api/refresh/{connection}\" \
+             invocation_id=\"a\\\"b\\\\c\" status=403\n"
+        );
+    }
+
+    #[test]
+    fn the_audit_clock_writes_what_chrono_writes() {
+        let mut stamp = super::Stamp {
+            second: i64::MIN,
+            prefix: String::new(),
+        };
+        // Within a second, across seconds, days and a year's end.
+        for micros in [
+            1_796_598_303_000_042_i64,
+            1_796_598_303_999_999,
+            1_796_598_304_000_000,
+            1_796_684_703_500_000,
+            1_798_761_599_999_999,
+            1_798_761_600_000_001,
+        ] {
+            let mut line = String::new();
+            let since_epoch = std::time::Duration::from_micros(micros as u64);
+            stamp.write(&mut line, since_epoch);
+            let chrono = chrono::DateTime::from_timestamp_micros(micros)
+                .expect("instant")
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            assert_eq!(line, chrono);
+        }
     }
 }

@@ -171,13 +171,28 @@ impl ConsentedBroker {
     /// Access tokens live `ttl` seconds; `acme_extra` are more settings for `acme`, `tables`
     /// more of the config, `env` more of the environment.
     pub async fn start(ttl: u64, acme_extra: &str, tables: &str, env: &[(&str, String)]) -> Self {
+        Self::start_with_top(ttl, &[], acme_extra, tables, env).await
+    }
+
+    /// As [`ConsentedBroker::start`], with top-level settings (`audit = false`).
+    pub async fn start_with_top(
+        ttl: u64,
+        top: &[(&str, toml::Value)],
+        acme_extra: &str,
+        tables: &str,
+        env: &[(&str, String)],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = super::free_port();
         let base = format!("http://127.0.0.1:{port}");
         let upstream =
             super::Upstream::start(&format!("{base}/api/callback"), "client_secret_basic", ttl)
                 .await;
-        let config = super::BrokerConfig::default()
+        let config = top
+            .iter()
+            .fold(super::BrokerConfig::default(), |config, (key, value)| {
+                config.top(key, value.clone())
+            })
             .auth("api_keys", vec![super::CALLER_KEY.to_owned()])
             .store("path", dir.path().join("tokens").display().to_string())
             .tables(&upstream.connection_toml(
