@@ -61,6 +61,9 @@ struct Payload {
     n: String,
     /// Expiry, Unix seconds.
     e: i64,
+    /// Who started a consent (the admin's name, as the audit trail writes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    a: Option<String>,
 }
 
 /// A freshly issued authorization: the `state` to send and the PKCE verifier it implies.
@@ -76,6 +79,8 @@ pub struct Redeemed {
     /// The state's random nonce, to record as used across instances. Not a secret: it
     /// travels in the `state` URL, and the verifier also needs the key and the cookie.
     pub nonce: String,
+    /// The admin who started the consent, when the state names one.
+    pub admin: Option<String>,
 }
 
 /// An admin's Entra ID sign-in in flight: what its `state` carries and implies.
@@ -165,7 +170,19 @@ impl StateSigner {
 
     /// Issues a `state` for `connection`, bound to the browser holding `binding`.
     pub fn issue(&self, connection: &str, binding: &str, now: DateTime<Utc>) -> Issued {
-        let (state, nonce) = self.sign(Purpose::Consent, connection, binding, now);
+        self.issue_by(connection, None, binding, now)
+    }
+
+    /// [`Self::issue`], naming the `admin` who starts the consent (signed with the rest,
+    /// and given back by [`Self::redeem`]).
+    pub fn issue_by(
+        &self,
+        connection: &str,
+        admin: Option<&str>,
+        binding: &str,
+        now: DateTime<Utc>,
+    ) -> Issued {
+        let (state, nonce) = self.sign(Purpose::Consent, connection, admin, binding, now);
         Issued {
             state,
             verifier: self.verifier(self.signing_key(), &nonce, binding),
@@ -184,6 +201,7 @@ impl StateSigner {
             verifier: self.verifier(key, &payload.n, binding),
             connection: payload.c,
             nonce: payload.n,
+            admin: payload.a,
         })
     }
 
@@ -191,7 +209,7 @@ impl StateSigner {
     /// (a path of this broker), with its PKCE verifier and OpenID Connect `nonce`. Signed
     /// for this purpose only: it never redeems as a consent's `state`, nor the reverse.
     pub fn issue_sign_in(&self, return_to: &str, binding: &str, now: DateTime<Utc>) -> SignIn {
-        let (state, nonce) = self.sign(Purpose::SignIn, return_to, binding, now);
+        let (state, nonce) = self.sign(Purpose::SignIn, return_to, None, binding, now);
         let key = self.signing_key();
         SignIn {
             state,
@@ -218,11 +236,13 @@ impl StateSigner {
         })
     }
 
-    /// A signed `v1.{payload}.{mac}` naming `subject`, bound to `binding`; and its nonce.
+    /// A signed `v1.{payload}.{mac}` naming `subject` (and `admin`), bound to `binding`; and its
+    /// nonce.
     fn sign(
         &self,
         purpose: Purpose,
         subject: &str,
+        admin: Option<&str>,
         binding: &str,
         now: DateTime<Utc>,
     ) -> (String, String) {
@@ -230,6 +250,7 @@ impl StateSigner {
             c: subject.to_owned(),
             n: URL_SAFE_NO_PAD.encode(random_bytes(16)),
             e: now.timestamp() + STATE_TTL.as_secs() as i64,
+            a: admin.map(str::to_owned),
         };
         // Serializing a struct of strings and an integer cannot fail.
         let json = serde_json::to_vec(&payload).unwrap_or_default();
@@ -316,35 +337,43 @@ impl StateSigner {
             .to_vec()
     }
 
-    /// An admin session for a browser that presented an admin key: `v1.{expiry}.{nonce}.{mac}`,
-    /// signed like `state` (so every instance with the same `state_secret` accepts it).
-    pub fn issue_admin_session(&self, now: DateTime<Utc>) -> String {
+    /// An admin session for `admin` (a key's name, a signed-in user's object id), for a
+    /// browser that presented an admin key or signed in: `v2.{expiry}.{admin}.{nonce}.{mac}`
+    /// (the name base64url), signed like `state`, so every instance with the same
+    /// `state_secret` accepts it.
+    pub fn issue_admin_session(&self, now: DateTime<Utc>, admin: &str) -> String {
         let expiry = (now.timestamp() + ADMIN_SESSION_TTL.as_secs() as i64).to_string();
+        let admin = URL_SAFE_NO_PAD.encode(admin);
         let nonce = URL_SAFE_NO_PAD.encode(random_bytes(16));
         let mac = URL_SAFE_NO_PAD.encode(self.mac(&[
             b"admin-session",
             &self.session_scope,
             expiry.as_bytes(),
+            admin.as_bytes(),
             nonce.as_bytes(),
         ]));
-        format!("v1.{expiry}.{nonce}.{mac}")
+        format!("v2.{expiry}.{admin}.{nonce}.{mac}")
     }
 
     /// True for an unexpired admin session this broker issued.
     pub fn is_admin_session(&self, value: &str, now: DateTime<Utc>) -> bool {
+        self.admin_session(value, now).is_some()
+    }
+
+    /// The admin an unexpired session this broker issued names.
+    pub fn admin_session(&self, value: &str, now: DateTime<Utc>) -> Option<String> {
         let mut parts = value.split('.');
-        let (Some("v1"), Some(expiry), Some(nonce), Some(mac), None) = (
+        let (Some("v2"), Some(expiry), Some(admin), Some(nonce), Some(mac), None) = (
+            parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
         ) else {
-            return false;
+            return None;
         };
-        let Ok(mac) = URL_SAFE_NO_PAD.decode(mac) else {
-            return false;
-        };
+        let mac = URL_SAFE_NO_PAD.decode(mac).ok()?;
         // Constant-time comparison, through the hmac crate; any configured key.
         let signed = self.keys.iter().any(|key| {
             keyed(
@@ -353,13 +382,18 @@ impl StateSigner {
                     b"admin-session",
                     &self.session_scope,
                     expiry.as_bytes(),
+                    admin.as_bytes(),
                     nonce.as_bytes(),
                 ],
             )
             .verify_slice(&mac)
             .is_ok()
         });
-        signed && expiry.parse::<i64>().is_ok_and(|e| now.timestamp() < e)
+        let unexpired = expiry.parse::<i64>().is_ok_and(|e| now.timestamp() < e);
+        if !(signed && unexpired) {
+            return None;
+        }
+        String::from_utf8(URL_SAFE_NO_PAD.decode(admin).ok()?).ok()
     }
 }
 
@@ -490,10 +524,10 @@ mod tests {
         assert_eq!(redeemed.verifier.secret(), issued.verifier.secret());
         assert!(old.redeem(Some(&issued.state), Some(&b), now).is_err());
         // Sessions: the old one lives through the rotation and ends without the old key.
-        let session = old.issue_admin_session(now);
+        let session = old.issue_admin_session(now, "root");
         assert!(rotating.is_admin_session(&session, now));
         assert!(!new.is_admin_session(&session, now));
-        assert!(new.is_admin_session(&rotating.issue_admin_session(now), now));
+        assert!(new.is_admin_session(&rotating.issue_admin_session(now, "root"), now));
     }
 
     #[test]
@@ -539,5 +573,35 @@ mod tests {
             .err(),
             Some(StateError::Expired)
         );
+    }
+
+    #[test]
+    fn sessions_and_consents_name_their_admin() {
+        let s = signer();
+        let now = Utc::now();
+        let session = s.issue_admin_session(now, "6a1f2c3d-0000-4000-8000-0000000ad111");
+        assert_eq!(
+            s.admin_session(&session, now).as_deref(),
+            Some("6a1f2c3d-0000-4000-8000-0000000ad111")
+        );
+        // The name is signed: another one in its place is refused.
+        let mut parts: Vec<&str> = session.split('.').collect();
+        let forged = URL_SAFE_NO_PAD.encode("break-glass");
+        parts[2] = &forged;
+        assert_eq!(s.admin_session(&parts.join("."), now), None);
+        let later = now + chrono::Duration::seconds(ADMIN_SESSION_TTL.as_secs() as i64);
+        assert_eq!(s.admin_session(&session, later), None);
+
+        let binding = StateSigner::new_binding();
+        let issued = s.issue_by("xero", Some("break-glass"), &binding, now);
+        let redeemed = s
+            .redeem(Some(&issued.state), Some(&binding), now)
+            .expect("redeemed");
+        assert_eq!(redeemed.admin.as_deref(), Some("break-glass"));
+        let anonymous = s.issue("xero", &binding, now);
+        let redeemed = s
+            .redeem(Some(&anonymous.state), Some(&binding), now)
+            .expect("redeemed");
+        assert_eq!(redeemed.admin, None);
     }
 }

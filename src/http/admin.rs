@@ -54,35 +54,44 @@ impl LoginGate {
     }
 }
 
-/// Admin routes: a bearer token, `X-API-Key`, or an admin-session cookie.
+/// Admin routes: a bearer token, `X-API-Key`, or an admin-session cookie. The admin's name
+/// (the key's, the principal's object id, the one the session names) is returned.
 pub(super) async fn authenticate_admin(
     state: &AppState,
     headers: &HeaderMap,
-) -> Result<(), ApiError> {
-    if cookie(headers, &state.cookie_name(ADMIN_COOKIE))
-        .is_some_and(|session| state.signer.is_admin_session(session, state.broker.now()))
-    {
-        return Ok(());
+) -> Result<String, ApiError> {
+    let session = cookie(headers, &state.cookie_name(ADMIN_COOKIE))
+        .and_then(|session| state.signer.admin_session(session, state.broker.now()));
+    if let Some(admin) = session {
+        return Ok(admin);
     }
-    state.auth.authenticate(headers, Role::Admin).await?;
-    Ok(())
+    let caller = state.auth.authenticate(headers, Role::Admin).await?;
+    Ok(caller.name().to_owned())
+}
+
+/// How a browser route's request is admitted.
+pub(super) enum Admission {
+    /// An admin, by name.
+    Admin(String),
+    /// An answer to send instead: the `?key=` exchange, or the way to sign in.
+    Answer(Response),
 }
 
 /// The browser routes' admission: a `?key=` is exchanged at once (the answer to send is
-/// returned), otherwise the caller must be an admin.
+/// returned), a browser without credentials is sent to sign in when admins sign in with
+/// Entra ID, otherwise the caller must be an admin.
 pub(super) async fn admit_browser_admin(
     state: &AppState,
     uri: &Uri,
     headers: &HeaderMap,
-) -> Result<Option<Response>, ApiError> {
+) -> Result<Admission, ApiError> {
     if let Some(exchanged) = exchange_query_key(state, uri)? {
-        return Ok(Some(exchanged));
+        return Ok(Admission::Answer(exchanged));
     }
     if let Some(sign_in) = super::sign_in::redirect_unsigned(state, uri, headers) {
-        return Ok(Some(sign_in));
+        return Ok(Admission::Answer(sign_in));
     }
-    authenticate_admin(state, headers).await?;
-    Ok(None)
+    Ok(Admission::Admin(authenticate_admin(state, headers).await?))
 }
 
 /// A browser route opened with `?key=`: checks the key and answers with the session cookie
@@ -94,22 +103,25 @@ fn exchange_query_key(state: &AppState, uri: &Uri) -> Result<Option<Response>, A
     let Some((_, key)) = keys.into_iter().next() else {
         return Ok(None);
     };
-    match &state.login {
+    let admin = match &state.login {
         // `login`'s process: only its one-time key, once, on its connection's consent.
         Some(gate) => {
             if !gate.admit(uri.path(), &key) {
                 return Err(AuthError::Invalid.into());
             }
+            "login".to_owned()
         }
-        None => {
-            state.auth.check_key(Some(&key), Role::Admin)?;
-        }
-    }
+        None => state
+            .auth
+            .check_key(Some(&key), Role::Admin)?
+            .name()
+            .to_owned(),
+    };
     let target = match serde_urlencoded::to_string(&rest) {
         Ok(rest) if !rest.is_empty() => format!("{}?{rest}", uri.path()),
         _ => uri.path().to_owned(),
     };
-    let cookie = session_cookie(state);
+    let cookie = session_cookie(state, &admin);
     tracing::info!(
         path = uri.path(),
         "admin key exchanged for a session cookie"
@@ -129,10 +141,10 @@ fn exchange_query_key(state: &AppState, uri: &Uri) -> Result<Option<Response>, A
     ))
 }
 
-/// A new admin session, as the `Set-Cookie` value: `HttpOnly`, `SameSite=Strict`, scoped as
-/// [`AppState::cookie_scope`] says.
-pub(super) fn session_cookie(state: &AppState) -> String {
-    let session = state.signer.issue_admin_session(state.broker.now());
+/// A new admin session for `admin`, as the `Set-Cookie` value: `HttpOnly`,
+/// `SameSite=Strict`, scoped as [`AppState::cookie_scope`] says.
+pub(super) fn session_cookie(state: &AppState, admin: &str) -> String {
+    let session = state.signer.issue_admin_session(state.broker.now(), admin);
     format!(
         "{}={session}; Max-Age={}; HttpOnly; SameSite=Strict{}",
         state.cookie_name(ADMIN_COOKIE),

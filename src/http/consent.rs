@@ -9,7 +9,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
-use super::admin::{admit_browser_admin, cookie};
+use super::admin::{admit_browser_admin, cookie, Admission};
 use super::code::ErrorCode;
 use super::{ApiError, AppState};
 use crate::broker::BrokerError;
@@ -55,9 +55,10 @@ pub(super) async fn authorize(
             "this login serves only its own connection's consent",
         ));
     }
-    if let Some(exchanged) = admit_browser_admin(&state, &uri, &headers).await? {
-        return Ok(exchanged);
-    }
+    let admin = match admit_browser_admin(&state, &uri, &headers).await? {
+        Admission::Admin(admin) => admin,
+        Admission::Answer(answer) => return Ok(answer),
+    };
     let provider = state
         .broker
         .provider(&connection)
@@ -69,7 +70,7 @@ pub(super) async fn authorize(
         .unwrap_or_else(StateSigner::new_binding);
     let issued = state
         .signer
-        .issue(&connection, &binding, state.broker.now());
+        .issue_by(&connection, Some(&admin), &binding, state.broker.now());
     let location = provider.authorize_url(issued.state, &issued.verifier);
 
     let cookie = format!(
@@ -78,7 +79,7 @@ pub(super) async fn authorize(
         STATE_TTL.as_secs(),
         state.cookie_scope()
     );
-    tracing::info!(connection = %connection, "redirecting admin to the provider's consent page");
+    tracing::info!(connection = %connection, admin = %admin, "redirecting admin to the provider's consent page");
     Ok((
         StatusCode::FOUND,
         [
@@ -240,12 +241,12 @@ pub(super) async fn callback(
         .await
     {
         Ok(record) => {
-            // The admin who began it: their browser's session (which names nobody).
+            // The admin who began it, as the signed state names them.
             super::audit::issued(
                 &state,
                 &headers,
                 &crate::auth::Caller::Key {
-                    name: "admin".to_owned(),
+                    name: redeemed.admin.clone().unwrap_or_else(|| "admin".to_owned()),
                     admin: true,
                 },
                 &connection,

@@ -227,7 +227,7 @@ pub(super) async fn signed_in(
     (
         StatusCode::OK,
         [
-            (header::SET_COOKIE, session_cookie(&state)),
+            (header::SET_COOKIE, session_cookie(&state, &user.object_id)),
             (header::CACHE_CONTROL, "no-store".to_owned()),
             // This address holds the authorization code.
             (header::REFERRER_POLICY, "no-referrer".to_owned()),

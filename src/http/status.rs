@@ -8,7 +8,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::admin::admit_browser_admin;
+use super::admin::{admit_browser_admin, Admission};
 use super::{ApiError, AppState};
 use crate::html;
 
@@ -36,8 +36,8 @@ pub(super) async fn connections(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if let Some(exchanged) = admit_browser_admin(&state, &uri, &headers).await? {
-        return Ok(exchanged);
+    if let Admission::Answer(answer) = admit_browser_admin(&state, &uri, &headers).await? {
+        return Ok(answer);
     }
     let rows: Vec<_> = state
         .broker

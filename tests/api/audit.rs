@@ -91,7 +91,13 @@ async fn every_handout_and_refusal_is_written_whatever_the_log_level() {
         1,
         "{issued:?}"
     );
-    assert_eq!(by("admin", "consent", "/api/callback"), 1, "{issued:?}");
+    // The consent names the admin who began it: the admin key (a list: `admin-key-1`)
+    // whose `?key=` opened the browser's session.
+    assert_eq!(
+        by("admin-key-1", "consent", "/api/callback"),
+        1,
+        "{issued:?}"
+    );
     assert!(issued.iter().all(|e| e["connection"] == "acme"
         && e["token_id"].as_str().is_some_and(|id| id.len() == 16)
         && e["expires_at"].is_string()));
