@@ -14,21 +14,18 @@
 use std::sync::Arc;
 
 use azure_core::credentials::TokenCredential;
-use oauth2::basic::{
-    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
-    BasicTokenType,
-};
+use oauth2::basic::BasicTokenType;
 use oauth2::{
     AuthType, AuthUrl, AuthorizationCode, Client, ClientId, ClientSecret, CsrfToken,
-    EndpointNotSet, EndpointSet, ExtraTokenFields, PkceCodeChallenge, PkceCodeVerifier,
-    RedirectUrl, RequestTokenError, Scope, StandardRevocableToken, StandardTokenResponse, TokenUrl,
+    ExtraTokenFields, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RequestTokenError, Scope,
+    StandardTokenResponse, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
 use crate::config::{AdminSignInConfig, EntraConfig, SignInCredential};
-use crate::provider::UpstreamHttp;
+use crate::provider::{CodeFlowClient, UpstreamHttp};
 
 /// The audience of the managed-identity token a federated identity credential accepts
 /// (Microsoft's "workload identity federation" for managed identities).
@@ -55,18 +52,7 @@ impl std::fmt::Debug for IdTokenField {
 
 impl ExtraTokenFields for IdTokenField {}
 
-type SignInClient = Client<
-    BasicErrorResponse,
-    StandardTokenResponse<IdTokenField, BasicTokenType>,
-    BasicTokenIntrospectionResponse,
-    StandardRevocableToken,
-    BasicRevocationErrorResponse,
-    EndpointSet,
-    EndpointNotSet,
-    EndpointNotSet,
-    EndpointNotSet,
-    EndpointSet,
->;
+type SignInClient = CodeFlowClient<StandardTokenResponse<IdTokenField, BasicTokenType>>;
 
 /// Why a sign-in's code exchange failed. Never a code, a token or a secret.
 #[derive(Debug, thiserror::Error)]

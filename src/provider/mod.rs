@@ -45,9 +45,11 @@ use crate::token::{Facts, Id, Organisation};
 
 use error::classify;
 
-pub(super) type OAuthClient = Client<
+/// An `oauth2` client with an authorization and a token endpoint (the code flow), whose
+/// token endpoint answers `TR`.
+pub type CodeFlowClient<TR> = Client<
     BasicErrorResponse,
-    ProviderTokenResponse,
+    TR,
     BasicTokenIntrospectionResponse,
     StandardRevocableToken,
     BasicRevocationErrorResponse,
@@ -57,6 +59,8 @@ pub(super) type OAuthClient = Client<
     EndpointNotSet,
     EndpointSet,
 >;
+
+pub(super) type OAuthClient = CodeFlowClient<ProviderTokenResponse>;
 
 /// A provider as one connection is configured to use it.
 pub struct Provider {

@@ -59,6 +59,19 @@ async fn setup(credential: ClientCredential) -> Setup {
     Setup { azure, broker, dir }
 }
 
+impl Setup {
+    /// A new browser, with `object_id` (holding `roles`) at its keyboard.
+    fn browser_for(&self, object_id: &str, roles: &[&str]) -> Browser {
+        self.azure.sign_in.user_at_keyboard(user(object_id, roles));
+        Browser::new(&self.azure)
+    }
+}
+
+/// The broker with the app registration's client secret.
+async fn with_secret() -> Setup {
+    setup(ClientCredential::Secret(CLIENT_SECRET.to_owned())).await
+}
+
 /// A browser: no redirects followed (each hop is looked at), cookies kept by hand, the
 /// tenant double's host resolved to loopback and its CA trusted.
 struct Browser {
@@ -190,13 +203,9 @@ fn has_session(answer: &Answer) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_signs_in_lands_on_the_status_page_and_can_start_a_consent() {
-    let setup = setup(ClientCredential::Secret(CLIENT_SECRET.to_owned())).await;
+    let setup = with_secret().await;
     let broker = setup.broker.base.clone();
-    setup
-        .azure
-        .sign_in
-        .user_at_keyboard(user(LISTED_ADMIN, &[]));
-    let mut browser = Browser::new(&setup.azure);
+    let mut browser = setup.browser_for(LISTED_ADMIN, &[]);
 
     // Scripts without credentials get the JSON 401 they can act on, not a sign-in page.
     let script = reqwest::Client::new()
@@ -276,14 +285,10 @@ async fn an_admin_signs_in_lands_on_the_status_page_and_can_start_a_consent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_role_admits_and_anyone_else_gets_a_403_page_naming_no_connection() {
-    let setup = setup(ClientCredential::Secret(CLIENT_SECRET.to_owned())).await;
+    let setup = with_secret().await;
     let broker = setup.broker.base.clone();
 
-    setup
-        .azure
-        .sign_in
-        .user_at_keyboard(user(ROLE_HOLDER, &["Reader", "TokenBroker.Admin"]));
-    let mut browser = Browser::new(&setup.azure);
+    let mut browser = setup.browser_for(ROLE_HOLDER, &["Reader", "TokenBroker.Admin"]);
     let walk = sign_in_walk(&mut browser, &broker, "/api/authorize/acme").await;
     assert_eq!(walk.signed_in.status, 200, "{}", walk.signed_in.body);
     // Back to the consent it was opening.
@@ -293,11 +298,7 @@ async fn the_app_role_admits_and_anyone_else_gets_a_403_page_naming_no_connectio
         .location
         .is_some_and(|l| l.starts_with("https://id.example.com/")));
 
-    setup
-        .azure
-        .sign_in
-        .user_at_keyboard(user(STRANGER, &["Reader"]));
-    let mut browser = Browser::new(&setup.azure);
+    let mut browser = setup.browser_for(STRANGER, &["Reader"]);
     let walk = sign_in_walk(&mut browser, &broker, "/api/connections").await;
     assert_eq!(walk.signed_in.status, 403, "{}", walk.signed_in.body);
     assert!(!has_session(&walk.signed_in));
@@ -310,12 +311,8 @@ async fn the_app_role_admits_and_anyone_else_gets_a_403_page_naming_no_connectio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn id_tokens_with_a_forged_nonce_audience_issuer_or_key_admit_nobody() {
-    let setup = setup(ClientCredential::Secret(CLIENT_SECRET.to_owned())).await;
+    let setup = with_secret().await;
     let broker = setup.broker.base.clone();
-    setup
-        .azure
-        .sign_in
-        .user_at_keyboard(user(LISTED_ADMIN, &[]));
     for (forgery, reason) in [
         (Forgery::Nonce, "nonce"),
         (Forgery::Audience, "wrong audience"),
@@ -323,7 +320,7 @@ async fn id_tokens_with_a_forged_nonce_audience_issuer_or_key_admit_nobody() {
         (Forgery::Key, "key the tenant does not publish"),
     ] {
         setup.azure.sign_in.forge(forgery);
-        let mut browser = Browser::new(&setup.azure);
+        let mut browser = setup.browser_for(LISTED_ADMIN, &[]);
         let walk = sign_in_walk(&mut browser, &broker, "/api/connections").await;
         assert_eq!(
             walk.signed_in.status, 401,
@@ -339,7 +336,7 @@ async fn id_tokens_with_a_forged_nonce_audience_issuer_or_key_admit_nobody() {
     }
     // The same admin, with an honest token, is admitted: the refusals were the forgeries.
     setup.azure.sign_in.forge(Forgery::None);
-    let mut browser = Browser::new(&setup.azure);
+    let mut browser = setup.browser_for(LISTED_ADMIN, &[]);
     let walk = sign_in_walk(&mut browser, &broker, "/api/connections").await;
     assert_eq!(walk.signed_in.status, 200, "{}", walk.signed_in.body);
 }
@@ -348,11 +345,7 @@ async fn id_tokens_with_a_forged_nonce_audience_issuer_or_key_admit_nobody() {
 async fn without_a_secret_the_managed_identity_token_is_the_client_assertion() {
     let setup = setup(ClientCredential::ManagedIdentity).await;
     let broker = setup.broker.base.clone();
-    setup
-        .azure
-        .sign_in
-        .user_at_keyboard(user(LISTED_ADMIN, &[]));
-    let mut browser = Browser::new(&setup.azure);
+    let mut browser = setup.browser_for(LISTED_ADMIN, &[]);
     let walk = sign_in_walk(&mut browser, &broker, "/api/connections").await;
     assert_eq!(walk.signed_in.status, 200, "{}", walk.signed_in.body);
     assert_eq!(walk.landed.expect("landed").status, 200);
