@@ -96,6 +96,9 @@ pub(super) struct Flight {
 
 #[derive(Clone)]
 pub(super) struct Backoff {
+    /// When the flight failed: a caller that arrived before shares the failure even after
+    /// the back-off ended (it queued behind that flight).
+    pub(super) since: DateTime<Utc>,
     pub(super) until: DateTime<Utc>,
     pub(super) code: &'static str,
     pub(super) message: String,
@@ -263,14 +266,22 @@ impl Connection {
             .is_some_and(|at| at > since)
     }
 
-    /// The shared failure while a back-off runs.
-    pub(super) fn backing_off(&self, now: DateTime<Utc>) -> Option<BrokerError> {
+    /// The shared failure while a back-off runs, or — for a caller that `arrived` before
+    /// the flight failed, and so queued behind it — of that flight, however short its
+    /// back-off was (`Retry-After` at least a second).
+    pub(super) fn shared_failure(
+        &self,
+        now: DateTime<Utc>,
+        arrived: Option<DateTime<Utc>>,
+    ) -> Option<BrokerError> {
         let backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
         let backoff = backoff.as_ref()?;
+        let queued_behind = arrived.is_some_and(|arrived| backoff.since >= arrived);
         let left = (backoff.until - now)
             .to_std()
             .ok()
-            .filter(|d| !d.is_zero())?;
+            .filter(|d| !d.is_zero())
+            .or(queued_behind.then_some(std::time::Duration::from_secs(1)))?;
         Some(BrokerError::RefreshFailed {
             code: backoff.code,
             message: format!(

@@ -10,6 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tracing::{info, warn, Instrument};
 
+use super::backoff::BackoffPolicy;
 use super::connection::{Backoff, Connection, Failure, Flight};
 use super::{Broker, BrokerError, TokenRequest};
 use crate::alert::AlertState;
@@ -40,8 +41,9 @@ impl Broker {
                 return Ok(record);
             }
         }
-        // A flight failed a moment ago: share its outcome rather than try again.
-        if let Some(err) = conn.backing_off(now) {
+        // A flight failed a moment ago, or while this caller queued: share its outcome
+        // rather than try again.
+        if let Some(err) = conn.shared_failure(now, Some(arrived_at)) {
             return Err(err);
         }
         // Out of the caller's refresh budget, and only the caller's request would refresh:
@@ -72,9 +74,10 @@ impl Broker {
                 arrived_at,
             )
             .await;
-        // A record obtained after this caller arrived was stored by this flight (or by
-        // another instance, which cleared the back-off already).
-        let stored = matches!(&result, Ok(record) if record.obtained_at > arrived_at);
+        // A record obtained since this caller arrived was stored by this flight (or by
+        // another instance, which cleared the back-off already): the rule `audit::Source::of`
+        // follows too.
+        let stored = matches!(&result, Ok(record) if record.obtained_at >= arrived_at);
         self.end_flight(name, conn, &mut flight, lease, stored)
             .await;
         result
@@ -184,9 +187,12 @@ impl Broker {
             _ => {}
         }
         if stored {
+            // The first success anywhere resets the back-off's growth.
             notes.backoff_until = None;
             notes.failure = None;
             notes.failure_code = None;
+            notes.failures = 0;
+            notes.failed_at = None;
         }
         if let Err(err) = lease.set_notes(notes).await {
             warn!(connection = name, error = %err, "could not update the refresh lease's notes");
@@ -269,9 +275,13 @@ impl Broker {
             // Another instance refreshed after this caller arrived: newer than the request.
             return Ok(record);
         }
-        if let Some(left) = notes.backing_off(now) {
+        // A back-off any instance set, or a failure that happened while this caller
+        // waited for the lease: shared.
+        let failed_while_waiting = notes.failed_at.is_some_and(|at| at >= arrived_at);
+        if notes.backing_off(now).is_some() || failed_while_waiting {
             let backoff = Backoff {
-                until: now + chrono::Duration::from_std(left).unwrap_or_default(),
+                since: notes.failed_at.unwrap_or(now),
+                until: notes.backoff_until.unwrap_or(now),
                 code: failure_code(notes.failure_code.as_deref()),
                 message: notes
                     .failure
@@ -279,7 +289,7 @@ impl Broker {
                     .unwrap_or_else(|| "the last refresh failed".to_owned()),
             };
             conn.set_backoff(Some(backoff));
-            if let Some(err) = conn.backing_off(now) {
+            if let Some(err) = conn.shared_failure(now, Some(arrived_at)) {
                 return Err(err);
             }
         }
@@ -303,20 +313,27 @@ impl Broker {
             Err(BrokerError::Upstream(err)) => {
                 // Everyone queued behind this flight, here and elsewhere, shares its outcome
                 // until the back-off ends.
-                let until = self.clock.now()
-                    + chrono::Duration::from_std(self.timings.failure_backoff).unwrap_or_default();
+                // Growing with each failed flight in a row, wherever it ran (`backoff`).
+                let failures = lease.notes().failures.saturating_add(1);
+                let delay =
+                    BackoffPolicy::new(self.timings.failure_backoff).delay_jittered(failures);
+                let failed_at = self.clock.now();
+                let until = failed_at + chrono::Duration::from_std(delay).unwrap_or_default();
                 let code = err.code();
                 let message = err.to_string();
                 let notes = LeaseNotes {
                     backoff_until: Some(until),
                     failure: Some(message.clone()),
                     failure_code: Some(code.to_owned()),
+                    failures,
+                    failed_at: Some(failed_at),
                     ..lease.notes().clone()
                 };
                 if let Err(err) = lease.set_notes(notes).await {
                     warn!(connection = name, error = %err, "could not record the back-off with the lease");
                 }
                 conn.set_backoff(Some(Backoff {
+                    since: failed_at,
                     until,
                     code,
                     message: message.clone(),
@@ -324,7 +341,7 @@ impl Broker {
                 Err(BrokerError::RefreshFailed {
                     code,
                     message,
-                    retry_after: self.timings.failure_backoff,
+                    retry_after: delay,
                 })
             }
             other => other,

@@ -30,6 +30,7 @@
 //! - `status`: the status page's view of every connection;
 //! - `forecast`: when each grant will end, and the `grant_expiring` warning.
 
+mod backoff;
 mod connection;
 mod consent;
 mod flight;

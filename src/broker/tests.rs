@@ -4,7 +4,7 @@
 //! answers `invalid_client`, so every refresh attempt is seen and fails at once.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ struct Setup {
     clock: Arc<ManualClock>,
     store: Arc<FileStore>,
     token_requests: Arc<AtomicUsize>,
+    /// The token endpoint answers a token instead of `invalid_client`.
+    succeed: Arc<AtomicBool>,
     start: DateTime<Utc>,
     _dir: tempfile::TempDir,
 }
@@ -36,12 +38,24 @@ struct Setup {
 async fn setup(connection: &str, lifetime: i64) -> Setup {
     let token_requests = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&token_requests);
+    let succeed = Arc::new(AtomicBool::new(false));
+    let succeeding = Arc::clone(&succeed);
     let app = axum::Router::new().route(
         "/token",
         axum::routing::post(move || {
             let counter = Arc::clone(&counter);
+            let succeeding = Arc::clone(&succeeding);
             async move {
-                counter.fetch_add(1, Ordering::SeqCst);
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                if succeeding.load(Ordering::SeqCst) {
+                    return (
+                        axum::http::StatusCode::OK,
+                        axum::Json(serde_json::json!({
+                            "access_token": format!("at-{n}"), "token_type": "Bearer",
+                            "expires_in": 3600, "refresh_token": format!("rt-{n}"),
+                        })),
+                    );
+                }
                 (
                     axum::http::StatusCode::BAD_REQUEST,
                     axum::Json(serde_json::json!({"error": "invalid_client"})),
@@ -157,6 +171,7 @@ async fn setup(connection: &str, lifetime: i64) -> Setup {
         clock,
         store,
         token_requests,
+        succeed,
         start,
         _dir: dir,
     }
@@ -228,34 +243,56 @@ async fn idle_refresh_tokens_are_exercised_at_half_their_idle_lifetime() {
     assert_eq!(s.requests(), 1);
 }
 
-#[tokio::test]
-async fn a_failed_refresh_is_shared_until_the_back_off_ends() {
-    let s = setup("", 600).await;
-    s.at(700);
-    assert!(matches!(
-        s.forced().await,
-        Err(BrokerError::RefreshFailed { .. })
-    ));
-    assert_eq!(s.requests(), 1);
-    // Within the 30 s back-off: the same failure, with the time left, and no request.
-    s.at(720);
-    match s.forced().await {
-        Err(BrokerError::RefreshFailed { retry_after, .. }) => {
-            assert_eq!(retry_after, Duration::from_secs(10));
-        }
-        other => panic!("expected the shared failure, got {:?}", other.map(|_| ())),
+/// The back-off a failed refresh answered with (`retry_after`), in seconds.
+fn backoff_of(result: Result<Arc<TokenRecord>, BrokerError>) -> f64 {
+    match result {
+        Err(BrokerError::RefreshFailed { retry_after, .. }) => retry_after.as_secs_f64(),
+        other => panic!("expected a failed refresh, got {:?}", other.map(|_| ())),
     }
+}
+
+#[tokio::test]
+async fn a_failed_refresh_is_shared_for_a_back_off_that_grows_and_resets() {
+    let s = setup("", 600).await;
+    let ms = |ms: i64| s.clock.set(s.start + chrono::Duration::milliseconds(ms));
+    // The first failure: about a second (±20 %).
+    ms(700_000);
+    let first = backoff_of(s.forced_by(true).await);
+    assert!((0.8..=1.2).contains(&first), "{first}");
     assert_eq!(s.requests(), 1);
-    // After it, the next caller tries again.
-    s.at(731);
-    assert!(s.forced().await.is_err());
-    assert_eq!(s.requests(), 2);
+    // Within it: the same failure, with the time left, and no request.
+    ms(700_500);
+    let left = backoff_of(s.forced_by(true).await);
+    assert!((first - 0.5 - left).abs() < 0.01, "{first} then {left}");
+    assert_eq!(s.requests(), 1);
+    // Each failed flight in a row grows it by 1.6, within its jitter.
+    let mut at = 700_000 + (first * 1000.0) as i64 + 1;
+    for (failures, expected) in [(2, 1.6), (3, 2.56), (4, 4.096)] {
+        ms(at);
+        let delay = backoff_of(s.forced_by(true).await);
+        assert!(
+            (expected * 0.8..=expected * 1.2).contains(&delay),
+            "failure {failures}: {delay}"
+        );
+        assert_eq!(s.requests(), failures);
+        at += (delay * 1000.0) as i64 + 1;
+    }
+    // A stored refresh resets it: the next failure is back to about a second.
+    s.succeed.store(true, Ordering::SeqCst);
+    ms(at);
+    assert!(s.forced_by(true).await.is_ok());
+    s.succeed.store(false, Ordering::SeqCst);
+    ms(at + 1);
+    let after = backoff_of(s.forced_by(true).await);
+    assert!((0.8..=1.2).contains(&after), "{after}");
+    assert_eq!(s.requests(), 6);
 }
 
 #[tokio::test]
 async fn forced_refreshes_beyond_the_burst_wait_for_the_interval_and_the_timer_is_exempt() {
-    // Burst 3, then one per 600 s. The provider refuses every refresh here, with a 30 s
-    // back-off after each: calls within a back-off get its failure and cost nothing.
+    // Burst 3, then one per 600 s. The provider refuses every refresh here, with a
+    // back-off after each (growing, at most 30 s): calls within a back-off get its failure
+    // and cost nothing.
     let s = setup("", 3600).await;
     for (i, at) in [0, 31, 62].into_iter().enumerate() {
         s.at(at);

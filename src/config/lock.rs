@@ -27,7 +27,8 @@ pub enum LockConfig {
 pub struct LeaseTimings {
     /// How long a caller waits for another instance's refresh before answering 503.
     pub wait: Duration,
-    /// How long a connection rests after a failed refresh before the next attempt.
+    /// The longest a connection rests after failed refreshes: the back-off starts at a
+    /// second and grows by 1.6 with each failed flight in a row up to this (`broker::backoff`).
     pub failure_backoff: Duration,
 }
 

@@ -382,6 +382,8 @@ fn unavailable(what: &str, err: &azure_core::Error) -> LockError {
 const BACKOFF_UNTIL: &str = "backoffuntil";
 const FAILURE: &str = "failure";
 const FAILURE_CODE: &str = "failurecode";
+const FAILURES: &str = "failures";
+const FAILED_AT: &str = "failedat";
 const PENDING_SINCE: &str = "pendingsince";
 const HOLDER: &str = "holder";
 
@@ -395,6 +397,11 @@ fn notes_to_metadata(notes: &LeaseNotes) -> HashMap<String, String> {
     put(BACKOFF_UNTIL, notes.backoff_until.map(|t| t.to_rfc3339()));
     put(FAILURE, notes.failure.clone());
     put(FAILURE_CODE, notes.failure_code.clone());
+    put(
+        FAILURES,
+        (notes.failures > 0).then(|| notes.failures.to_string()),
+    );
+    put(FAILED_AT, notes.failed_at.map(|t| t.to_rfc3339()));
     put(PENDING_SINCE, notes.pending_since.map(|t| t.to_rfc3339()));
     put(HOLDER, notes.holder.clone());
     metadata
@@ -411,6 +418,11 @@ fn notes_from_metadata(metadata: &HashMap<String, String>) -> LeaseNotes {
         backoff_until: time(BACKOFF_UNTIL),
         failure: metadata.get(FAILURE).cloned(),
         failure_code: metadata.get(FAILURE_CODE).cloned(),
+        failures: metadata
+            .get(FAILURES)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        failed_at: time(FAILED_AT),
         pending_since: time(PENDING_SINCE),
         holder: metadata.get(HOLDER).cloned(),
     }
@@ -445,6 +457,12 @@ mod tests {
             ),
             failure: Some("the provider answered HTTP 503 — busy".into()),
             failure_code: Some("provider_unavailable".into()),
+            failures: 3,
+            failed_at: Some(
+                DateTime::parse_from_rfc3339("2026-12-01T09:59:58Z")
+                    .expect("time")
+                    .with_timezone(&Utc),
+            ),
             pending_since: None,
             holder: Some("host/42".into()),
         };

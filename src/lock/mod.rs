@@ -46,6 +46,12 @@ pub struct LeaseNotes {
     pub failure: Option<String>,
     /// The error code callers get during the back-off (`provider_unavailable`, ...).
     pub failure_code: Option<String>,
+    /// Consecutive failed flights since the last stored refresh, on any instance: how far
+    /// the back-off has grown (0 after a success).
+    pub failures: u32,
+    /// When the last flight failed: callers that were waiting for the lease then share its
+    /// failure, however short the back-off.
+    pub failed_at: Option<DateTime<Utc>>,
     /// An instance holds a refresh token the store has not accepted yet, since then.
     pub pending_since: Option<DateTime<Utc>>,
     /// Which instance wrote the notes (host name and process id).
