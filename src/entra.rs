@@ -120,6 +120,8 @@ pub struct EntraVerifier {
     tenant: String,
     audiences: Vec<String>,
     issuers: Vec<String>,
+    /// The v2 issuer alone: what the sign-in's id_tokens (v2.0 endpoints) carry.
+    id_token_issuer: [String; 1],
     jwks_url: Url,
     pub(crate) allowed_principals: HashSet<String>,
     pub(crate) admin_principals: HashSet<String>,
@@ -152,6 +154,7 @@ impl EntraVerifier {
                 format!("{}/{tenant}/", v1_issuer_base(&config.authority)),
                 format!("{authority}/{tenant}/v2.0"),
             ],
+            id_token_issuer: [format!("{authority}/{tenant}/v2.0")],
             jwks_url: Url::parse(&format!("{authority}/{tenant}/discovery/v2.0/keys"))?,
             allowed_principals: config.allowed_principals.iter().cloned().collect(),
             admin_principals: config.admin_principals.iter().cloned().collect(),
@@ -192,7 +195,7 @@ impl EntraVerifier {
         nonce: &str,
     ) -> Result<SignedIn, TokenError> {
         let claims: IdClaims = self
-            .decode(token, &[client_id.to_owned()], &self.issuers[1..])
+            .decode(token, &[client_id.to_owned()], &self.id_token_issuer)
             .await?;
         // Not a secret (it travelled through the browser), but compared in constant time
         // all the same.

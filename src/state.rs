@@ -85,8 +85,6 @@ pub struct Redeemed {
 
 /// An admin's Entra ID sign-in in flight: what its `state` carries and implies.
 pub struct SignIn {
-    /// The `state` to send (empty once redeemed).
-    pub state: String,
     pub verifier: PkceCodeVerifier,
     /// The OpenID Connect `nonce` the id_token must carry: derived like the verifier, so
     /// only this browser's sign-in yields it.
@@ -206,17 +204,23 @@ impl StateSigner {
     }
 
     /// Issues the `state` of an admin's Entra ID sign-in, which comes back to `return_to`
-    /// (a path of this broker), with its PKCE verifier and OpenID Connect `nonce`. Signed
-    /// for this purpose only: it never redeems as a consent's `state`, nor the reverse.
-    pub fn issue_sign_in(&self, return_to: &str, binding: &str, now: DateTime<Utc>) -> SignIn {
+    /// (a path of this broker): the `state` to send, and what it implies (its PKCE verifier
+    /// and OpenID Connect `nonce`). Signed for this purpose only: it never redeems as a
+    /// consent's `state`, nor the reverse.
+    pub fn issue_sign_in(
+        &self,
+        return_to: &str,
+        binding: &str,
+        now: DateTime<Utc>,
+    ) -> (String, SignIn) {
         let (state, nonce) = self.sign(Purpose::SignIn, return_to, None, binding, now);
         let key = self.signing_key();
-        SignIn {
-            state,
+        let sign_in = SignIn {
             verifier: self.verifier(key, &nonce, binding),
             nonce: oidc_nonce(key, &nonce, binding),
             return_to: return_to.to_owned(),
-        }
+        };
+        (state, sign_in)
     }
 
     /// Verifies a sign-in's `state` against the browser's binding cookie, marks it used, and
@@ -232,7 +236,6 @@ impl StateSigner {
             verifier: self.verifier(key, &payload.n, binding),
             nonce: oidc_nonce(key, &payload.n, binding),
             return_to: payload.c,
-            state: String::new(),
         })
     }
 
@@ -535,26 +538,25 @@ mod tests {
         let s = signer();
         let binding = StateSigner::new_binding();
         let now = Utc::now();
-        let issued = s.issue_sign_in("/api/authorize/xero", &binding, now);
+        let (state, issued) = s.issue_sign_in("/api/authorize/xero", &binding, now);
         let back = s
-            .redeem_sign_in(Some(&issued.state), Some(&binding), now)
+            .redeem_sign_in(Some(&state), Some(&binding), now)
             .expect("redeemed");
         assert_eq!(back.return_to, "/api/authorize/xero");
         assert_eq!(back.nonce, issued.nonce);
         assert_eq!(back.verifier.secret(), issued.verifier.secret());
         assert_eq!(
-            s.redeem_sign_in(Some(&issued.state), Some(&binding), now)
-                .err(),
+            s.redeem_sign_in(Some(&state), Some(&binding), now).err(),
             Some(StateError::Replayed)
         );
 
         // Another browser's sign-in has another nonce; neither kind of state redeems as
         // the other.
-        let other = s.issue_sign_in("/api/connections", &StateSigner::new_binding(), now);
+        let (_, other) = s.issue_sign_in("/api/connections", &StateSigner::new_binding(), now);
         assert_ne!(other.nonce, issued.nonce);
-        let sign_in = s.issue_sign_in("xero", &binding, now);
+        let (sign_in, _) = s.issue_sign_in("xero", &binding, now);
         assert_eq!(
-            s.redeem(Some(&sign_in.state), Some(&binding), now).err(),
+            s.redeem(Some(&sign_in), Some(&binding), now).err(),
             Some(StateError::BadSignature)
         );
         let consent = s.issue("xero", &binding, now);
@@ -563,10 +565,10 @@ mod tests {
                 .err(),
             Some(StateError::BadSignature)
         );
-        let late = s.issue_sign_in("/api/connections", &binding, now);
+        let (late, _) = s.issue_sign_in("/api/connections", &binding, now);
         assert_eq!(
             s.redeem_sign_in(
-                Some(&late.state),
+                Some(&late),
                 Some(&binding),
                 now + chrono::Duration::seconds(STATE_TTL.as_secs() as i64)
             )

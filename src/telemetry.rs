@@ -14,7 +14,6 @@ use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, EnvFilter, Layer};
@@ -27,18 +26,12 @@ pub fn init() -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Whatever RUST_LOG says: the HTTP libraries' own debug and trace lines can quote a
     // request's full URI (the h2 crate logs a malformed request's path, query included), and
-    // a query can hold an admin key or an authorization code. And the audit trail at INFO,
-    // whatever RUST_LOG says: it is not debug output, and only `audit = false` turns it off
-    // (see the `audit` module).
-    let filter = [
-        "h2=info",
-        "hyper=info",
-        "hyper_util=info",
-        "token_broker::audit=info",
-    ]
-    .iter()
-    .filter_map(|directive| directive.parse().ok())
-    .fold(filter, EnvFilter::add_directive);
+    // a query can hold an admin key or an authorization code. (The audit trail does not go
+    // through this filter at all: see [`audit`].)
+    let filter = ["h2=info", "hyper=info", "hyper_util=info"]
+        .iter()
+        .filter_map(|directive| directive.parse().ok())
+        .fold(filter, EnvFilter::add_directive);
     let json = std::env::var("BROKER_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
     // Colour only for a person at a terminal: escape codes in a log file or in Application
     // Insights' `traces` would break every search for `state=…`.
@@ -56,17 +49,16 @@ pub fn init() -> LogGuard {
     guard
 }
 
-/// Every line but the audit trail's, as text or JSON, to stderr.
+/// Every line (the audit trail's are written by [`audit`]), as text or JSON, to stderr.
 fn layer<S>(json: bool, ansi: bool) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
     let layer = fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
-    let only = filter_fn(|meta| meta.target() != AUDIT);
     if json {
-        layer.json().with_filter(only).boxed()
+        layer.json().boxed()
     } else {
-        layer.with_filter(only).boxed()
+        layer.boxed()
     }
 }
 

@@ -16,7 +16,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::{ApiError, AppState};
 use crate::auth::{AuthError, Role};
 use crate::html;
-use crate::state::{ADMIN_COOKIE, ADMIN_SESSION_TTL};
+use crate::state::{StateSigner, ADMIN_COOKIE, ADMIN_SESSION_TTL, BINDING_COOKIE, STATE_TTL};
 
 /// What `token-broker login` admits: one browser, once, to one connection's consent.
 ///
@@ -60,6 +60,11 @@ pub(super) async fn authenticate_admin(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<String, ApiError> {
+    Ok(admin_of(state, headers).await?)
+}
+
+/// [`authenticate_admin`], with the reason for a refusal as authentication gave it.
+async fn admin_of(state: &AppState, headers: &HeaderMap) -> Result<String, AuthError> {
     let session = cookie(headers, &state.cookie_name(ADMIN_COOKIE))
         .and_then(|session| state.signer.admin_session(session, state.broker.now()));
     if let Some(admin) = session {
@@ -88,10 +93,31 @@ pub(super) async fn admit_browser_admin(
     if let Some(exchanged) = exchange_query_key(state, uri)? {
         return Ok(Admission::Answer(exchanged));
     }
-    if let Some(sign_in) = super::sign_in::redirect_unsigned(state, uri, headers) {
-        return Ok(Admission::Answer(sign_in));
+    match admin_of(state, headers).await {
+        Ok(admin) => Ok(Admission::Admin(admin)),
+        // No credential at all (a wrong one stays a 401): maybe a browser to sign in.
+        Err(AuthError::Missing) => super::sign_in::redirect_unsigned(state, uri, headers)
+            .map(Admission::Answer)
+            .ok_or_else(|| AuthError::Missing.into()),
+        Err(err) => Err(err.into()),
     }
-    Ok(Admission::Admin(authenticate_admin(state, headers).await?))
+}
+
+/// The browser's binding cookie (`state` is bound to it), or a new one, with the
+/// `Set-Cookie` that keeps it through the provider's or Entra ID's redirect back: `Lax`,
+/// because that redirect is a cross-site navigation, which `Strict` cookies miss.
+pub(super) fn browser_binding(state: &AppState, headers: &HeaderMap) -> (String, String) {
+    let binding = cookie(headers, &state.cookie_name(BINDING_COOKIE))
+        .filter(|b| StateSigner::is_valid_binding(b))
+        .map(str::to_owned)
+        .unwrap_or_else(StateSigner::new_binding);
+    let set_cookie = format!(
+        "{}={binding}; Max-Age={}; HttpOnly; SameSite=Lax{}",
+        state.cookie_name(BINDING_COOKIE),
+        STATE_TTL.as_secs(),
+        state.cookie_scope()
+    );
+    (binding, set_cookie)
 }
 
 /// A browser route opened with `?key=`: checks the key and answers with the session cookie

@@ -9,13 +9,13 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
-use super::admin::{admit_browser_admin, cookie, Admission};
+use super::admin::{admit_browser_admin, browser_binding, cookie, Admission};
 use super::code::ErrorCode;
 use super::{ApiError, AppState};
 use crate::broker::BrokerError;
 use crate::html;
 use crate::provider::UpstreamError;
-use crate::state::{StateError, StateSigner, BINDING_COOKIE, STATE_TTL};
+use crate::state::{StateError, BINDING_COOKIE};
 
 /// Starts a consent: redirects the admin's browser to the provider. With `?key=<admin key>`
 /// it first trades the key for an admin session cookie and goes on without it.
@@ -64,21 +64,12 @@ pub(super) async fn authorize(
         .provider(&connection)
         .map_err(|err| ApiError::from_broker(err, &state))?;
 
-    let binding = cookie(&headers, &state.cookie_name(BINDING_COOKIE))
-        .filter(|b| StateSigner::is_valid_binding(b))
-        .map(str::to_owned)
-        .unwrap_or_else(StateSigner::new_binding);
+    let (binding, cookie) = browser_binding(&state, &headers);
     let issued = state
         .signer
         .issue_by(&connection, Some(&admin), &binding, state.broker.now());
     let location = provider.authorize_url(issued.state, &issued.verifier);
 
-    let cookie = format!(
-        "{}={binding}; Max-Age={}; HttpOnly; SameSite=Lax{}",
-        state.cookie_name(BINDING_COOKIE),
-        STATE_TTL.as_secs(),
-        state.cookie_scope()
-    );
     tracing::info!(connection = %connection, admin = %admin, "redirecting admin to the provider's consent page");
     Ok((
         StatusCode::FOUND,

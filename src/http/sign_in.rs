@@ -15,19 +15,18 @@ use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
-use super::admin::{cookie, session_cookie};
+use super::admin::{browser_binding, cookie, session_cookie};
 use super::consent::{capitalize, page};
 use super::AppState;
-use crate::auth::API_KEY_HEADER;
 use crate::entra::{TokenError, ADMIN_ROLE};
 use crate::html;
 use crate::sign_in::SignInError;
-use crate::state::{StateSigner, ADMIN_COOKIE, BINDING_COOKIE, STATE_TTL};
+use crate::state::BINDING_COOKIE;
 
-/// A browser's request for an admin page that carries no credential at all, when admins
-/// sign in with Entra ID: the redirect to the tenant's sign-in (`None` otherwise, and the
-/// route answers 401 as it always did). Only for browsers (`Accept: text/html`): scripts
-/// get the JSON 401 they can act on.
+/// A request for an admin page that carries no credential at all, when admins sign in with
+/// Entra ID: the redirect to the tenant's sign-in (`None` otherwise, and the route answers
+/// 401 as it always did). Only for browsers (`Accept: text/html`): scripts get the JSON 401
+/// they can act on.
 pub(super) fn redirect_unsigned(
     state: &AppState,
     uri: &Uri,
@@ -38,11 +37,7 @@ pub(super) fn redirect_unsigned(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("text/html"));
-    let credentials = headers.contains_key(header::AUTHORIZATION)
-        || headers.contains_key(API_KEY_HEADER)
-        || cookie(headers, &state.cookie_name(ADMIN_COOKIE))
-            .is_some_and(|session| state.signer.is_admin_session(session, state.broker.now()));
-    if !browser || credentials || state.login.is_some() {
+    if !browser || state.login.is_some() {
         return None;
     }
     // Back to the same page: a path of this broker's (the router matched it), with its
@@ -52,21 +47,11 @@ pub(super) fn redirect_unsigned(
         .map(|p| p.as_str())
         .filter(|p| p.starts_with("/api/"))
         .unwrap_or("/api/connections");
-    let binding = cookie(headers, &state.cookie_name(BINDING_COOKIE))
-        .filter(|b| StateSigner::is_valid_binding(b))
-        .map(str::to_owned)
-        .unwrap_or_else(StateSigner::new_binding);
-    let issued = state
+    let (binding, binding_cookie) = browser_binding(state, headers);
+    let (signed, issued) = state
         .signer
         .issue_sign_in(return_to, &binding, state.broker.now());
-    let location = sign_in.authorize_url(issued.state, &issued.nonce, &issued.verifier);
-    // Lax: Entra ID's redirect back is a cross-site navigation, which Strict cookies miss.
-    let binding_cookie = format!(
-        "{}={binding}; Max-Age={}; HttpOnly; SameSite=Lax{}",
-        state.cookie_name(BINDING_COOKIE),
-        STATE_TTL.as_secs(),
-        state.cookie_scope()
-    );
+    let location = sign_in.authorize_url(signed, &issued.nonce, &issued.verifier);
     tracing::info!(
         path = uri.path(),
         "sending an admin's browser to sign in with Entra ID"
